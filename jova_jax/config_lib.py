@@ -1,0 +1,131 @@
+"""Config loading, derived shapes and validation (one place for every derived number)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot work; the message names the keys and values."""
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py` or `configs/x.py:variant` (get_config(variant))."""
+  path, _, arg = path.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"_jova_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentShapes:
+  video: tuple[int, int, int, int]  # (T', H', W', Cv)
+  audio: tuple[int, int]            # (La, Ca)
+  num_samples: int                  # audio samples per clip
+  video_tokens: int
+  audio_tokens: int
+  text_tokens: int
+
+  @property
+  def joint_tokens(self) -> int:
+    # Joint sequence: [audio ; text_a ; text_v ; video].
+    return self.audio_tokens + 2 * self.text_tokens + self.video_tokens
+
+
+def latent_frames(frames: int, temporal_factor: int) -> int:
+  """Causal video VAE: the first frame alone, then one latent per temporal_factor frames."""
+  return 1 + (frames - 1) // temporal_factor
+
+
+def audio_num_samples(config) -> int:
+  return int(round(config.video.frames / config.video.fps * config.audio.sample_rate))
+
+
+def audio_latent_length(num_samples: int, sample_rate: int, latents_per_second: float) -> int:
+  return int(math.floor(num_samples * latents_per_second / sample_rate))
+
+
+def latent_shapes(config) -> LatentShapes:
+  v, a, m = config.video, config.audio, config.model
+  t = latent_frames(v.frames, v.temporal_factor)
+  h, w = v.height // v.spatial_factor, v.width // v.spatial_factor
+  samples = audio_num_samples(config)
+  la = audio_latent_length(samples, a.sample_rate, a.latents_per_second)
+  pt, ph, pw = m.video_patch
+  return LatentShapes(
+      video=(t, h, w, v.latent_channels), audio=(la, a.latent_channels), num_samples=samples,
+      video_tokens=(t // pt) * (h // ph) * (w // pw), audio_tokens=la // m.audio_patch,
+      text_tokens=config.text.max_length)
+
+
+def audio_positions_per_video_frame(config) -> float:
+  """Audio latents per video latent frame: maps audio positions onto the video time axis.
+
+  Video latent frame i (i >= 1) ends at pixel frame i * temporal_factor, i.e. at time
+  i * temporal_factor / fps; audio latent j sits at j / latents_per_second.
+  """
+  v, a = config.video, config.audio
+  return a.latents_per_second * v.temporal_factor / v.fps
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+  """Wan's 3D RoPE split of head_dim into (time, height, width) bands."""
+  s = head_dim // 6
+  return head_dim - 4 * s, 2 * s, 2 * s
+
+
+def validate(config, mesh_shape: dict | None = None) -> None:
+  """Fails early, naming the keys and values, on a config that cannot work."""
+  m, v = config.model, config.video
+  errors = []
+  if m.hidden % m.heads:
+    errors.append(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
+  head_dim = m.hidden // max(m.heads, 1)
+  t_band, h_band, _ = rope_split(head_dim)
+  if h_band < 2 or t_band < 2 or t_band % 2 or h_band % 2:
+    errors.append(f"head_dim={head_dim} (model.hidden / model.heads) is too small for the 3D RoPE "
+                  f"split (time {t_band}, height {h_band}, width {h_band}): each band must be even "
+                  f"and >= 2, so head_dim must be >= 12")
+  if v.height % v.spatial_factor or v.width % v.spatial_factor:
+    errors.append(f"video.height x video.width = {v.height}x{v.width} is not divisible by "
+                  f"video.spatial_factor={v.spatial_factor}")
+  if (v.frames - 1) % v.temporal_factor:
+    errors.append(f"video.frames={v.frames} must be 1 + k*video.temporal_factor "
+                  f"(temporal_factor={v.temporal_factor})")
+  shapes = latent_shapes(config)
+  t, h, w, _ = shapes.video
+  pt, ph, pw = m.video_patch
+  if t % pt or h % ph or w % pw:
+    errors.append(f"video latent grid (T',H',W')=({t},{h},{w}) is not divisible by "
+                  f"model.video_patch={tuple(m.video_patch)}")
+  if shapes.audio[0] % m.audio_patch:
+    errors.append(f"audio latent length {shapes.audio[0]} is not divisible by "
+                  f"model.audio_patch={m.audio_patch}")
+  if shapes.audio[0] < 1:
+    errors.append(f"audio latent length is {shapes.audio[0]}: clip too short "
+                  f"(video.frames={v.frames}, video.fps={v.fps})")
+  if mesh_shape:
+    tensor = mesh_shape.get("tensor", 1)
+    if m.heads % tensor:
+      errors.append(f"model.heads={m.heads} is not divisible by mesh tensor={tensor}")
+    if int(m.hidden * m.mlp_ratio) % tensor:
+      errors.append(f"FFN width {int(m.hidden * m.mlp_ratio)} (model.hidden*model.mlp_ratio) is not "
+                    f"divisible by mesh tensor={tensor}")
+    batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    if config.train.batch_size % batch_shards:
+      errors.append(f"train.batch_size={config.train.batch_size} is not divisible by the batch "
+                    f"shards data*fsdp={batch_shards}")
+    if config.parallel.context_strategy == "ulysses":
+      ctx = mesh_shape.get("context", 1)
+      if (m.heads // tensor) % ctx:
+        errors.append(f"parallel.context_strategy=ulysses needs heads per tensor shard "
+                      f"({m.heads}//{tensor}) divisible by mesh context={ctx}")
+  if errors:
+    raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

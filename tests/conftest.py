@@ -1,0 +1,26 @@
+"""Tests run on CPU with 8 fake devices; the flag must be set before jax is imported."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+  return REPO
+
+
+def load(name):
+  """Loads configs/<name>.py."""
+  from jova_jax import config_lib
+  return config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"))
