@@ -1,0 +1,113 @@
+"""Dual-stream and single-stream JoVA blocks: per-stream weights, ONE joint self-attention.
+
+Segments of the joint sequence, in order: audio, text_a (text for the audio tower), text_v
+(text for the video tower), video. A dual-stream block gives each segment its own weights; a
+single-stream block shares weights within [audio ; text_a] and within [text_v ; video]. All
+per-token work (norms, adaLN, QKV, FFN) is the same whether two segments are concatenated or
+run apart with shared weights, so both block kinds run segment by segment and meet only in
+the attention.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jova_jax.model import attention
+from jova_jax.model.embeddings import apply_rope
+from jova_jax.model.layers import Dense, RMSNorm, layer_norm, modulate
+from jova_jax.parallel.rules import constrain
+
+SEGMENTS = ("audio", "text_a", "text_v", "video")
+# Which tower's sigma modulates a segment; in a single-stream block also whose weights it uses.
+TOWER_OF = {"audio": "audio", "text_a": "audio", "text_v": "video", "video": "video"}
+# Activation sharding: video tokens over `context`, the rest replicated over it.
+_ACT = {"video": ("act_batch", "act_video_length", "act_embed")}
+_ACT_OTHER = ("act_batch", "act_length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  hidden: int
+  heads: int
+  mlp_dim: int
+  eps: float
+  dtype: jnp.dtype
+  context_strategy: str = "none"
+  attention_kernel: str = "auto"
+  attention_chunk: int = 512
+
+  @property
+  def head_dim(self):
+    return self.hidden // self.heads
+
+
+class Stream(nnx.Module):
+  """One stream's weights: adaLN modulation, QKV with RMS QK-norm, output projection, FFN."""
+
+  def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+    h, d = cfg.hidden, cfg.head_dim
+    self.cfg = cfg
+    # adaLN-Zero: the block starts as the identity, gates open during training.
+    self.modulation = Dense(h, (6, h), ("embed", "modulation", "mlp"), rngs=rngs, dtype=cfg.dtype,
+                            zero_init=True)
+    self.qkv = Dense(h, (3, cfg.heads, d), ("embed", None, "heads", "kv"), rngs=rngs, dtype=cfg.dtype)
+    self.q_norm = RMSNorm(d, "kv", eps=cfg.eps)
+    self.k_norm = RMSNorm(d, "kv", eps=cfg.eps)
+    self.out = Dense((cfg.heads, d), h, ("heads", "kv", "embed"), rngs=rngs, dtype=cfg.dtype)
+    self.fc1 = Dense(h, cfg.mlp_dim, ("embed", "mlp"), rngs=rngs, dtype=cfg.dtype)
+    self.fc2 = Dense(cfg.mlp_dim, h, ("mlp", "embed"), rngs=rngs, dtype=cfg.dtype)
+
+  def mods(self, c):
+    """(B, hidden) conditioning -> 6 x (B, hidden): shift/scale/gate for attention and FFN."""
+    m = self.modulation(jax.nn.silu(c)).astype(jnp.float32)
+    return [m[:, i] for i in range(6)]
+
+  def project_qkv(self, x, mods):
+    y = modulate(layer_norm(x, self.cfg.eps), mods[0], mods[1])
+    qkv = self.qkv(y)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return self.q_norm(q), self.k_norm(k), v
+
+  def finish(self, x, attn_out, mods):
+    x = x + (mods[2][:, None, :] * self.out(attn_out)).astype(x.dtype)
+    y = modulate(layer_norm(x, self.cfg.eps), mods[3], mods[4])
+    y = self.fc2(jax.nn.gelu(self.fc1(y), approximate=True))
+    return x + (mods[5][:, None, :] * y).astype(x.dtype)
+
+
+class JointBlock(nnx.Module):
+  """One block of both towers. `single=False`: four streams; `single=True`: two."""
+
+  def __init__(self, cfg: BlockConfig, single: bool, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.single = single
+    names = ("audio", "video") if single else SEGMENTS
+    for name in names:
+      setattr(self, name, Stream(cfg, rngs=rngs))
+
+  def stream(self, segment: str) -> Stream:
+    return getattr(self, TOWER_OF[segment] if self.single else segment)
+
+  def __call__(self, xs: dict, cond: dict, angles, kv_valid):
+    """xs: segment -> (B, L_seg, hidden); cond: tower -> (B, hidden); angles: (L, D/2)."""
+    mods, qs, ks, vs = {}, [], [], []
+    for seg in SEGMENTS:
+      stream = self.stream(seg)
+      mods[seg] = stream.mods(cond[TOWER_OF[seg]])
+      q, k, v = stream.project_qkv(xs[seg], mods[seg])
+      qs.append(q), ks.append(k), vs.append(v)
+    q = apply_rope(jnp.concatenate(qs, axis=1), angles)
+    k = apply_rope(jnp.concatenate(ks, axis=1), angles)
+    v = jnp.concatenate(vs, axis=1)
+    out = attention.joint_attention(q, k, v, kv_valid, strategy=self.cfg.context_strategy,
+                                    kernel=self.cfg.attention_kernel, chunk=self.cfg.attention_chunk)
+    new, start = {}, 0
+    for seg in SEGMENTS:
+      n = xs[seg].shape[1]
+      y = self.stream(seg).finish(xs[seg], out[:, start:start + n], mods[seg])
+      new[seg] = constrain(y, _ACT.get(seg, _ACT_OTHER))
+      start += n
+    return new

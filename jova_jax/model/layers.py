@@ -1,0 +1,69 @@
+"""Small NNX layers whose params carry logical axis names (`axes` metadata, see parallel/rules.py).
+
+Params are float32; `dtype` is the compute dtype the inputs and kernels are cast to. Norms and
+softmax statistics stay in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _fan_in_init(key, shape, fan_in, scale=1.0):
+  return jax.random.normal(key, shape, jnp.float32) * (scale / math.sqrt(fan_in))
+
+
+class Dense(nnx.Module):
+  """y = x @ W + b over the last `len(in_shape)` input dims, producing `out_shape` dims."""
+
+  def __init__(self, in_shape: int | Sequence[int], out_shape: int | Sequence[int],
+               axes: Sequence[str | None], *, rngs: nnx.Rngs, dtype=jnp.float32,
+               use_bias: bool = True, zero_init: bool = False):
+    self.in_shape = (in_shape,) if isinstance(in_shape, int) else tuple(in_shape)
+    self.out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    assert len(axes) == len(self.in_shape) + len(self.out_shape), axes
+    shape = self.in_shape + self.out_shape
+    fan_in = math.prod(self.in_shape)
+    value = (jnp.zeros(shape, jnp.float32) if zero_init
+             else _fan_in_init(rngs.params(), shape, fan_in))
+    self.kernel = nnx.Param(value, axes=tuple(axes))
+    out_axes = tuple(axes[len(self.in_shape):])
+    self.bias = nnx.Param(jnp.zeros(self.out_shape, jnp.float32), axes=out_axes) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x):
+    n_in = len(self.in_shape)
+    x_axes = tuple(range(x.ndim - n_in, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                            ((x_axes, tuple(range(n_in))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, axis_name: str | None, *, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(axis_name,))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def layer_norm(x, eps: float):
+  """LayerNorm without affine params: adaLN supplies shift and scale."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+  """adaLN: x * (1 + scale) + shift, with (B, D) shift/scale broadcast over tokens."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
