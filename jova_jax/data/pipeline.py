@@ -1,0 +1,244 @@
+"""Grain input pipeline: prepared dataset (DESIGN 4) -> global jax batches on the mesh.
+
+train: source -> shuffle(seed) -> repeat -> this process's slice -> decode -> random drops
+(per-example RNG from (seed, index): exact resume) -> batch(B / processes) -> iter (+mp_prefetch)
+-> jax.make_array_from_process_local_data, batch sharded over ("data", "fsdp").
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jova_jax.data.features import DatasetError, check_features, check_metadata, read_metadata
+from jova_jax.data.synthetic import SyntheticIterator
+
+BATCH_AXES = ("data", "fsdp")
+_DROPS_SEED_OFFSET = 0x5EED  # the random drops draw from a stream apart from the shuffle's
+
+
+class CheckedSource:
+  """A TFDS ArrayRecord data source whose read errors name the split, shard file and record."""
+
+  def __init__(self, dataset_dir: str, split: str):
+    self.dataset_dir, self.split = dataset_dir, split
+    builder = tfds.builder_from_directory(dataset_dir)
+    info = builder.info.splits[split]
+    self._files = [os.fspath(f) for f in info.filepaths]
+    self._starts = list(np.cumsum([0] + list(info.shard_lengths))[:-1])
+    self._source = builder.as_data_source(split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    try:
+      return self._source[index]
+    except Exception as e:  # ArrayRecord and protobuf raise many types for bad bytes.
+      shard = bisect.bisect_right(self._starts, index) - 1
+      raise DatasetError(
+          f"dataset {self.dataset_dir}: split {self.split!r} record {index} (record "
+          f"{index - self._starts[shard]} of file {self._files[shard]}) is unreadable: "
+          f"{type(e).__name__}: {e}") from e
+
+
+def open_source(config, split: str) -> CheckedSource:
+  """Opens a split after checking the dataset's metadata and schema against the config."""
+  dataset_dir = os.fspath(config.data.dir)
+  if not dataset_dir:
+    raise DatasetError("data.dir is empty: set it to a prepared dataset directory "
+                       "(or data.source='synthetic')")
+  if not os.path.isdir(dataset_dir):
+    raise DatasetError(f"dataset directory {dataset_dir} (data.dir) does not exist")
+  if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+    raise DatasetError(f"dataset {dataset_dir} (data.dir) has no dataset_info.json: not a finalized "
+                       f"prepared dataset (run data_prep.prepare, or features.finalize)")
+  check_metadata(read_metadata(dataset_dir), config, dataset_dir)
+  builder = tfds.builder_from_directory(dataset_dir)
+  check_features(builder.info.features, config, dataset_dir)
+  if split not in builder.info.splits:
+    raise DatasetError(f"dataset {dataset_dir} has no split {split!r}; it has "
+                       f"{sorted(builder.info.splits.keys())}")
+  return CheckedSource(dataset_dir, split)
+
+
+def decode(index: int, record: dict, *, max_length: int) -> dict[str, np.ndarray]:
+  """A stored record -> float32 model inputs, text padded or cut to max_length with its mask."""
+  emb = np.asarray(record["text_emb"], np.float32)[:max_length]
+  text = np.zeros((max_length, emb.shape[-1]), np.float32)
+  text[:len(emb)] = emb
+  return {
+      "video": np.asarray(record["video_latent"], np.float32),
+      "audio": np.asarray(record["audio_latent"], np.float32),
+      "mouth_mask": (np.asarray(record["mouth_mask"]) > 0).astype(np.float32),
+      "text": text,
+      "text_mask": np.arange(max_length) < len(emb),
+      "record_index": np.int32(index),
+  }
+
+
+def _with_index(index: int, record: dict) -> tuple[int, dict]:
+  return index, record
+
+
+def _decode_pair(pair, *, max_length: int) -> dict[str, np.ndarray]:
+  return decode(*pair, max_length=max_length)
+
+
+def add_random_drops(example: dict, rng: np.random.Generator, *, p_uncond: float,
+                     p_i2v: float) -> dict:
+  """CFG text drop and I2V first-frame condition, drawn from the example's own RNG."""
+  return {**example, "drop_text": np.bool_(rng.random() < p_uncond),
+          "use_first_frame": np.bool_(rng.random() < p_i2v)}
+
+
+def _no_drops(example: dict) -> dict:
+  return {**example, "drop_text": np.bool_(False), "use_first_frame": np.bool_(False)}
+
+
+def process_slice(ds: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+  """This process's disjoint share: every process_count-th element from process_index."""
+  return ds[process_index::process_count]
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def _local_batch_size(config, process_count: int) -> int:
+  batch = int(config.train.batch_size)
+  if batch % process_count:
+    raise ValueError(f"train.batch_size={batch} is not divisible by the process count {process_count}")
+  return batch // process_count
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # Grain's multiprocessing reads absl flags; outside an absl app (tests, notebooks) they are unparsed.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _to_iter(ds: grain.MapDataset, config) -> grain.IterDataset:
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(config.data.read_threads),
+                                            prefetch_buffer_size=int(config.data.read_threads)))
+  workers = int(config.data.worker_count)
+  if workers > 0:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=int(config.data.worker_buffer_size)))
+  return it
+
+
+def train_dataset(config, source, *, seed: int, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+  """Endless, shuffled local batches (numpy) for this process."""
+  process_index, process_count = _process(process_index, process_count)
+  p_i2v = float(config.data.p_i2v) if config.model.i2v else 0.0
+  ds = grain.MapDataset.source(source).map_with_index(_with_index)
+  ds = ds.shuffle(seed=seed).repeat()
+  ds = process_slice(ds, process_index, process_count)
+  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length)))
+  ds = ds.random_map(functools.partial(add_random_drops, p_uncond=float(config.data.p_uncond),
+                                       p_i2v=p_i2v), seed=seed + _DROPS_SEED_OFFSET)
+  ds = ds.batch(_local_batch_size(config, process_count), drop_remainder=True)
+  return _to_iter(ds, config)
+
+
+def eval_dataset(config, source, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+  """One in-order pass of whole global batches; every process yields the same number of batches."""
+  process_index, process_count = _process(process_index, process_count)
+  global_batch = int(config.train.batch_size)
+  ds = grain.MapDataset.source(source).map_with_index(_with_index)
+  ds = ds[:len(ds) // global_batch * global_batch]
+  ds = process_slice(ds, process_index, process_count)
+  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length))).map(_no_drops)
+  ds = ds.batch(_local_batch_size(config, process_count), drop_remainder=True)
+  return _to_iter(ds, config)
+
+
+def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Per-process rows -> global arrays with the batch dim sharded over ("data", "fsdp")."""
+  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+class DataIterator:
+  """Global training batches; get_state() is JSON-able and set_state() resumes exactly."""
+
+  def __init__(self, local_iterator, mesh, source_name: str):
+    self._local = local_iterator
+    self._mesh = mesh
+    self._source_name = source_name
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    return to_global(next(self._local), self._mesh)
+
+  def get_state(self) -> dict:
+    return {"source": self._source_name, "state": self._local.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("source") != self._source_name:
+      raise ValueError(f"data iterator state is for source {state.get('source')!r} but data.source is "
+                       f"{self._source_name!r}")
+    self._local.set_state(state["state"])
+
+
+def make_train_iterator(config, mesh, *, split: str | None = None, seed: int | None = None,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> DataIterator:
+  seed = int(config.train.seed if seed is None else seed)
+  if config.data.source == "synthetic":
+    pi, pc = _process(process_index, process_count)
+    return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc),
+                        mesh, "synthetic")
+  if config.data.source != "tfds":
+    raise ValueError(f"data.source={config.data.source!r}: expected 'tfds' or 'synthetic'")
+  source = open_source(config, split or config.data.train_split)
+  ds = train_dataset(config, source, seed=seed, process_index=process_index,
+                     process_count=process_count)
+  return DataIterator(iter(ds), mesh, "tfds")
+
+
+class EvalBatches:
+  """One pass over an eval split as global batches; iterate it again for another pass."""
+
+  def __init__(self, dataset: grain.IterDataset, num_batches: int, mesh):
+    self._dataset, self._num_batches, self._mesh = dataset, num_batches, mesh
+
+  def __len__(self) -> int:
+    return self._num_batches
+
+  def __iter__(self):
+    for local in self._dataset:
+      yield to_global(local, self._mesh)
+
+
+def make_eval_iterator(config, mesh, *, split: str | None = None, process_index: int | None = None,
+                       process_count: int | None = None):
+  """Eval batches: no shuffle, no text drop, no first-frame condition, last partial batch dropped."""
+  if config.data.source == "synthetic":
+    pi, pc = _process(process_index, process_count)
+    synthetic = SyntheticIterator(config, seed=int(config.train.seed) + 1, process_index=pi,
+                                  process_count=pc)
+    batches = [_no_drops_batch(synthetic.batch(step)) for step in range(int(config.eval.batches))]
+    return EvalBatches(batches, len(batches), mesh)
+  source = open_source(config, split or config.data.eval_split)
+  ds = eval_dataset(config, source, process_index=process_index, process_count=process_count)
+  return EvalBatches(ds, len(source) // int(config.train.batch_size), mesh)
+
+
+def _no_drops_batch(batch: dict) -> dict:
+  return {**batch, "drop_text": np.zeros_like(batch["drop_text"]),
+          "use_first_frame": np.zeros_like(batch["use_first_frame"])}
