@@ -1,0 +1,61 @@
+"""Latents and text embeddings for batches of prepared clips (main process, JAX).
+
+Batches are padded to a fixed size so each codec compiles once per shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from jova_jax import codecs, config_lib, text
+from jova_jax.data.features import DatasetError
+
+
+def _pad_batch(arrays: list[np.ndarray], size: int) -> np.ndarray:
+  """Stacks and repeats the last item up to `size` rows (the padding rows are dropped later)."""
+  return np.stack(arrays + [arrays[-1]] * (size - len(arrays)))
+
+
+class Encoders:
+  """The config's video codec, audio codec and text encoder, checked against the config shapes."""
+
+  def __init__(self, config, batch_size: int):
+    weights_dir = config.get("weights_dir") or None
+    self.video = codecs.get_video_codec(config, weights_dir=weights_dir)
+    self.audio = codecs.get_audio_codec(config, weights_dir=weights_dir)
+    self.text = text.get_text_encoder(config, weights_dir=weights_dir)
+    self.batch_size = batch_size
+    self.max_length = int(config.text.max_length)
+    self.shapes = config_lib.latent_shapes(config)
+    if self.text.width != config.text.width:
+      raise DatasetError(f"text encoder {self.text.name} has width {self.text.width} but "
+                         f"config text.width is {config.text.width}")
+
+  def metadata(self) -> dict:
+    """The codec and encoder descriptions stored in the dataset metadata."""
+    return {"video_codec": {"name": self.video.name, "config": self.video.config()},
+            "audio_codec": {"name": self.audio.name, "config": self.audio.config()},
+            "text_encoder": {"name": self.text.name, "width": int(self.text.width)}}
+
+  def _check(self, what: str, found: tuple, want: tuple) -> None:
+    if tuple(found) != tuple(want):
+      raise DatasetError(f"{what} has shape {tuple(found)} but the config implies {tuple(want)} "
+                         f"(config_lib.latent_shapes)")
+
+  def media(self, frames: list[np.ndarray], audio: list[np.ndarray], masks: list[np.ndarray]):
+    """-> video latents (n,T',H',W',Cv), audio latents (n,La,Ca), latent mouth masks (n,T',H',W')."""
+    n = len(frames)
+    video = np.asarray(self.video.encode(_pad_batch(frames, self.batch_size)))[:n]
+    wave = np.asarray(self.audio.encode(_pad_batch(audio, self.batch_size)))[:n]
+    mouth = np.stack([self.video.pixel_mask_to_latent(m) for m in masks])
+    self._check("video latent", video.shape[1:], self.shapes.video)
+    self._check("audio latent", wave.shape[1:], self.shapes.audio)
+    self._check("latent mouth mask", mouth.shape[1:], self.shapes.video[:3])
+    return video, wave, mouth.astype(np.uint8)
+
+  def prompts(self, prompts: list[str]) -> list[np.ndarray]:
+    """Unpadded embeddings: for each prompt only the rows where the encoder's mask is True."""
+    n = len(prompts)
+    padded = prompts + [prompts[-1]] * (self.batch_size - n)
+    emb, mask = self.text.encode(padded, max_length=self.max_length)
+    emb, mask = np.asarray(emb, np.float32), np.asarray(mask, bool)
+    return [emb[i][mask[i]] for i in range(n)]

@@ -1,0 +1,101 @@
+"""One shard of a prepare job: clips -> workers (decode, faces) -> encoders -> shard files."""
+from __future__ import annotations
+
+import collections
+import functools
+import multiprocessing
+import time
+
+from data_prep import clips, encode, manifest, shards
+from jova_jax import config_lib
+from jova_jax.data import features
+
+
+def clip_options(config, min_face_frac: float, crop_margin: float, detect_every: int):
+  v = config.video
+  return clips.ClipOptions(
+      fps=float(v.fps), frames=int(v.frames), height=int(v.height), width=int(v.width),
+      sample_rate=int(config.audio.sample_rate), num_samples=config_lib.audio_num_samples(config),
+      face_centered_crop=bool(v.face_centered_crop), min_face_frac=min_face_frac,
+      crop_margin=crop_margin, detect_every=detect_every)
+
+
+def _prepared(entries, options, workers: int):
+  """(entry, PreparedClip | ClipRejected) in input order; a spawn pool when workers > 1."""
+  work = functools.partial(clips.prepare_or_reject, options=options)
+  paths = [e.path for e in entries]
+  if workers <= 1:
+    yield from zip(entries, map(work, paths))
+    return
+  # spawn, not fork: the parent already runs JAX threads, which fork would copy half-alive.
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    yield from zip(entries, pool.imap(work, paths))
+
+
+def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, shard_index: int = 0,
+              eval_fraction: float = 0.1, workers: int = 1, batch_size: int = 8,
+              min_face_frac: float = 0.5, crop_margin: float = 0.5, detect_every: int = 4) -> dict:
+  """Prepares this shard's slice of the input clips; returns its report (also written to disk)."""
+  config_lib.validate(config)
+  entries = manifest.read_inputs(input_path)
+  splits = manifest.assign_splits([e.clip_id for e in entries], eval_fraction)
+  mine = manifest.shard_entries(entries, num_shards, shard_index)
+  options = clip_options(config, min_face_frac, crop_margin, detect_every)
+  encoders = encode.Encoders(config, batch_size)
+  dataset_features = features.dataset_features(config)
+  stage = shards.ShardStage(out_dir, shard_index, num_shards)
+  clock = shards.StageClock(options.frames)
+  stats = shards.LatentStats()
+  kept = collections.Counter()
+
+  def write_batch(batch):
+    start = time.perf_counter()
+    video, audio, mouth = encoders.media([c.frames for _, c in batch], [c.audio for _, c in batch],
+                                         [c.mouth_mask for _, c in batch])
+    encoded = time.perf_counter()
+    prompts = [manifest.build_prompt(e.captions) for e, _ in batch]
+    text_emb = encoders.prompts(prompts)
+    embedded = time.perf_counter()
+    for i, (entry, clip) in enumerate(batch):
+      split = splits[entry.clip_id]
+      if split == "train":
+        stats.add("video", video[i])
+        stats.add("audio", audio[i])
+      stage.writer(split, dataset_features).write({
+          "video_latent": video[i], "audio_latent": audio[i], "mouth_mask": mouth[i],
+          "text_emb": text_emb[i], "caption": prompts[i], "clip_id": entry.clip_id,
+          "face_frac": clip.face_frac})
+      kept[split] += 1
+      clock.tick(len(mine))
+    clock.add("encode", encoded - start, len(batch))
+    clock.add("text", embedded - encoded, len(batch))
+    clock.add("write", time.perf_counter() - embedded, len(batch))
+
+  todo = []
+  for entry in mine:
+    problem = manifest.caption_problem(entry)
+    if problem:
+      stage.rejects.add(entry.clip_id, entry.path, "caption_missing", problem)
+      clock.tick(len(mine))
+    else:
+      todo.append(entry)
+  batch = []
+  for entry, result in _prepared(todo, options, workers):
+    if isinstance(result, clips.ClipRejected):
+      stage.rejects.add(entry.clip_id, entry.path, result.reason, result.detail)
+      clock.tick(len(mine))
+      continue
+    for name, seconds in result.timings.items():
+      clock.add(name, seconds)
+    batch.append((entry, result))
+    if len(batch) == batch_size:
+      write_batch(batch)
+      batch = []
+  if batch:
+    write_batch(batch)
+
+  report = {"shard_index": shard_index, "num_shards": num_shards, "input": input_path,
+            "clips": len(mine), "kept": dict(kept), **encoders.metadata(),
+            "latent_stats": stats.to_json(), "timings": clock.to_json()}
+  stage.commit(report)
+  return report
