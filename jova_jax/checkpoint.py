@@ -1,0 +1,312 @@
+"""Checkpoints with Orbax (the only module that imports orbax).
+
+A step directory `<workdir>/checkpoints/<step>/` holds three items:
+  state/       the train-state pytree (params, opt_state, ema, step, rng), written shard by
+               shard by every process; read back straight into the shardings of the
+               *current* mesh, so a run may resume on another mesh (never through a full
+               copy on one device).
+  data_state/  the input iterator's JSON state, so a resumed run sees the same examples.
+  config/      the run's config as JSON, for the record and for the sampler.
+Orbax writes a step under a temporary name and renames it when complete (on GCS: a
+commit_success.txt marker), so a save cut short by preemption is never listed or restored.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from jova_jax.preemption import PreemptionWatcher
+
+__all__ = ["Checkpointer", "load_params", "format_report", "key_path", "PreemptionWatcher"]
+
+_STATE, _DATA, _CONFIG = "state", "data_state", "config"
+
+
+# ------------------------------------------------------------------ pytree helpers
+
+def _key_name(entry) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def key_path(path) -> str:
+  """'params/blocks/0/attn/kernel': the same string for a live tree and its checkpoint
+  (orbax stores namedtuples as dicts and tuples as lists, int keys as strings)."""
+  return "/".join(_key_name(e) for e in path)
+
+
+def _shapes_by_key(tree) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {key_path(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
+
+
+def _is_nnx_state(x) -> bool:
+  return isinstance(x, nnx.State)
+
+
+def _to_pure(tree):
+  """nnx.State -> nested dicts, so checkpoints hold plain keys (no '/value' suffixes)."""
+  return jax.tree.map(lambda x: nnx.to_pure_dict(x) if _is_nnx_state(x) else x, tree,
+                      is_leaf=_is_nnx_state)
+
+
+def _from_pure(target, restored):
+  """Puts restored pure dicts back into the nnx.State nodes of `target` (if any)."""
+  treedef = jax.tree.structure(target, is_leaf=_is_nnx_state)
+  targets = jax.tree.leaves(target, is_leaf=_is_nnx_state)
+  parts = treedef.flatten_up_to(restored)
+  out = []
+  for t, part in zip(targets, parts):
+    if _is_nnx_state(t):
+      t = jax.tree.map(lambda v: v, t)  # a fresh State: the abstract one stays untouched
+      nnx.replace_by_pure_dict(t, part)
+      part = t
+    out.append(part)
+  return treedef.unflatten(out)
+
+
+def _require_shardings(tree) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if getattr(leaf, "sharding", None) is None:
+      raise ValueError(f"restore target {key_path(path)!r} has no sharding: build the target as "
+                       "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(current_mesh, "
+                       "spec)) so the checkpoint is read straight into its shards")
+
+
+def _check_same_tree(saved: dict, wanted: dict, where: str) -> None:
+  """Raises naming the first key path that differs (missing, extra, or another shape)."""
+  for key, shape in wanted.items():
+    if key not in saved:
+      parent = key.rpartition("/")[0]
+      siblings = [k for k in saved if k.rpartition("/")[0] == parent]
+      raise ValueError(f"{where}: the restore target has {key!r} but the checkpoint does not "
+                       f"(its keys beside it: {siblings})")
+    if tuple(saved[key]) != tuple(shape):
+      raise ValueError(f"{where}: {key!r} has shape {tuple(saved[key])} in the checkpoint but "
+                       f"{tuple(shape)} in the restore target")
+  for key in saved:
+    if key not in wanted:
+      raise ValueError(f"{where}: the checkpoint has {key!r} but the restore target does not")
+
+
+def _json_value(value, what: str):
+  try:
+    return json.loads(json.dumps(value))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"checkpoint {what} must be JSON-serialisable: {e}") from e
+
+
+def _config_dict(config) -> dict:
+  if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict
+    return json.loads(config.to_json_best_effort())
+  return _json_value(dict(config), "config")
+
+
+def _handlers(state_handler):
+  return {_STATE: state_handler, _DATA: ocp.JsonCheckpointHandler(),
+          _CONFIG: ocp.JsonCheckpointHandler()}
+
+
+# ------------------------------------------------------------------ the checkpointer
+
+class Checkpointer:
+  """Periodic, async, rotating checkpoints of (state, data iterator state, config).
+
+  Every process of a multi-process job must call save/restore/wait/close together.
+  read_only=True opens a run that another process may be writing (the sampler): it
+  neither creates the directory nor cleans up the writer's in-flight temporary steps.
+  """
+
+  def __init__(self, directory, *, every_steps: int, keep: int, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = epath.Path(directory)
+    self.every_steps = int(every_steps)
+    if read_only and not self.directory.exists():
+      raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep and keep > 0 else None,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+        # Temporary dirs are what a killed save leaves behind; a run lasting weeks on
+        # preemptible machines would pile them up.
+        cleanup_tmp_directories=not read_only,
+    )
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_handlers=_handlers(ocp.StandardCheckpointHandler()))
+
+  # -- when
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  # -- save
+  def save(self, step: int, state, *, data_state: dict | None, config, force: bool = False) -> bool:
+    """Starts a save (returns once arrays are copied off the devices); False if skipped.
+
+    Skipped when the step is not a save step (unless force) or already saved, e.g. a final
+    save right after a periodic one.
+    """
+    if not (force or self.should_save(step)):
+      return False
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(_to_pure(state)),
+        _DATA: ocp.args.JsonSave(_json_value(data_state, "data_state")),
+        _CONFIG: ocp.args.JsonSave(_config_dict(config)),
+    })
+    saved = self._manager.save(step, args=args, force=True)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  # -- restore
+  def _resolve_step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"it has steps {steps}")
+    return step
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(state, data_state, config_dict) of `step` (default: the latest).
+
+    abstract_state: the pytree of jax.ShapeDtypeStruct, each with a sharding on the current
+    mesh; the checkpoint is read straight into those shardings and cast to those dtypes.
+    """
+    step = self._resolve_step(step)
+    target = _to_pure(abstract_state)
+    _require_shardings(target)
+    saved = self._manager.item_metadata(step)[_STATE]
+    _check_same_tree(_shapes_by_key(saved.tree), _shapes_by_key(target),
+                     f"checkpoint {self.directory / str(step)}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(target),
+        _DATA: ocp.args.JsonRestore(),
+        _CONFIG: ocp.args.JsonRestore(),
+    }))
+    logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    return _from_pure(abstract_state, restored[_STATE]), restored[_DATA], restored[_CONFIG]
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self._resolve_step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _CONFIG: ocp.args.JsonRestore()}))
+    return restored[_CONFIG]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+# ------------------------------------------------------------------ --init_from
+
+def _locate(path) -> tuple[epath.Path, int | None]:
+  """(checkpoints dir, step or None for the latest) from a workdir, checkpoints dir or step dir."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"--init_from: {path} does not exist")
+  if (path / _STATE).exists() and path.name.isdigit():
+    return path.parent, int(path.name)
+  if (path / "checkpoints").is_dir():
+    return path / "checkpoints", None
+  return path, None
+
+
+def load_params(path, abstract_params, *, strict: bool = False, fallback=None):
+  """Reads only the 'params' subtree of a checkpoint into abstract_params' shardings.
+
+  path: a run's workdir, its checkpoints dir, or one step dir (latest step unless a step
+  dir). A leaf is loaded when its key path and shape match; the checkpoint's dtype is cast
+  to the target's. Returns (params, report): params has abstract_params' structure, with
+  loaded arrays, and for the other leaves the leaf of `fallback` (e.g. freshly initialised
+  params) or, without one, the ShapeDtypeStruct of abstract_params. strict=True raises
+  unless every leaf matches both ways.
+  """
+  directory, step = _locate(path)
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers=_handlers(ocp.PyTreeCheckpointHandler())) as manager:
+    steps = sorted(manager.all_steps())
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"--init_from: no checkpoint in {directory}")
+      step = steps[-1]
+    where = directory / str(step)
+    saved_tree = manager.item_metadata(step)[_STATE].tree
+    if not isinstance(saved_tree, dict) or "params" not in saved_tree:
+      raise KeyError(f"--init_from: checkpoint {where} has no 'params' entry in its state")
+
+    target = _to_pure(abstract_params)
+    _require_shardings(target)
+    wanted = {key_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    saved = _shapes_by_key(saved_tree["params"])
+    report = {
+        "loaded": [k for k, leaf in wanted.items() if saved.get(k) == tuple(leaf.shape)],
+        "missing": [k for k in wanted if k not in saved],
+        "unexpected": [k for k in saved if k not in wanted],
+        "shape_mismatch": [(k, saved[k], tuple(leaf.shape)) for k, leaf in wanted.items()
+                           if k in saved and saved[k] != tuple(leaf.shape)],
+    }
+    if strict and (report["missing"] or report["unexpected"] or report["shape_mismatch"]):
+      raise ValueError(f"--init_from {where} (strict): params differ\n{format_report(report)}")
+
+    # The whole saved tree with placeholders (never read) everywhere but the loaded params.
+    loaded = set(report["loaded"])
+
+    def read_target(p, _):
+      k = key_path(p[1:])
+      if p[0].key == "params" and k in loaded:
+        return wanted[k]
+      return ocp.PLACEHOLDER
+
+    item = jax.tree_util.tree_map_with_path(read_target, saved_tree)
+    restore_args = jax.tree.map(
+        lambda leaf: leaf if leaf is ocp.PLACEHOLDER else
+        ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), item)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
+
+  arrays = {key_path(p): leaf for p, leaf in
+            jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+            if leaf is not ocp.PLACEHOLDER}
+  base = _to_pure(fallback) if fallback is not None else target
+  merged = jax.tree_util.tree_map_with_path(lambda p, leaf: arrays.get(key_path(p), leaf), base)
+  logging.info("--init_from %s:\n%s", where, format_report(report))
+  return _from_pure(abstract_params, merged), report
+
+
+def format_report(report: dict) -> str:
+  """Human-readable summary of a load_params report (counts, then the keys that differ)."""
+  lines = [f"loaded {len(report['loaded'])} params, missing {len(report['missing'])}, "
+           f"unexpected {len(report['unexpected'])}, shape mismatch {len(report['shape_mismatch'])}"]
+  lines += [f"  missing (kept from init): {k}" for k in report["missing"]]
+  lines += [f"  unexpected (ignored): {k}" for k in report["unexpected"]]
+  lines += [f"  shape mismatch (kept from init): {k}: checkpoint {c}, model {t}"
+            for k, c, t in report["shape_mismatch"]]
+  return "\n".join(lines)

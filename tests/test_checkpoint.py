@@ -1,0 +1,311 @@
+"""Checkpointer, load_params and PreemptionWatcher on 8 fake CPU devices, tiny arrays."""
+import json
+import os
+import shutil
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jova_jax import checkpoint
+from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.parallel import rules
+from tests.conftest import load
+
+# name -> (shape, logical axes)
+PARAMS = {
+    "embed": ((16, 8), ("embed", None)),
+    "mlp/kernel": ((8, 32), ("embed", "mlp")),
+    "mlp/bias": ((32,), ("mlp",)),
+    "attn/qkv": ((8, 4, 2), ("embed", "heads", "kv")),
+}
+
+
+def _mesh(**axes):
+  config = load("tiny")
+  config.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1, dcn_data=1))
+  config.mesh.update(axes)
+  return mesh_lib.make_mesh(config)
+
+
+def _nest(flat):
+  out = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def _param_shardings(mesh):
+  return _nest({k: rules.sharding(mesh, names) for k, (_, names) in PARAMS.items()})
+
+
+def _numpy_state(seed):
+  """The reference values, built with numpy only."""
+  rng = np.random.default_rng(seed)
+  params = _nest({k: rng.standard_normal(shape).astype(np.float32)
+                  for k, (shape, _) in PARAMS.items()})
+  return params, np.int32(seed), np.array([seed, 7], np.uint32)
+
+
+def _train_state(mesh, seed):
+  """{"params", "opt_state" (optax namedtuples), "ema", "step", "rng"} sharded on `mesh`."""
+  params_np, step, rng = _numpy_state(seed)
+  params = jax.tree.map(jax.device_put, params_np, _param_shardings(mesh))
+  opt_state = jax.jit(optax.adamw(1e-3).init)(params)
+  ema = jax.tree.map(lambda x: x * 0.5, params)
+  return {"params": params, "opt_state": opt_state, "ema": ema,
+          "step": jnp.asarray(step), "rng": jnp.asarray(rng)}
+
+
+def _abstract(mesh):
+  """The trainer's restore target: shapes and dtypes, shardings from the rules table."""
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        _numpy_state(0)[0], _param_shardings(mesh))
+  replicated = rules.sharding(mesh, None)
+  adam, *rest = jax.eval_shape(optax.adamw(1e-3).init, params)
+  copy = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731  (own containers)
+  adam = adam._replace(count=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                       mu=copy(params), nu=copy(params))
+  return {"params": params, "opt_state": (adam, *rest), "ema": copy(params),
+          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
+
+
+def _assert_state_equal(restored, seed):
+  params, step, rng = _numpy_state(seed)
+  for got, want in ((restored["params"], params), (restored["ema"],
+                                                   jax.tree.map(lambda x: x * 0.5, params))):
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), w), got, want)
+  assert int(restored["step"]) == step
+  np.testing.assert_array_equal(np.asarray(restored["rng"]), rng)
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  source = _mesh(fsdp=8)
+  with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=2,
+                               async_save=False) as ckpt:
+    assert ckpt.latest_step() is None
+    assert ckpt.save(3, _train_state(source, 3), data_state=None, config=load("tiny"))
+
+  target_mesh = _mesh(data=2, fsdp=2, tensor=2)
+  abstract = _abstract(target_mesh)
+  with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=2) as ckpt:
+    state, data_state, _ = ckpt.restore(abstract)
+  _assert_state_equal(state, 3)
+  assert data_state is None
+  assert isinstance(state["opt_state"][0], optax.ScaleByAdamState)
+  np.testing.assert_array_equal(np.asarray(state["opt_state"][0].count), 0)
+  # Every array carries the target sharding (on the new mesh), not the saved one.
+  jax.tree.map(lambda got, want: (assert_sharding(got, want.sharding)), state, abstract)
+  kernel = state["params"]["mlp"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(("fsdp", "context"), "tensor")
+  assert kernel.addressable_shards[0].data.shape == (4, 16)  # 8/2 rows, 32/2 columns
+
+
+def assert_sharding(array, sharding):
+  assert array.sharding == sharding, (array.sharding, sharding)
+
+
+def test_async_save_rotation_and_data_state(tmp_path):
+  mesh = _mesh(fsdp=8)
+  config = load("tiny")
+  dataset = grain.MapDataset.range(100).shuffle(seed=5).to_iter_dataset()
+  iterator = iter(dataset)
+  data_states = {}
+  ckpt = checkpoint.Checkpointer(tmp_path, every_steps=2, keep=2, async_save=True)
+  for step in range(1, 9):
+    next(iterator)
+    saved = ckpt.save(step, _train_state(mesh, step), data_state=iterator.get_state(),
+                      config=config)
+    assert saved == (step % 2 == 0) == ckpt.should_save(step)
+    if saved:
+      data_states[step] = iterator.get_state()
+  assert not ckpt.save(8, _train_state(mesh, 8), data_state=None, config=config, force=True)
+  assert ckpt.save(9, _train_state(mesh, 9), data_state=iterator.get_state(), config=config,
+                   force=True)
+  expected_next = [next(iterator) for _ in range(3)]
+  ckpt.wait()
+  assert ckpt.all_steps() == [8, 9]
+  ckpt.close()
+
+  abstract = _abstract(_mesh(fsdp=4, tensor=2))
+  with checkpoint.Checkpointer(tmp_path, every_steps=2, keep=2) as ckpt:
+    assert ckpt.latest_step() == 9
+    state, data_state, config_dict = ckpt.restore(abstract)
+    older, older_data_state, _ = ckpt.restore(abstract, step=8)
+    assert ckpt.restore_config(step=8) == config_dict
+  _assert_state_equal(state, 9)
+  _assert_state_equal(older, 8)
+  assert older_data_state == data_states[8]
+  # The restored iterator state resumes on exactly the examples the run would have seen.
+  resumed = iter(dataset)
+  resumed.set_state(data_state)
+  assert [next(resumed) for _ in range(3)] == expected_next
+  assert config_dict == json.loads(config.to_json_best_effort())
+  assert config_dict["checkpoint"]["every_steps"] == config.checkpoint.every_steps
+
+
+def test_async_save_survives_donated_buffers(tmp_path):
+  """The trainer donates the state to the next step right after save() returns."""
+  mesh = _mesh(fsdp=8)
+  with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=1, async_save=True) as ckpt:
+    state = _train_state(mesh, 4)
+    assert ckpt.save(4, state, data_state={"pos": 4}, config=load("tiny"))
+    jax.tree.map(lambda x: x.delete(), state)
+    ckpt.wait()
+    restored, data_state, _ = ckpt.restore(_abstract(mesh))
+  _assert_state_equal(restored, 4)
+  assert data_state == {"pos": 4}
+
+
+def test_restore_mismatch_names_the_key(tmp_path):
+  mesh = _mesh(fsdp=8)
+  with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=1, async_save=False) as ckpt:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+      ckpt.restore(_abstract(mesh))
+    ckpt.save(1, _train_state(mesh, 1), data_state=None, config=load("tiny"))
+    with pytest.raises(FileNotFoundError, match=r"step 5 .*steps \[1\]"):
+      ckpt.restore(_abstract(mesh), step=5)
+
+    extra = _abstract(mesh)
+    extra["params"]["mlp"]["gate"] = extra["params"]["mlp"]["bias"]
+    with pytest.raises(ValueError, match="target has 'params/mlp/gate' but the checkpoint"):
+      ckpt.restore(extra)
+
+    fewer = _abstract(mesh)
+    del fewer["ema"]
+    with pytest.raises(ValueError, match="checkpoint has 'ema/attn/qkv' but the restore target"):
+      ckpt.restore(fewer)
+
+    reshaped = _abstract(mesh)
+    bias = reshaped["params"]["mlp"]["bias"]
+    reshaped["params"]["mlp"]["bias"] = jax.ShapeDtypeStruct((16,), bias.dtype,
+                                                             sharding=bias.sharding)
+    with pytest.raises(ValueError, match=r"'params/mlp/bias' has shape \(32,\) in the checkpoint "
+                                         r"but \(16,\)"):
+      ckpt.restore(reshaped)
+
+    unsharded = _abstract(mesh)
+    unsharded["step"] = jax.ShapeDtypeStruct((), jnp.int32)
+    with pytest.raises(ValueError, match="'step' has no sharding"):
+      ckpt.restore(unsharded)
+
+
+def test_nnx_state_round_trip(tmp_path):
+  """nnx.State params are stored as plain dicts (no '/value' keys) and come back as State."""
+  mesh = _mesh(fsdp=8)
+  model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  replicated = rules.sharding(mesh, None)
+  with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=1, async_save=False) as ckpt:
+    ckpt.save(1, {"params": params}, data_state=None, config={"name": "linear"})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            nnx.eval_shape(lambda: nnx.state(nnx.Linear(8, 4, rngs=nnx.Rngs(1)),
+                                                             nnx.Param)))
+    restored, _, config_dict = ckpt.restore({"params": abstract})
+  assert config_dict == {"name": "linear"}
+  assert isinstance(restored["params"], nnx.State)
+  np.testing.assert_array_equal(np.asarray(restored["params"]["kernel"][...]),
+                                np.asarray(model.kernel[...]))
+  loaded, report = checkpoint.load_params(tmp_path, {"kernel": abstract["kernel"].get_value(),
+                                                     "bias": abstract["bias"].get_value()})
+  assert sorted(report["loaded"]) == ["bias", "kernel"]
+  np.testing.assert_array_equal(np.asarray(loaded["bias"]), np.asarray(model.bias[...]))
+
+
+def _save_params(directory, step, params):
+  with checkpoint.Checkpointer(directory, every_steps=1, keep=3, async_save=False) as ckpt:
+    ckpt.save(step, {"params": params, "step": jnp.int32(step)}, data_state=None,
+              config={"step": step})
+
+
+def test_load_params_report(tmp_path):
+  mesh = _mesh(fsdp=2, tensor=4)
+  workdir = tmp_path / "run"
+  base = {"a": np.arange(8, dtype=np.float32), "b": {"c": np.ones((2, 4), np.float32)},
+          "d": np.full((4, 2), 3.0, np.float32), "old": np.zeros(3, np.float32)}
+  for step, scale in ((1, 10.0), (2, 1.0)):
+    _save_params(workdir / "checkpoints", step, jax.tree.map(lambda x: jnp.asarray(x * scale),
+                                                            base))
+  fsdp, tensor = (rules.sharding(mesh, names) for names in (("embed",), (None, "mlp")))
+  target = {"a": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=fsdp),
+            "b": {"c": jax.ShapeDtypeStruct((3, 4), jnp.float32, sharding=tensor)},
+            "d": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=rules.sharding(mesh, None)),
+            "new": jax.ShapeDtypeStruct((2,), jnp.float32, sharding=fsdp)}
+
+  params, report = checkpoint.load_params(workdir, target)
+  assert report == {"loaded": ["a", "d"], "missing": ["new"], "unexpected": ["old"],
+                    "shape_mismatch": [("b/c", (2, 4), (3, 4))]}
+  assert params["a"].dtype == jnp.bfloat16 and params["a"].sharding == fsdp
+  np.testing.assert_array_equal(np.asarray(params["a"], np.float32), base["a"])
+  np.testing.assert_array_equal(np.asarray(params["d"]), base["d"])
+  assert params["new"] is target["new"] and params["b"]["c"] is target["b"]["c"]
+  text = checkpoint.format_report(report)
+  assert "missing (kept from init): new" in text and "unexpected (ignored): old" in text
+  assert "b/c: checkpoint (2, 4), model (3, 4)" in text
+
+  fallback = {"a": jnp.zeros(8, jnp.bfloat16), "b": {"c": jnp.full((3, 4), 5.0)},
+              "d": jnp.zeros((4, 2)), "new": jnp.full((2,), 6.0)}
+  older, _ = checkpoint.load_params(workdir / "checkpoints" / "1", target, fallback=fallback)
+  np.testing.assert_array_equal(np.asarray(older["d"]), base["d"] * 10)
+  np.testing.assert_array_equal(np.asarray(older["new"]), [6.0, 6.0])
+  np.testing.assert_array_equal(np.asarray(older["b"]["c"]), np.full((3, 4), 5.0))
+  same, _ = checkpoint.load_params(workdir / "checkpoints", target)
+  np.testing.assert_array_equal(np.asarray(same["d"]), base["d"])
+
+  with pytest.raises(ValueError, match="(?s)strict.*b/c"):
+    checkpoint.load_params(workdir, target, strict=True)
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    checkpoint.load_params(tmp_path / "nowhere", target)
+
+
+def test_interrupted_save_is_ignored(tmp_path):
+  """A save killed midway leaves `<step>.orbax-checkpoint-tmp`: never listed nor restored."""
+  mesh = _mesh(fsdp=8)
+  params = {"w": jnp.arange(8.0)}
+  _save_params(tmp_path, 2, params)
+  _save_params(tmp_path, 4, jax.tree.map(lambda x: x + 1, params))
+  # What a killed save of step 6 leaves on a local/NFS disk: all files, never renamed.
+  partial = tmp_path / "6.orbax-checkpoint-tmp"
+  shutil.copytree(tmp_path / "4", partial)
+  os.remove(partial / "commit_success.txt")
+  target = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=rules.sharding(mesh, None))}
+
+  loaded, _ = checkpoint.load_params(tmp_path, target)
+  np.testing.assert_array_equal(np.asarray(loaded["w"]), np.arange(8.0) + 1)
+  reader = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3, read_only=True)
+  assert reader.latest_step() == 4 and reader.all_steps() == [2, 4]
+  with pytest.raises(FileNotFoundError, match=r"step 6 .*steps \[2, 4\]"):
+    reader.restore_config(step=6)
+  assert reader.restore_config() == {"step": 4}
+  reader.close()
+  assert partial.exists()  # a reader never deletes a writer's in-flight save
+
+  with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3) as writer:
+    assert writer.latest_step() == 4
+    restored, _, _ = writer.restore({"params": target, "step": jax.ShapeDtypeStruct(
+        (), jnp.int32, sharding=rules.sharding(mesh, None))})
+  assert int(restored["step"]) == 4
+  assert not partial.exists()  # the writer cleans up what the killed save left
+
+
+def test_preemption_watcher_sigterm():
+  before = signal.getsignal(signal.SIGTERM)
+  watcher = checkpoint.PreemptionWatcher()
+  try:
+    assert not watcher.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watcher.signalled
+    assert watcher.should_stop(2) and watcher.should_stop(3)
+  finally:
+    watcher.close()
+  assert signal.getsignal(signal.SIGTERM) == before
