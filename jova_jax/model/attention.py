@@ -1,0 +1,150 @@
+"""Joint bidirectional self-attention over [audio ; text_a ; text_v ; video], partitioned over 'context'.
+
+Strategies (config parallel.context_strategy), run inside jax.shard_map with the sequence sharded
+over the 'context' mesh axis, batch over ('data', 'fsdp') and heads over 'tensor':
+  none       - one local kernel over the whole sequence; sharding left to XLA.
+  all_gather - queries stay sharded; K/V and the key mask are all-gathered over 'context'.
+  ulysses    - all-to-all from sequence-sharded to head-sharded, full-sequence attention on
+               H/context heads, all-to-all back.
+  ring       - K/V blocks travel around 'context' with ppermute, folded into an online softmax.
+Local kernels (config parallel.attention_kernel) live in attention_kernels.py.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jova_jax.model import attention_kernels as kernels
+
+STRATEGIES = ("none", "all_gather", "ulysses", "ring")
+CONTEXT = "context"
+_BATCH_AXES = ("data", "fsdp")
+_HEAD_AXIS = "tensor"
+
+
+def reference_attention(q, k, v, kv_valid):
+  """Dense masked softmax attention in float32: the test oracle."""
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", f32[0], f32[1]) / math.sqrt(q.shape[-1])
+  logits = jnp.where(kv_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), f32[2]).astype(q.dtype)
+
+
+def attention_flops(batch, length, heads, head_dim) -> float:
+  """Forward FLOPs of QK^T and PV (2 per multiply-add)."""
+  return 4.0 * batch * length * length * heads * head_dim
+
+
+def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=512):
+  """Bidirectional softmax attention over the joint sequence.
+
+  q, k, v: (B, L, H, D) in the compute dtype, RoPE applied. kv_valid: (B, L) bool, False for keys
+  that may not be attended (text and sequence padding). Returns (B, L, H, D) in q.dtype; scale
+  1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
+  strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
+  kernel. The ring strategy folds its blocks with the chunked kernel when kernel='chunked' and
+  with dense XLA blocks otherwise (splash/cuDNN expose no log-sum-exp to combine).
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"parallel.context_strategy must be one of {STRATEGIES}, found {strategy!r}")
+  if chunk < 1:
+    raise ValueError(f"parallel.attention_chunk must be >= 1, found {chunk}")
+  kernel = kernels.resolve_kernel(kernel, q.dtype)
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = dict(mesh.shape).get(CONTEXT, 1) if not mesh.empty else 1
+  if shards == 1:
+    strategy = "none"
+  if strategy == "ring":
+    kernel = "chunked" if kernel == "chunked" else "xla"
+
+  length = q.shape[1]
+  padded = _padded_length(length, shards, kernel, chunk, ring=strategy == "ring")
+  if padded != length:
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v, kv_valid = pad(q), pad(k), pad(v), pad(kv_valid)  # padded keys: kv_valid False
+
+  if strategy == "none":
+    out = kernels.local_attention(q, k, v, kv_valid, kernel, chunk)
+  else:
+    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk)
+  return out[:, :length]
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def _padded_length(length: int, shards: int, kernel: str, chunk: int, ring: bool) -> int:
+  """Smallest joint length >= length that every shard and every kernel call can tile."""
+  if kernel == "splash":  # each shard's queries and the (gathered) keys in 128-wide tiles
+    return _round_up(length, shards * kernels.SPLASH_TILE)
+  padded = _round_up(length, shards)
+  if kernel != "chunked":
+    return padded
+  if ring:  # each ring step folds one shard's keys in chunks
+    per_shard = padded // shards
+    return shards * _round_up(per_shard, chunk) if per_shard > chunk else padded
+  return _round_up(padded, math.lcm(shards, chunk)) if padded > chunk else padded
+
+
+def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk):
+  batch, _, heads, _ = q.shape
+  batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names)
+  # Axes that do not divide the array replicate it instead (e.g. batch 1 on fsdp=2).
+  if batch % math.prod(mesh.shape[a] for a in batch_axes):
+    batch_axes = ()
+  head_axis = _HEAD_AXIS if _HEAD_AXIS in mesh.axis_names and heads % mesh.shape[_HEAD_AXIS] == 0 else None
+  batch_spec = batch_axes or None
+  qkv_spec = P(batch_spec, CONTEXT, head_axis, None)
+  valid_spec = P(batch_spec, CONTEXT)
+
+  if strategy == "all_gather":
+    body = functools.partial(_all_gather_body, kernel=kernel, chunk=chunk)
+  elif strategy == "ulysses":
+    local_heads = heads // mesh.shape[head_axis] if head_axis else heads
+    if local_heads % shards:
+      raise ValueError(
+          f"context_strategy='ulysses' splits heads over the context axis: heads={heads} "
+          f"({local_heads} per '{_HEAD_AXIS}' shard) is not divisible by the context size {shards} "
+          f"(mesh.context); use 'all_gather' or 'ring', or a context size dividing {local_heads}")
+    body = functools.partial(_ulysses_body, kernel=kernel, chunk=chunk)
+  else:
+    body = functools.partial(_ring_body, shards=shards, kernel=kernel, chunk=chunk)
+  return jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (valid_spec,),
+                       out_specs=qkv_spec)(q, k, v, kv_valid)
+
+
+def _gather_sequence(x):
+  return jax.lax.all_gather(x, CONTEXT, axis=1, tiled=True)
+
+
+def _all_gather_body(q, k, v, kv_valid, *, kernel, chunk):
+  k, v, kv_valid = _gather_sequence(k), _gather_sequence(v), _gather_sequence(kv_valid)
+  return kernels.local_attention(q, k, v, kv_valid, kernel, chunk)
+
+
+def _ulysses_body(q, k, v, kv_valid, *, kernel, chunk):
+  to_heads = lambda x: jax.lax.all_to_all(x, CONTEXT, split_axis=2, concat_axis=1, tiled=True)
+  out = kernels.local_attention(to_heads(q), to_heads(k), to_heads(v), _gather_sequence(kv_valid),
+                                kernel, chunk)
+  return jax.lax.all_to_all(out, CONTEXT, split_axis=1, concat_axis=2, tiled=True)
+
+
+def _ring_body(q, k, v, kv_valid, *, shards, kernel, chunk):
+  block = chunk if kernel == "chunked" else k.shape[1]
+  to_next = [(i, (i + 1) % shards) for i in range(shards)]
+
+  def step(carry, _):
+    state, k, v, kv_valid = carry
+    # Send the current block on while folding it in: the two are independent, so XLA can overlap them.
+    k_next, v_next, valid_next = (jax.lax.ppermute(x, CONTEXT, to_next) for x in (k, v, kv_valid))
+    state = kernels.fold_keys(state, q, k, v, kv_valid, block)
+    return (state, k_next, v_next, valid_next), None
+
+  (state, k, v, kv_valid), _ = jax.lax.scan(step, (kernels.empty_state(q), k, v, kv_valid), None,
+                                            length=shards - 1)
+  return kernels.finish(kernels.fold_keys(state, q, k, v, kv_valid, block), q.dtype)

@@ -1,0 +1,157 @@
+"""Single-device attention kernels with a key-validity mask, used by model/attention.py.
+
+Every kernel takes q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk) bool and returns
+(B, Lq, H, D) in q.dtype, with scale 1/sqrt(D) and the softmax accumulated in float32. Lq may differ
+from Lk (all-gather context parallelism keeps queries local).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
+# Finite, so a key block with no valid key gives exp(0) * 0 = 0 in the online softmax instead of NaN.
+MASK_VALUE = -1e30
+SPLASH_TILE = 128  # splash's kv compute block must be a multiple of the 128 TPU lanes
+_HALF_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_kernel(kernel: str, dtype) -> str:
+  """Maps 'auto' to the platform's kernel and checks the name (config parallel.attention_kernel)."""
+  if kernel not in KERNELS:
+    raise ValueError(f"parallel.attention_kernel must be one of {KERNELS}, found {kernel!r}")
+  if kernel != "auto":
+    return kernel
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "splash"
+  if backend == "gpu" and jnp.dtype(dtype) in _HALF_PRECISION:
+    return "cudnn"
+  return "xla"  # CPU, or GPU in float32 where cuDNN's fused attention is unavailable
+
+
+def _scores(q, k, kv_valid):
+  """Scaled logits (B, Lq, H, Lk) in float32, MASK_VALUE where the key is invalid."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bqhk", q, k, preferred_element_type=jnp.float32) * scale
+  return jnp.where(kv_valid[:, None, None, :], logits, MASK_VALUE)
+
+
+def _weighted_values(probs, v):
+  """probs (B, Lq, H, Lk) float32 times v (B, Lk, H, D) -> float32 (B, Lq, H, D)."""
+  return jnp.einsum("bqhk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def xla_attention(q, k, v, kv_valid):
+  """Dense einsum + masked softmax; materialises Lq x Lk logits."""
+  probs = jax.nn.softmax(_scores(q, k, kv_valid), axis=-1)
+  return _weighted_values(probs, v).astype(q.dtype)
+
+
+class SoftmaxState(NamedTuple):
+  """Running online-softmax statistics over the key blocks seen so far (all float32)."""
+  acc: jax.Array      # (B, Lq, H, D) sum of exp(logit - row_max) * v
+  row_max: jax.Array  # (B, Lq, H)
+  row_sum: jax.Array  # (B, Lq, H) sum of exp(logit - row_max)
+
+
+def empty_state(q) -> SoftmaxState:
+  # *_like keeps q's shard_map varying axes, so the state can be a scan carry inside shard_map.
+  return SoftmaxState(acc=jnp.zeros_like(q, dtype=jnp.float32),
+                      row_max=jnp.full_like(q[..., 0], MASK_VALUE, dtype=jnp.float32),
+                      row_sum=jnp.zeros_like(q[..., 0], dtype=jnp.float32))
+
+
+@jax.checkpoint  # recompute the block's probabilities in the backward pass instead of storing them
+def _update(state: SoftmaxState, q, k, v, kv_valid) -> SoftmaxState:
+  logits = _scores(q, k, kv_valid)
+  row_max = jnp.maximum(state.row_max, logits.max(axis=-1))
+  probs = jnp.where(kv_valid[:, None, None, :], jnp.exp(logits - row_max[..., None]), 0.0)
+  correction = jnp.exp(state.row_max - row_max)
+  return SoftmaxState(acc=state.acc * correction[..., None] + _weighted_values(probs, v),
+                      row_max=row_max,
+                      row_sum=state.row_sum * correction + probs.sum(axis=-1))
+
+
+def fold_keys(state: SoftmaxState, q, k, v, kv_valid, block: int) -> SoftmaxState:
+  """Adds the keys k/v to the state, `block` keys at a time (one step when block >= Lk)."""
+  length = k.shape[1]
+  if block >= length:
+    return _update(state, q, k, v, kv_valid)
+  if length % block:
+    raise ValueError(f"chunked attention: key length {length} is not a multiple of the chunk {block} "
+                     "(joint_attention pads it; pad before calling the kernel directly)")
+  blocks = length // block
+
+  def split(x):  # (B, Lk, ...) -> (blocks, B, block, ...)
+    return jnp.moveaxis(x.reshape(x.shape[0], blocks, block, *x.shape[2:]), 1, 0)
+
+  def step(carry, key_block):
+    return _update(carry, q, *key_block), None
+
+  state, _ = jax.lax.scan(step, state, (split(k), split(v), split(kv_valid)))
+  return state
+
+
+def finish(state: SoftmaxState, dtype):
+  return (state.acc / state.row_sum[..., None]).astype(dtype)
+
+
+def chunked_attention(q, k, v, kv_valid, chunk: int):
+  """Online softmax over key blocks of `chunk`: memory O(Lq x chunk) per head, never Lq x Lk."""
+  return finish(fold_keys(empty_state(q), q, k, v, kv_valid, chunk), q.dtype)
+
+
+def cudnn_attention(q, k, v, kv_valid):
+  if jnp.dtype(q.dtype) not in _HALF_PRECISION:
+    raise ValueError(f"parallel.attention_kernel='cudnn' needs model.compute_dtype bfloat16 or float16, "
+                     f"found {jnp.dtype(q.dtype).name}; use 'xla' or 'chunked' for float32")
+  return jax.nn.dot_product_attention(q, k, v, mask=kv_valid[:, None, None, :], implementation="cudnn")
+
+
+def _splash_block(length: int) -> int:
+  return next(b for b in (512, 256, SPLASH_TILE) if length % b == 0)
+
+
+def splash_attention(q, k, v, kv_valid):
+  """Pallas splash attention; padding via segment ids (query 1, valid key 1, invalid key 0).
+
+  Lq and Lk must be multiples of 128. Off TPU it runs in Pallas interpret mode (slow; tests only).
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  q_len, kv_len, heads = q.shape[1], k.shape[1], q.shape[2]
+  if q_len % SPLASH_TILE or kv_len % SPLASH_TILE:
+    raise ValueError(f"splash attention needs query/key lengths that are multiples of {SPLASH_TILE}, "
+                     f"found {q_len}/{kv_len} (joint_attention pads them)")
+  bq, bkv = _splash_block(q_len), _splash_block(kv_len)
+  sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                            block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                            block_q_dq=bq, block_kv_dq=bkv)
+  mask = splash.MultiHeadMask([splash.FullMask((q_len, kv_len))] * heads)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=jax.default_backend() != "tpu")
+  query_segments = jnp.ones((q_len,), jnp.int32)
+
+  def one_example(q, k, v, valid):  # splash works on (H, L, D) without a batch axis
+    return kernel(q, k, v, segment_ids=splash.SegmentIds(q=query_segments, kv=valid.astype(jnp.int32)))
+
+  scaled_q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)  # splash applies no scale
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)
+  out = jax.vmap(one_example)(heads_major(scaled_q), heads_major(k), heads_major(v), kv_valid)
+  return heads_major(out).astype(q.dtype)
+
+
+def local_attention(q, k, v, kv_valid, kernel: str, chunk: int):
+  """Dispatches to a resolved kernel name ('auto' already mapped by resolve_kernel)."""
+  if kernel == "xla":
+    return xla_attention(q, k, v, kv_valid)
+  if kernel == "chunked":
+    return chunked_attention(q, k, v, kv_valid, chunk)
+  if kernel == "cudnn":
+    return cudnn_attention(q, k, v, kv_valid)
+  if kernel == "splash":
+    return splash_attention(q, k, v, kv_valid)
+  raise ValueError(f"parallel.attention_kernel must be one of {KERNELS}, found {kernel!r}")
