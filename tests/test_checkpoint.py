@@ -3,6 +3,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 
 import grain
 import jax
@@ -15,7 +18,7 @@ from flax import nnx
 from jova_jax import checkpoint
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.parallel import rules
-from tests.conftest import load
+from tests.conftest import REPO, load
 
 # name -> (shape, logical axes)
 PARAMS = {
@@ -309,3 +312,60 @@ def test_preemption_watcher_sigterm():
   finally:
     watcher.close()
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ------------------------------------------------------------------ two processes
+
+def _multiprocess_worker(process_id: int, port: int, workdir: str, out: str) -> None:
+  """One of two jax.distributed processes (8 CPU devices each, 16 in the job)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+  reference = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+  source = _mesh(fsdp=16)
+  weight = jax.make_array_from_callback(reference.shape, rules.sharding(source, ("embed", None)),
+                                        lambda index: reference[index])
+  watcher = checkpoint.PreemptionWatcher()
+  ckpt = checkpoint.Checkpointer(workdir, every_steps=1, keep=2, async_save=True)
+  ckpt.save(1, {"params": {"w": weight}}, data_state={"position": 1}, config={"seed": 0})
+  if process_id == 1:  # a preemption notice that reaches one host only
+    os.kill(os.getpid(), signal.SIGTERM)
+  stop = watcher.should_stop(2)
+  ckpt.wait()
+  target = _mesh(data=2, fsdp=4, tensor=2)
+  sharding = rules.sharding(target, ("embed", "mlp"))
+  restored, data_state, _ = ckpt.restore(
+      {"params": {"w": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=sharding)}})
+  weight = restored["params"]["w"]
+  result = {"stop": stop, "signalled": watcher.signalled, "data_state": data_state,
+            "same_sharding": weight.sharding == sharding,
+            "shards": [bool(np.array_equal(np.asarray(s.data), reference[s.index]))
+                       for s in weight.addressable_shards]}
+  ckpt.close()
+  watcher.close()
+  with open(out, "w") as f:
+    json.dump(result, f)
+  jax.distributed.shutdown()
+
+
+def test_two_processes_save_restore_and_agree_on_preemption(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / "ckpt"),
+                             str(tmp_path / f"out{i}.json")], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  results = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
+  assert [r["signalled"] for r in results] == [False, True]
+  assert [r["stop"] for r in results] == [True, True]  # both stop, at the same step
+  for r in results:
+    assert r["data_state"] == {"position": 1} and r["same_sharding"]
+    assert len(r["shards"]) == 8 and all(r["shards"])
+
+
+if __name__ == "__main__":
+  _multiprocess_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
