@@ -1,0 +1,121 @@
+"""Joint attention: every context strategy and kernel against the dense float32 reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from jova_jax.model import attention_kernels
+from jova_jax.model.attention import attention_flops, joint_attention, reference_attention
+
+AXES = ("data", "fsdp", "context", "tensor")
+TOL = 1e-5
+LENGTH = 37  # not a multiple of 2, 4, 8 or of the chunk
+
+
+def make_mesh(shape):
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 4)
+
+
+def make_inputs(batch=4, length=LENGTH, heads=8, head_dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, head_dim)), jnp.float32)
+             for _ in range(3))
+  valid = np.ones((batch, length), bool)
+  for row in range(batch):  # text padding: an invalid run in the middle, different per row
+    start = 2 + 5 * row
+    valid[row, start:start + 3 + row] = False
+  valid[-1, -4:] = False
+  return q, k, v, jnp.asarray(valid)
+
+
+def output_and_grads(fn, q, k, v, valid):
+  """fn's output and d(weighted sum of output)/d(q, k, v); the weights make every row count differently."""
+  weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+  out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, valid), q, k, v)
+  return out, vjp(weights)
+
+
+def assert_matches_reference(fn, inputs, mesh=None):
+  expected = jax.jit(lambda *a: output_and_grads(reference_attention, *a))(*inputs)
+  run = jax.jit(lambda *a: output_and_grads(fn, *a))
+  if mesh is None:
+    found = run(*inputs)
+  else:
+    with jax.set_mesh(mesh):
+      found = run(*inputs)
+  names = ("output", "dq", "dk", "dv")
+  for name, want, got in zip(names, (expected[0], *expected[1]), (found[0], *found[1])):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0, err_msg=name)
+
+
+# Context 2 also shards batch over fsdp and heads over tensor; context 4 shards batch over data.
+MESHES = {"ctx2_fsdp2_tp2": (1, 2, 2, 2), "ctx4_data2": (2, 1, 4, 1), "ctx8": (1, 1, 8, 1)}
+COLLECTIVE = {"all_gather": "all_gather", "ulysses": "all_to_all", "ring": "collective_permute"}
+
+
+@pytest.mark.parametrize("kernel", ["xla", "chunked"])
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_strategy_matches_reference(mesh_name, strategy, kernel):
+  mesh = make_mesh(MESHES[mesh_name])
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy=strategy, kernel=kernel, chunk=5)
+  inputs = make_inputs()
+  assert_matches_reference(fn, inputs, mesh)
+  with jax.set_mesh(mesh):  # the strategy really partitioned (no silent fallback to the local kernel)
+    lowered = jax.jit(fn).lower(*inputs).as_text()
+  assert COLLECTIVE[strategy] in lowered
+
+
+def test_none_strategy_under_mesh_matches_reference():
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="none", kernel="xla")
+  assert_matches_reference(fn, make_inputs(), make_mesh((1, 2, 2, 2)))
+
+
+def test_context_size_one_falls_back_to_local_kernel():
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="ring", kernel="chunked", chunk=8)
+  assert_matches_reference(fn, make_inputs(), make_mesh((1, 8, 1, 1)))
+
+
+@pytest.mark.parametrize("chunk", [6, 16])
+def test_chunked_kernel_with_chunk_smaller_than_length(chunk):
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, kernel="chunked", chunk=chunk)
+  assert_matches_reference(fn, make_inputs(batch=2, heads=2))
+
+
+def test_chunked_kernel_rejects_keys_not_tiled_by_chunk():
+  q, k, v, valid = make_inputs(batch=1, heads=1)
+  with pytest.raises(ValueError, match="key length 37 is not a multiple of the chunk 5"):
+    attention_kernels.chunked_attention(q, k, v, valid, chunk=5)
+
+
+def test_splash_kernel_in_interpret_mode_matches_reference():
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, kernel="splash")
+  assert_matches_reference(fn, make_inputs(batch=2, heads=2))
+
+
+def test_ulysses_needs_heads_divisible_by_context():
+  q, k, v, valid = make_inputs(heads=4)
+  fn = lambda *a: joint_attention(*a, strategy="ulysses", kernel="xla")
+  with jax.set_mesh(make_mesh((1, 1, 8, 1))):
+    with pytest.raises(ValueError, match=r"heads=4 .* context size 8"):
+      jax.jit(fn).lower(q, k, v, valid)
+
+
+def test_unknown_names_are_rejected():
+  q, k, v, valid = make_inputs(batch=1, heads=1)
+  with pytest.raises(ValueError, match="parallel.context_strategy"):
+    joint_attention(q, k, v, valid, strategy="tree")
+  with pytest.raises(ValueError, match="parallel.attention_kernel"):
+    joint_attention(q, k, v, valid, kernel="flash")
+
+
+def test_cudnn_kernel_needs_half_precision():
+  q, k, v, valid = make_inputs(batch=1, heads=1)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    joint_attention(q, k, v, valid, kernel="cudnn")
+
+
+def test_attention_flops():
+  assert attention_flops(2, 10, 3, 4) == 4 * 2 * 10 * 10 * 3 * 4
