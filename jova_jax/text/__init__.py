@@ -1,0 +1,33 @@
+"""Text encoders behind one interface (DESIGN 5), chosen by config.text.encoder.
+
+get_text_encoder(config) builds the named encoder and refuses one whose width differs from
+config.text.width. `weights_dir` (default config.weights_dir; '' = the built-in source) is the
+folder its weight files are read from.
+"""
+from __future__ import annotations
+
+from jova_jax.text.base import TextEncoder
+from jova_jax.text.minilm import MiniLMEncoder
+
+# name -> encoder class, built as cls(weights_dir or None)
+TEXT_ENCODERS = {
+    "minilm": MiniLMEncoder,
+}
+
+
+def get_text_encoder(config, weights_dir: str | None = None) -> TextEncoder:
+  name = config.text.encoder
+  if name not in TEXT_ENCODERS:
+    raise ValueError(f"text.encoder={name!r} is not a known text encoder; known: "
+                     f"{', '.join(sorted(TEXT_ENCODERS))}")
+  factory = TEXT_ENCODERS[name]
+  # Checked on the class, before any weights are read.
+  if factory.width != config.text.width:
+    raise ValueError(f"text.width={config.text.width} in the config, but the {name!r} text "
+                     f"encoder has width={factory.width}")
+  if weights_dir is None:
+    weights_dir = config.get("weights_dir", "")
+  return factory(weights_dir or None)
+
+
+__all__ = ["TextEncoder", "MiniLMEncoder", "get_text_encoder"]
