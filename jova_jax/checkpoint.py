@@ -128,6 +128,7 @@ class Checkpointer:
                read_only: bool = False):
     self.directory = epath.Path(directory)
     self.every_steps = int(every_steps)
+    self._read_only = read_only
     if read_only and not self.directory.exists():
       raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
     options = ocp.CheckpointManagerOptions(
@@ -144,9 +145,13 @@ class Checkpointer:
 
   # -- when
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
+    """Finished (or, for a writer, started) steps; a reader re-lists to see new saves."""
+    if self._read_only:
+      self._manager.reload()
     return sorted(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:

@@ -290,15 +290,17 @@ def test_interrupted_save_is_ignored(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"step 6 .*steps \[2, 4\]"):
     reader.restore_config(step=6)
   assert reader.restore_config() == {"step": 4}
-  reader.close()
   assert partial.exists()  # a reader never deletes a writer's in-flight save
+  _save_params(tmp_path, 5, params)  # a writer: it cleans up the leftover
+  assert reader.latest_step() == 5  # a reader sees saves made after it opened
+  reader.close()
 
   with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3) as writer:
-    assert writer.latest_step() == 4
-    restored, _, _ = writer.restore({"params": target, "step": jax.ShapeDtypeStruct(
+    assert writer.latest_step() == 5
+    restored, _, _ = writer.restore(step=4, abstract_state={"params": target, "step": jax.ShapeDtypeStruct(
         (), jnp.int32, sharding=rules.sharding(mesh, None))})
   assert int(restored["step"]) == 4
-  assert not partial.exists()  # the writer cleans up what the killed save left
+  assert not partial.exists()
 
 
 def test_preemption_watcher_sigterm():
