@@ -145,18 +145,18 @@ def test_two_writers_match_one_writer(tmp_path):
   assert [r["num_examples"] for r in reports] == [6, 4]
   crashed = F.ShardWriter(two, "train", "job-00002", features)  # never closed: a crashed job
   crashed.write(examples[0])
-  F.finalize(two, features, F.default_metadata(config))
-  F.finalize(two, features, F.default_metadata(config))  # again: nothing changes
-  assert sorted(n for n in os.listdir(two) if n.startswith("jova-")) == [
-      "jova-train.array_record-00000-of-00002", "jova-train.array_record-00001-of-00002"]
-  assert F.read_metadata(two)["counts"] == {"train": 10}
   a = tfds.builder_from_directory(str(one)).as_data_source("train")
-  b = tfds.builder_from_directory(str(two)).as_data_source("train")
-  assert len(a) == len(b) == 10
-  for i in range(10):
-    assert a[i]["clip_id"] == b[i]["clip_id"] == examples[i]["clip_id"].encode()
-    for key in ("video_latent", "audio_latent", "mouth_mask", "text_emb"):
-      np.testing.assert_array_equal(a[i][key], b[i][key])
+  for _ in range(2):  # finalizing again changes nothing
+    F.finalize(two, features, F.default_metadata(config))
+    assert sorted(n for n in os.listdir(two) if n.startswith("jova-")) == [
+        "jova-train.array_record-00000-of-00002", "jova-train.array_record-00001-of-00002"]
+    assert F.read_metadata(two)["counts"] == {"train": 10}
+    b = tfds.builder_from_directory(str(two)).as_data_source("train")
+    assert len(a) == len(b) == 10
+    for i in range(10):
+      assert a[i]["clip_id"] == b[i]["clip_id"] == examples[i]["clip_id"].encode()
+      for key in ("video_latent", "audio_latent", "mouth_mask", "text_emb"):
+        np.testing.assert_array_equal(a[i][key], b[i][key])
 
 
 def test_writer_rejects_bad_example(tmp_path):
@@ -225,11 +225,14 @@ def test_drop_frequencies(dataset):
   assert len(drop) == 400
   assert 0.4 < drop.mean() < 0.6 and 0.4 < first.mean() < 0.6
   assert 0.15 < (drop & first).mean() < 0.35  # drawn independently
-  config.model.i2v = False
-  config.data.p_uncond = 0.0
+  config.data.update(p_uncond=0.0, p_i2v=1.0)
   batch = local_batches(PL.train_dataset(config, source, seed=3, process_count=1, process_index=0),
                         1)[0]
-  assert not batch["use_first_frame"].any() and not batch["drop_text"].any()
+  assert batch["use_first_frame"].all() and not batch["drop_text"].any()
+  config.model.i2v = False  # no first-frame condition whatever p_i2v says
+  batch = local_batches(PL.train_dataset(config, source, seed=3, process_count=1, process_index=0),
+                        1)[0]
+  assert not batch["use_first_frame"].any()
 
 
 def test_eval_iterator_one_ordered_pass(dataset):
@@ -351,5 +354,9 @@ def test_synthetic_shapes_and_determinism(dataset):
             for i in range(2)]
   np.testing.assert_array_equal(np.concatenate([h["audio"] for h in halves]),
                                 np.asarray(batches[1]["audio"]))
+  evals = list(PL.make_eval_iterator(config, mesh))
+  assert len(evals) == config.eval.batches
+  assert not np.asarray(evals[0]["drop_text"]).any()
+  assert evals[0]["video"].shape == batches[0]["video"].shape
   with pytest.raises(ValueError, match="data iterator state is for source 'tfds'"):
     resumed.set_state({"source": "tfds", "state": {"next_index": 0}})
