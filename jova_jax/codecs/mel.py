@@ -5,15 +5,16 @@ Encode (JAX, jit, batched):
   Hann-windowed frames (n_fft 1024, hop 256) -> |rfft| -> 80 mel bands ->
   log10(max(mel, 1e-5)) -> mean of each pair of frames (31.25 latents/s) ->
   per-bin (x - MEAN) / STD.
-  Mel filters: librosa.filters.mel(sr=16000, n_fft=1024, n_mels=80, fmin=0, fmax=8000), the
-  Slaney-style bank MMAudio's 16 kHz converter uses; fmax 8000 is the Nyquist frequency, so the
-  whole band is covered.
+  Mel filters: librosa.filters.mel(sr=16000, n_fft=1024, n_mels=80, fmin=0, fmax=8000), i.e.
+  librosa's Slaney-normalised bank, which MMAudio's mel converter also builds with librosa; we
+  chose fmin 0 and fmax 8000 (the Nyquist frequency) so the whole band is covered.
   Exactly latent_length(S) = floor(S / 512) latents come out: frame i is centred on sample
   256 i, frames 0 .. 2 La - 1 are kept (the trailing partial pair is cropped).
 Decode (numpy/librosa, CPU): undo the normalisation, 10**x, repeat each latent for 2 frames,
-  librosa.feature.inverse.mel_to_stft (non-negative least squares) to a magnitude, then
-  librosa.griffinlim (fixed seed) to a wave of La * 512 samples (La / 31.25 s), clipped to
-  [-1, 1]. Lossy: the phase is estimated, and the 2x time average smooths fast transients.
+  the mel bank's pseudo-inverse clipped at 0 to a magnitude (as good as librosa's NNLS
+  mel_to_stft here, to 1e-5 in round-trip error, and ~1000x faster), then librosa.griffinlim
+  (32 iterations, fixed seed) to a wave of La * 512 samples (La / 31.25 s), clipped to [-1, 1].
+  Lossy: the phase is estimated, and the 2x time average smooths fast transients.
 
 MEAN / STD: per-bin mean and standard deviation of the un-normalised log-mel (after the 2x
 time average), measured once on 126 s of espeak-ng English speech (8 sentences x 4 voices and
@@ -109,6 +110,7 @@ class MelCodec(base.AudioCodec):
 
   def __init__(self, griffin_lim_iters: int = GRIFFIN_LIM_ITERS):
     self.griffin_lim_iters = griffin_lim_iters
+    self._mel_pinv = np.linalg.pinv(mel_filters())  # (N_FFT//2 + 1, N_MELS)
 
   def encode(self, wave) -> jax.Array:
     wave = jnp.asarray(wave, jnp.float32)
@@ -129,8 +131,7 @@ class MelCodec(base.AudioCodec):
     mel = np.repeat(mel, TIME_POOL, axis=1)
     # A centred STFT of La*512 samples has 2*La + 1 frames: the last one repeats its neighbour.
     mel = np.concatenate([mel, mel[:, -1:]], axis=1).transpose(0, 2, 1)  # (B, N_MELS, frames)
-    magnitude = librosa.feature.inverse.mel_to_stft(
-        mel, sr=SAMPLE_RATE, n_fft=N_FFT, power=1.0, fmin=FMIN, fmax=FMAX)
+    magnitude = np.maximum(np.einsum("km,bmf->bkf", self._mel_pinv, mel), 0.0)
     wave = librosa.griffinlim(
         magnitude, n_iter=self.griffin_lim_iters, hop_length=HOP, win_length=N_FFT,
         n_fft=N_FFT, window="hann", center=True, pad_mode="reflect",
