@@ -6,8 +6,9 @@ Layout of a dataset directory after `finalize`:
   metadata.json                          our dataset-level metadata (codecs, shapes, counts...)
 While jobs run, each ShardWriter writes shards/<split>/<shard_name>.array_record; finalize
 renames them to the TFDS names. Everything here works with no TensorFlow installed: examples
-are encoded by the features' own `encode_example` and serialized by TFDS's ExampleSerializer
-(protobuf only), and `write_metadata` runs with check_data=False (its check reads via tf.data).
+are encoded by the features' own `encode_example` (tensors as raw bytes) and serialized by
+TFDS's ExampleSerializer (protobuf only), and `write_metadata` runs with check_data=False
+(its check reads via tf.data).
 """
 from __future__ import annotations
 
@@ -40,11 +41,16 @@ def dataset_features(config) -> tfds.features.FeaturesDict:
   """The TFDS schema of one example (DESIGN 4), shapes from the config."""
   shapes = latent_shapes(config)
   t, h, w, _ = shapes.video
+
+  def tensor(shape, dtype):
+    # Raw bytes: 2 bytes per float16 and ~8x faster to write than a proto float_list.
+    return tfds.features.Tensor(shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES)
+
   return tfds.features.FeaturesDict({
-      "video_latent": tfds.features.Tensor(shape=shapes.video, dtype=np.float16),
-      "audio_latent": tfds.features.Tensor(shape=shapes.audio, dtype=np.float16),
-      "mouth_mask": tfds.features.Tensor(shape=(t, h, w), dtype=np.uint8),
-      "text_emb": tfds.features.Tensor(shape=(None, int(config.text.width)), dtype=np.float16),
+      "video_latent": tensor(shapes.video, np.float16),
+      "audio_latent": tensor(shapes.audio, np.float16),
+      "mouth_mask": tensor((t, h, w), np.uint8),
+      "text_emb": tensor((None, int(config.text.width)), np.float16),
       "caption": tfds.features.Text(),
       "clip_id": tfds.features.Text(),
       "face_frac": tfds.features.Scalar(dtype=np.float32),
