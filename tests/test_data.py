@@ -282,6 +282,10 @@ def test_errors_name_the_path_and_key(dataset, tmp_path):
     PL.make_train_iterator(tiny_config(empty), mesh)
   with pytest.raises(F.DatasetError, match=r"no split 'valid'; it has \['eval', 'train'\]"):
     PL.make_train_iterator(tiny_config(directory), mesh, split="valid")
+  big_batch = tiny_config(directory)
+  big_batch.train.batch_size = 16
+  with pytest.raises(F.DatasetError, match=r"split 'eval' has 10 examples, fewer than one global batch"):
+    PL.make_eval_iterator(big_batch, mesh)
   wrong_shape = tiny_config(directory)
   wrong_shape.video.latent_channels = 96
   with pytest.raises(F.DatasetError, match=r"video_latent_shape is \[5,4,4,48\] but config "
@@ -343,9 +347,9 @@ def test_synthetic_shapes_and_determinism(dataset):
   assert (text[~text_mask] == 0).all() and (text[text_mask] != 0).all()
   again = PL.make_train_iterator(config, mesh, seed=5)
   again.set_state(json.loads(json.dumps(it.get_state())))
-  assert again.get_state() == {"source": "synthetic", "state": {"step": 3}}
+  assert again.get_state() == {"source": "synthetic", "seed": 5, "state": {"step": 3}}
   resumed = PL.make_train_iterator(config, mesh, seed=5)
-  resumed.set_state({"source": "synthetic", "state": {"step": 2}})
+  resumed.set_state({"source": "synthetic", "seed": 5, "state": {"step": 2}})
   np.testing.assert_array_equal(np.asarray(next(resumed)["video"]), np.asarray(batches[2]["video"]))
   other = next(PL.make_train_iterator(config, mesh, seed=6))
   assert not np.array_equal(np.asarray(other["video"]), np.asarray(batches[0]["video"]))
@@ -358,5 +362,7 @@ def test_synthetic_shapes_and_determinism(dataset):
   assert len(evals) == config.eval.batches
   assert not np.asarray(evals[0]["drop_text"]).any()
   assert evals[0]["video"].shape == batches[0]["video"].shape
-  with pytest.raises(ValueError, match="data iterator state is for source 'tfds'"):
-    resumed.set_state({"source": "tfds", "state": {"next_index": 0}})
+  with pytest.raises(ValueError, match="state is for data.source='tfds'"):
+    resumed.set_state({"source": "tfds", "seed": 5, "state": {"next_index": 0}})
+  with pytest.raises(ValueError, match=r"state is for seed 4 \(train.seed\) but this iterator uses seed 5"):
+    resumed.set_state({"source": "synthetic", "seed": 4, "state": {"step": 0}})

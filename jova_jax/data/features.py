@@ -29,7 +29,8 @@ PENDING_DIR = "shards"
 SHARD_SUFFIX = ".array_record"
 # One record per chunk: the trainer reads records in random order.
 ARRAY_RECORD_OPTIONS = "group_size:1"
-_FINAL_SHARD = re.compile(rf"^{DATASET_NAME}-(?P<split>[\w]+)\.array_record-(?P<index>\d+)-of-(?P<count>\d+)$")
+_FINAL_SHARD = re.compile(
+    rf"^{DATASET_NAME}-(?P<split>\w+)\.array_record-(?P<index>\d+)-of-(?P<count>\d+)$")
 _SHARD_NAME = re.compile(r"^[\w.-]+$")
 
 

@@ -27,9 +27,8 @@ _DROPS_SEED_OFFSET = 0x5EED  # the random drops draw from a stream apart from th
 class CheckedSource:
   """A TFDS ArrayRecord data source whose read errors name the split, shard file and record."""
 
-  def __init__(self, dataset_dir: str, split: str):
+  def __init__(self, builder, dataset_dir: str, split: str):
     self.dataset_dir, self.split = dataset_dir, split
-    builder = tfds.builder_from_directory(dataset_dir)
     info = builder.info.splits[split]
     self._files = [os.fspath(f) for f in info.filepaths]
     self._starts = list(np.cumsum([0] + list(info.shard_lengths))[:-1])
@@ -66,7 +65,7 @@ def open_source(config, split: str) -> CheckedSource:
   if split not in builder.info.splits:
     raise DatasetError(f"dataset {dataset_dir} has no split {split!r}; it has "
                        f"{sorted(builder.info.splits.keys())}")
-  return CheckedSource(dataset_dir, split)
+  return CheckedSource(builder, dataset_dir, split)
 
 
 def decode(index: int, record: dict, *, max_length: int) -> dict[str, np.ndarray]:
@@ -174,10 +173,11 @@ def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 class DataIterator:
   """Global training batches; get_state() is JSON-able and set_state() resumes exactly."""
 
-  def __init__(self, local_iterator, mesh, source_name: str):
+  def __init__(self, local_iterator, mesh, source_name: str, seed: int):
     self._local = local_iterator
     self._mesh = mesh
     self._source_name = source_name
+    self._seed = seed
 
   def __iter__(self):
     return self
@@ -186,12 +186,16 @@ class DataIterator:
     return to_global(next(self._local), self._mesh)
 
   def get_state(self) -> dict:
-    return {"source": self._source_name, "state": self._local.get_state()}
+    return {"source": self._source_name, "seed": self._seed, "state": self._local.get_state()}
 
   def set_state(self, state: dict) -> None:
+    # The position only means something in the same order: same source and seed.
     if state.get("source") != self._source_name:
-      raise ValueError(f"data iterator state is for source {state.get('source')!r} but data.source is "
-                       f"{self._source_name!r}")
+      raise ValueError(f"data iterator state is for data.source={state.get('source')!r} but this "
+                       f"iterator reads {self._source_name!r}")
+    if state.get("seed") != self._seed:
+      raise ValueError(f"data iterator state is for seed {state.get('seed')} (train.seed) but this "
+                       f"iterator uses seed {self._seed}")
     self._local.set_state(state["state"])
 
 
@@ -202,13 +206,13 @@ def make_train_iterator(config, mesh, *, split: str | None = None, seed: int | N
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
     return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc),
-                        mesh, "synthetic")
+                        mesh, "synthetic", seed)
   if config.data.source != "tfds":
     raise ValueError(f"data.source={config.data.source!r}: expected 'tfds' or 'synthetic'")
   source = open_source(config, split or config.data.train_split)
   ds = train_dataset(config, source, seed=seed, process_index=process_index,
                      process_count=process_count)
-  return DataIterator(iter(ds), mesh, "tfds")
+  return DataIterator(iter(ds), mesh, "tfds", seed)
 
 
 class EvalBatches:
@@ -234,7 +238,11 @@ def make_eval_iterator(config, mesh, *, split: str | None = None, process_index:
                                   process_count=pc)
     batches = [_no_drops_batch(synthetic.batch(step)) for step in range(int(config.eval.batches))]
     return EvalBatches(batches, len(batches), mesh)
-  source = open_source(config, split or config.data.eval_split)
+  split = split or config.data.eval_split
+  source = open_source(config, split)
+  if len(source) < int(config.train.batch_size):
+    raise DatasetError(f"dataset {config.data.dir}: split {split!r} has {len(source)} examples, fewer "
+                       f"than one global batch (train.batch_size={config.train.batch_size})")
   ds = eval_dataset(config, source, process_index=process_index, process_count=process_count)
   return EvalBatches(ds, len(source) // int(config.train.batch_size), mesh)
 
