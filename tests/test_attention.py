@@ -50,8 +50,10 @@ def assert_matches_reference(fn, inputs, mesh=None):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0, err_msg=name)
 
 
-# Context 2 also shards batch over fsdp and heads over tensor; context 4 shards batch over data.
-MESHES = {"ctx2_fsdp2_tp2": (1, 2, 2, 2), "ctx4_data2": (2, 1, 4, 1), "ctx8": (1, 1, 8, 1)}
+# (mesh shape, batch): context 2 also shards batch over fsdp and heads over tensor; on context 4 the
+# batch of 3 does not divide data=2, so it is replicated there.
+MESHES = {"ctx2_fsdp2_tp2": ((1, 2, 2, 2), 4), "ctx4_data2_batch3": ((2, 1, 4, 1), 3),
+          "ctx8": ((1, 1, 8, 1), 4)}
 COLLECTIVE = {"all_gather": "all_gather", "ulysses": "all_to_all", "ring": "collective_permute"}
 
 
@@ -59,9 +61,10 @@ COLLECTIVE = {"all_gather": "all_gather", "ulysses": "all_to_all", "ring": "coll
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_strategy_matches_reference(mesh_name, strategy, kernel):
-  mesh = make_mesh(MESHES[mesh_name])
+  shape, batch = MESHES[mesh_name]
+  mesh = make_mesh(shape)
   fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy=strategy, kernel=kernel, chunk=5)
-  inputs = make_inputs()
+  inputs = make_inputs(batch=batch)
   assert_matches_reference(fn, inputs, mesh)
   with jax.set_mesh(mesh):  # the strategy really partitioned (no silent fallback to the local kernel)
     lowered = jax.jit(fn).lower(*inputs).as_text()
@@ -93,6 +96,13 @@ def test_chunked_kernel_rejects_keys_not_tiled_by_chunk():
 def test_splash_kernel_in_interpret_mode_matches_reference():
   fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, kernel="splash")
   assert_matches_reference(fn, make_inputs(batch=2, heads=2))
+
+
+@pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
+def test_splash_kernel_inside_shard_map(strategy):
+  # batch 1 on fsdp=2 is replicated: checks the gradients of replicated inputs without the vma check.
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy=strategy, kernel="splash")
+  assert_matches_reference(fn, make_inputs(batch=1, heads=2), make_mesh((1, 2, 2, 1)))
 
 
 def test_ulysses_needs_heads_divisible_by_context():
