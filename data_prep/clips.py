@@ -5,12 +5,15 @@ Everything here is numpy / OpenCV / ffmpeg; nothing imports JAX, so a worker poo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import time
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
+
+from jova_jax import faces
 
 
 class ClipRejected(Exception):
@@ -162,6 +165,12 @@ def crop_and_resize(frames: np.ndarray, box, out_hw: tuple[int, int]) -> np.ndar
                    for frame in frames])
 
 
+@functools.lru_cache(maxsize=None)
+def _tracker(detect_every: int):
+  """One tracker per process: loading dlib's landmark model takes longer than tracking a clip."""
+  return faces.MouthTracker(detect_every=detect_every)
+
+
 def prepare_or_reject(path: str, options: ClipOptions) -> PreparedClip | ClipRejected:
   """prepare_clip for a worker pool: a bad clip comes back as its ClipRejected, never raises.
 
@@ -178,14 +187,12 @@ def prepare_or_reject(path: str, options: ClipOptions) -> PreparedClip | ClipRej
 
 def prepare_clip(path: str, options: ClipOptions) -> PreparedClip:
   """Decode, resample, find the face and mouth, crop, resize, and cut the matching audio."""
-  from jova_jax import faces  # dlib loads only in processes that track faces
-
   start = time.perf_counter()
   frames = read_resampled_frames(path, options.fps, options.frames)
   audio = read_audio(path, options.sample_rate, options.num_samples)
   decoded = time.perf_counter()
 
-  track = faces.MouthTracker(detect_every=options.detect_every).track(frames)
+  track = _tracker(options.detect_every).track(frames)
   if track.face_frac < options.min_face_frac:
     raise ClipRejected("no_face", f"a face in {track.face_frac:.0%} of frames of {path}, "
                        f"need {options.min_face_frac:.0%} (--min_face_frac)")
@@ -193,7 +200,9 @@ def prepare_clip(path: str, options: ClipOptions) -> PreparedClip:
   face = median_face_box(track.face_boxes) if options.face_centered_crop else None
   box = crop_box(frames.shape[1:3], out_hw, face, options.crop_margin)
   scale = (options.width / (box[2] - box[0]), options.height / (box[3] - box[1]))
-  mouth_mask = track.mouth_mask_in_crop(box, scale, options.height, options.width)
+  cropped = dataclasses.replace(track, face_boxes=faces.transform_boxes(track.face_boxes, box, scale),
+                                mouth_boxes=faces.transform_boxes(track.mouth_boxes, box, scale))
+  mouth_mask = cropped.mouth_mask(options.height, options.width)
   tracked = time.perf_counter()
 
   resized = crop_and_resize(frames, box, out_hw)
