@@ -92,7 +92,7 @@ def validate(config, mesh_shape: dict | None = None) -> None:
   if h_band < 2 or t_band < 2 or t_band % 2 or h_band % 2:
     errors.append(f"head_dim={head_dim} (model.hidden / model.heads) is too small for the 3D RoPE "
                   f"split (time {t_band}, height {h_band}, width {h_band}): each band must be even "
-                  f"and >= 2, so head_dim must be >= 12")
+                  f"and >= 2, so head_dim must be even and >= 6")
   if v.height % v.spatial_factor or v.width % v.spatial_factor:
     errors.append(f"video.height x video.width = {v.height}x{v.width} is not divisible by "
                   f"video.spatial_factor={v.spatial_factor}")

@@ -46,8 +46,9 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   that may not be attended (text and sequence padding). Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
-  kernel. The ring strategy folds its blocks with the chunked kernel when kernel='chunked' and
-  with dense XLA blocks otherwise (splash/cuDNN expose no log-sum-exp to combine).
+  kernel. The ring strategy folds each K/V block into its own online softmax: densely for
+  kernel='xla', else in `chunk`-sized pieces (splash and cuDNN expose no log-sum-exp to combine, and
+  whoever picks them wants no L x L logits either).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"parallel.context_strategy must be one of {STRATEGIES}, found {strategy!r}")
@@ -59,7 +60,7 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   if shards == 1:
     strategy = "none"
   if strategy == "ring":
-    kernel = "chunked" if kernel == "chunked" else "xla"
+    kernel = "xla" if kernel == "xla" else "chunked"
 
   length = q.shape[1]
   padded = _padded_length(length, shards, kernel, chunk, ring=strategy == "ring")

@@ -183,7 +183,7 @@ def copy_video_tower_to_audio(model: JoVA) -> list[str]:
   """Initialises the audio tower as a copy of the video tower (the paper starts from a
   pretrained video model), for every weight whose shape matches. Returns the copied names."""
   state = nnx.state(model, nnx.Param)
-  flat = dict(jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0])
+  flat = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])
   values = {tuple(k.key for k in path): v for path, v in flat.items()}
   copied = []
   for dst in values:
@@ -191,13 +191,13 @@ def copy_video_tower_to_audio(model: JoVA) -> list[str]:
     if src in values and values[src].shape == values[dst].shape:
       values[dst] = values[src]
       copied.append("/".join(map(str, dst)))
-  nested = state.to_pure_dict()
+  nested = nnx.to_pure_dict(state)
   for key, value in values.items():
     node = nested
     for part in key[:-1]:
       node = node[part]
     node[key[-1]] = value
-  state.replace_by_pure_dict(nested)
+  nnx.replace_by_pure_dict(state, nested)
   nnx.update(model, state)
   return copied
 

@@ -19,7 +19,7 @@ def split_abstract(config):
   model = abstract_model(config)
   graphdef, state = nnx.split(model, nnx.Param)
   axes = param_logical_axes(state)
-  return graphdef, state.to_pure_dict(), axes.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(axes)
 
 
 def param_shardings(config, mesh):
@@ -35,7 +35,7 @@ def init_params(config, mesh, seed: int):
 
   def init():
     model = JoVA(config, rngs=nnx.Rngs(params=seed))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
   with jax.set_mesh(mesh):
     return jax.jit(init, out_shardings=shardings)()
