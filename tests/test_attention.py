@@ -105,6 +105,11 @@ def test_splash_kernel_inside_shard_map(strategy):
   assert_matches_reference(fn, make_inputs(batch=1, heads=2), make_mesh((1, 2, 2, 1)))
 
 
+def test_ring_with_splash_kernel_folds_chunked_blocks():
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="ring", kernel="splash", chunk=8)
+  assert_matches_reference(fn, make_inputs(batch=2, heads=2), make_mesh((1, 1, 2, 4)))
+
+
 def test_ulysses_needs_heads_divisible_by_context():
   q, k, v, valid = make_inputs(heads=4)
   fn = lambda *a: joint_attention(*a, strategy="ulysses", kernel="xla")
