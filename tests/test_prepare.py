@@ -17,9 +17,11 @@ from tests.conftest import REPO, load
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 NUM_GOOD = 4
-# make_demo_corpus --with_bad_clips: one clip per reject reason, after the good ones.
+# make_demo_corpus --with_bad_clips: one clip per reject reason, clip_NNNNN_<kind>.
 BAD_REASONS = {"corrupt": "unreadable", "no_audio": "no_audio", "faceless": "no_face",
                "too_short": "too_short"}
+# The corpus's too_short clip lasts 1 s: tiny's 5 frames at 8 fps would fit, 9 do not.
+FRAMES = 9
 
 
 def _encode_raw(path, frames, fps, audio=None, sample_rate=16000):
@@ -114,3 +116,117 @@ def test_manifest_inputs_and_captions(tmp_path):
   with pytest.raises(manifest.ManifestError, match="m.jsonl:1"):
     manifest.read_inputs(str(jsonl))
   assert [e.clip_id for e in manifest.shard_entries(entries, 2, 1)] == ["b"]
+
+
+# ------------------------------------------------------------------ end to end on the demo corpus
+
+def _tiny(dataset_dir=""):
+  config = load("tiny")
+  config.video.frames = FRAMES
+  config.data.dir = str(dataset_dir)
+  config.data.read_threads = 1
+  return config
+
+
+def _records(dataset_dir, split):
+  import tensorflow_datasets as tfds
+  source = tfds.builder_from_directory(str(dataset_dir)).as_data_source(split)
+  return {r["clip_id"].decode(): r for r in (source[i] for i in range(len(source)))}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  out = tmp_path_factory.mktemp("corpus")
+  subprocess.run([sys.executable, "-m", "data_prep.make_demo_corpus", f"--out={out}",
+                  f"--num_clips={NUM_GOOD}", "--with_bad_clips"], cwd=REPO, check=True)
+  return str(out)
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+  """One single-shard run through the command line (2 workers), as a user runs it."""
+  out = tmp_path_factory.mktemp("prepared") / "dataset"
+  result = subprocess.run(
+      [sys.executable, "-m", "data_prep.prepare", f"--input={corpus}", f"--output={out}",
+       f"--config={REPO}/configs/tiny.py", f"--config.video.frames={FRAMES}", "--workers=2",
+       "--batch_size=3", "--bench"],
+      cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return out, json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_prepared_dataset_matches_the_config(prepared):
+  out, bench = prepared
+  config = _tiny(out)
+  shapes = config_lib.latent_shapes(config)
+  metadata = features.read_metadata(out)
+  features.check_metadata(metadata, config, out)
+  records = {**_records(out, "train"), **(_records(out, "eval") if "eval" in metadata["counts"] else {})}
+  assert len(records) == NUM_GOOD == sum(metadata["counts"].values())
+  for clip_id, r in records.items():
+    assert r["video_latent"].shape == shapes.video and r["video_latent"].dtype == np.float16
+    assert r["audio_latent"].shape == shapes.audio and r["audio_latent"].dtype == np.float16
+    assert r["mouth_mask"].shape == shapes.video[:3] and r["mouth_mask"].dtype == np.uint8
+    assert 0 < r["mouth_mask"].sum() < r["mouth_mask"].size / 2, clip_id
+    assert 1 <= r["text_emb"].shape[0] <= config.text.max_length
+    assert r["text_emb"].shape[1] == config.text.width
+    assert r["caption"].decode().startswith("<Video Caption>: ")
+    assert "<Audio Caption>: " in r["caption"].decode() and "<Transcript>: " in r["caption"].decode()
+    assert r["face_frac"] >= 0.5
+  # latent_norm: per-channel statistics of the train split, recomputed here from the records.
+  train = _records(out, "train")
+  video = np.stack([r["video_latent"] for r in train.values()]).astype(np.float64)
+  video = video.reshape(-1, shapes.video[-1])
+  np.testing.assert_allclose(metadata["latent_norm"]["video_mean"], video.mean(0), atol=2e-3)
+  np.testing.assert_allclose(metadata["latent_norm"]["video_std"],
+                             np.where(video.std(0) > 1e-6, video.std(0), 1.0), atol=2e-3)
+  assert bench["kept"] == metadata["counts"] and bench["clips"] == NUM_GOOD + len(BAD_REASONS)
+  assert set(bench["stages"]) == set(shards.STAGES)
+
+
+def test_bad_clips_are_rejected_with_their_reason(prepared):
+  out, _ = prepared
+  with open(os.path.join(out, "rejects.jsonl")) as f:
+    rejects = [json.loads(line) for line in f]
+  assert {r["clip_id"].split("_", 2)[-1]: r["reason"] for r in rejects} == BAD_REASONS
+  for r in rejects:
+    assert set(r) == {"clip_id", "path", "reason", "detail"} and r["detail"]
+  assert features.read_metadata(out)["rejects"] == {reason: 1 for reason in BAD_REASONS.values()}
+
+
+def test_one_train_batch_from_the_prepared_dataset(prepared):
+  from jova_jax.data import pipeline
+  from jova_jax.parallel.mesh import make_mesh
+  out, _ = prepared
+  config = _tiny(out)
+  config.mesh.update(data=2, fsdp=4)
+  batch = next(iter(pipeline.make_train_iterator(config, make_mesh(config))))
+  shapes = config_lib.latent_shapes(config)
+  assert batch["video"].shape == (config.train.batch_size, *shapes.video)
+  assert batch["audio"].shape == (config.train.batch_size, *shapes.audio)
+
+
+def test_two_shards_and_finalize_equal_one_shard(prepared, corpus, tmp_path):
+  single, _ = prepared
+  config = _tiny()
+  out = str(tmp_path / "sharded")
+  for index in (0, 1, 0):  # shard 0 twice: a rerun replaces its output, nothing is duplicated
+    report = job.run_shard(config, corpus, out, num_shards=2, shard_index=index, batch_size=2)
+    assert report["shard_index"] == index
+  metadata = shards.finalize(out, config)
+  want = features.read_metadata(single)
+  assert metadata["counts"] == want["counts"] and metadata["rejects"] == want["rejects"]
+  for split in want["counts"]:
+    got, ref = _records(out, split), _records(single, split)
+    assert sorted(got) == sorted(ref)
+    for clip_id in ref:
+      for key in ("video_latent", "audio_latent", "mouth_mask", "text_emb", "caption", "face_frac"):
+        np.testing.assert_array_equal(got[clip_id][key], ref[clip_id][key], err_msg=f"{clip_id} {key}")
+  for key in ("video_mean", "video_std", "audio_mean", "audio_std"):
+    np.testing.assert_allclose(metadata["latent_norm"][key], want["latent_norm"][key], rtol=1e-9)
+  with open(os.path.join(out, "rejects.jsonl")) as a, open(os.path.join(single, "rejects.jsonl")) as b:
+    assert sorted(a) == sorted(b)
+  # A missing shard is refused by name.
+  os.remove(os.path.join(out, shards.STAGING, shards.shard_tag(1, 2), shards.REPORT))
+  with pytest.raises(features.DatasetError, match=r"shards \[1\] of 2"):
+    shards.finalize(out, config)
