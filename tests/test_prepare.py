@@ -230,3 +230,44 @@ def test_two_shards_and_finalize_equal_one_shard(prepared, corpus, tmp_path):
   os.remove(os.path.join(out, shards.STAGING, shards.shard_tag(1, 2), shards.REPORT))
   with pytest.raises(features.DatasetError, match=r"shards \[1\] of 2"):
     shards.finalize(out, config)
+
+
+def test_centre_crop_clip_matches_an_opencv_reference(corpus):
+  config = _tiny()
+  config.video.face_centered_crop = False
+  options = job.clip_options(config, min_face_frac=0.5, crop_margin=0.5, detect_every=4)
+  path = os.path.join(corpus, "clip_00001.mp4")
+  clip = clips.prepare_clip(path, options)
+  capture = cv2.VideoCapture(path)
+  source_fps, frames = capture.get(cv2.CAP_PROP_FPS), []
+  while True:
+    ok, frame = capture.read()
+    if not ok:
+      break
+    frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+  picks = np.floor(np.arange(FRAMES) * source_fps / config.video.fps + 0.5).astype(int)
+  h, w = frames[0].shape[:2]
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  want = np.stack([cv2.resize(frames[i][top:top + side, left:left + side], (16, 16),
+                              interpolation=cv2.INTER_AREA) for i in picks])
+  np.testing.assert_array_equal(clip.frames, want)
+  assert clip.audio.shape == (config_lib.audio_num_samples(config),)
+  assert clip.mouth_mask.shape == (FRAMES, 16, 16) and clip.mouth_mask.any()
+
+
+def test_records_hold_their_own_clip(prepared, corpus):
+  """Batching and padding keep each record's latents with its clip_id."""
+  from jova_jax import codecs
+  out, _ = prepared
+  config = _tiny(out)
+  options = job.clip_options(config, min_face_frac=0.5, crop_margin=0.5, detect_every=4)
+  video_codec, audio_codec = codecs.get_video_codec(config), codecs.get_audio_codec(config)
+  for clip_id, record in _records(out, "train").items():
+    clip = clips.prepare_clip(os.path.join(corpus, clip_id + ".mp4"), options)
+    video = np.asarray(video_codec.encode(clip.frames[None]))[0].astype(np.float16)
+    audio = np.asarray(audio_codec.encode(clip.audio[None]))[0].astype(np.float16)
+    np.testing.assert_array_equal(record["video_latent"], video)
+    np.testing.assert_allclose(record["audio_latent"], audio, atol=1e-2)
+    np.testing.assert_array_equal(record["mouth_mask"],
+                                  video_codec.pixel_mask_to_latent(clip.mouth_mask))
