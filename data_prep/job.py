@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import multiprocessing
 import time
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
 
 from data_prep import clips, encode, manifest, shards
 from jova_jax import config_lib
@@ -20,16 +23,43 @@ def clip_options(config, min_face_frac: float, crop_margin: float, detect_every:
       crop_margin=crop_margin, detect_every=detect_every)
 
 
-def _prepared(entries, options, workers: int):
-  """(entry, PreparedClip | ClipRejected) in input order; a spawn pool when workers > 1."""
-  work = functools.partial(clips.prepare_or_reject, options=options)
-  paths = [e.path for e in entries]
+def prepared_clips(entries, work, workers: int, window: int):
+  """(entry, work(entry.path)) in input order, with at most `window` clips in flight.
+
+  workers > 1 runs `work` in a spawn process pool (fork would copy the parent's live JAX
+  threads). A worker that dies (a decoder crashing on a clip) breaks the pool: the clip at the
+  head is then retried alone in a fresh pool, rejected as `unreadable` if it kills that one too,
+  and the clips behind it are resubmitted, so one bad clip costs neither the job nor its
+  neighbours.
+  """
   if workers <= 1:
-    yield from zip(entries, map(work, paths))
+    yield from ((entry, work(entry.path)) for entry in entries)
     return
-  # spawn, not fork: the parent already runs JAX threads, which fork would copy half-alive.
-  with multiprocessing.get_context("spawn").Pool(workers) as pool:
-    yield from zip(entries, pool.imap(work, paths))
+  new_pool = functools.partial(futures.ProcessPoolExecutor, workers,
+                               mp_context=multiprocessing.get_context("spawn"))
+  pool, pending, todo = new_pool(), collections.deque(), iter(entries)
+  try:
+    while True:
+      for entry in itertools.islice(todo, window - len(pending)):
+        pending.append((entry, pool.submit(work, entry.path)))
+      if not pending:
+        return
+      entry, future = pending.popleft()
+      try:
+        result = future.result()
+      except BrokenProcessPool:
+        pool.shutdown(cancel_futures=True)
+        pool = new_pool()
+        try:
+          result = pool.submit(work, entry.path).result()
+        except BrokenProcessPool:
+          result = clips.ClipRejected("unreadable", f"{entry.path}: the worker process died on it")
+          pool.shutdown(cancel_futures=True)
+          pool = new_pool()
+        pending = collections.deque((e, pool.submit(work, e.path)) for e, _ in pending)
+      yield entry, result
+  finally:
+    pool.shutdown(cancel_futures=True)
 
 
 def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, shard_index: int = 0,
@@ -80,7 +110,8 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
     else:
       todo.append(entry)
   batch = []
-  for entry, result in _prepared(todo, options, workers):
+  work = functools.partial(clips.prepare_or_reject, options=options)
+  for entry, result in prepared_clips(todo, work, workers, window=2 * workers + batch_size):
     if isinstance(result, clips.ClipRejected):
       stage.rejects.add(entry.clip_id, entry.path, result.reason, result.detail)
       clock.tick(len(mine))

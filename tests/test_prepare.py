@@ -271,3 +271,22 @@ def test_records_hold_their_own_clip(prepared, corpus):
     np.testing.assert_allclose(record["audio_latent"], audio, atol=1e-2)
     np.testing.assert_array_equal(record["mouth_mask"],
                                   video_codec.pixel_mask_to_latent(clip.mouth_mask))
+
+
+def _crash_on_bad(path):
+  """A worker function that kills its process on clips named 'bad*' (a crashing decoder)."""
+  if os.path.basename(path).startswith("bad"):
+    os._exit(3)
+  return path.upper()
+
+
+def test_a_worker_crash_rejects_only_its_clip():
+  entries = [manifest.ClipEntry(clip_id=name, path=name, captions={})
+             for name in ("a", "bad1", "b", "c", "bad2", "d")]
+  got = [(e.clip_id, r) for e, r in job.prepared_clips(entries, _crash_on_bad, workers=2, window=4)]
+  assert [c for c, _ in got] == [e.clip_id for e in entries]
+  for clip_id, result in got:
+    if clip_id.startswith("bad"):
+      assert isinstance(result, clips.ClipRejected) and result.reason == "unreadable"
+    else:
+      assert result == clip_id.upper()
