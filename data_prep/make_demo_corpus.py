@@ -25,6 +25,7 @@ import time
 import wave
 
 import cv2
+import imageio_ffmpeg
 import numpy as np
 import skimage.data
 from absl import app, flags, logging
@@ -69,11 +70,6 @@ SENTENCES = (
 MOUTH_INTERIOR = np.array([70.0, 22.0, 28.0])  # RGB of the opened mouth's dark interior
 MAX_OPENING = 0.4  # mouth gap at the loudest frame, as a fraction of the mouth width
 UPPER_SHARE = 0.1  # share of the gap made by raising the upper lip (the jaw makes the rest)
-
-
-def _ffmpeg() -> str:
-  import imageio_ffmpeg
-  return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 # ---------------------------------------------------------------- the face and its mouth
@@ -166,8 +162,8 @@ def mouth_amounts(envelope: np.ndarray) -> np.ndarray:
 
 
 def fitted_speech(synth: speech.Synthesizer, text: str, voice: str, rate: int, pitch: int,
-                  num_samples: int, lead: int) -> np.ndarray:
-  """Speech of `text` starting after `lead` silent samples, num_samples long in total.
+                  num_samples: int, lead: int) -> tuple[np.ndarray, int]:
+  """(wave, words per minute used): `text` spoken after `lead` silent samples, num_samples long.
 
   Speech too long for the clip is re-synthesised faster (so the transcript stays true); what
   still does not fit is cut with a 20 ms fade.
@@ -175,13 +171,14 @@ def fitted_speech(synth: speech.Synthesizer, text: str, voice: str, rate: int, p
   room = num_samples - lead - synth.sample_rate // 10
   said = synth.synthesize(text, voice, rate, pitch)
   if said.size > room:
-    said = synth.synthesize(text, voice, min(int(rate * said.size / room) + 1, 400), pitch)
+    rate = min(int(rate * said.size / room) + 1, 400)
+    said = synth.synthesize(text, voice, rate, pitch)
   said = said[:num_samples - lead].copy()
   fade = min(said.size, synth.sample_rate // 50)
   said[said.size - fade:] *= np.linspace(1, 0, fade, dtype=np.float32)
   out = np.zeros(num_samples, np.float32)
   out[lead:lead + said.size] = said
-  return out
+  return out, rate
 
 
 # ---------------------------------------------------------------- writing clips
@@ -198,8 +195,8 @@ def encode_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | No
                sample_rate: int):
   """H.264 (yuv420p) video + AAC audio (none if audio is None) into path, via ffmpeg."""
   height, width = frames.shape[1:3]
-  cmd = [_ffmpeg(), "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-         "-s", f"{width}x{height}", "-r", f"{fps}", "-i", "pipe:0"]
+  cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "rawvideo",
+         "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", f"{fps}", "-i", "pipe:0"]
   with tempfile.TemporaryDirectory(dir=os.path.dirname(path) or ".") as tmp:
     if audio is not None:
       audio_path = os.path.join(tmp, "audio.wav")
@@ -251,8 +248,8 @@ class ClipMaker:
     rate, pitch = int(rng.integers(145, 196)), int(rng.integers(30, 71))
     text = SENTENCES[rng.integers(len(SENTENCES))]
     lead = int(rng.uniform(0.05, 0.25) * rate_hz)
-    audio = fitted_speech(self.synth, text, voice[0], rate, pitch,
-                          int(round(seconds * rate_hz)), lead)
+    audio, rate = fitted_speech(self.synth, text, voice[0], rate, pitch,
+                                int(round(seconds * rate_hz)), lead)
     amounts = mouth_amounts(speech_envelope(audio, rate_hz, self.fps, num_frames))
     # A slow sway of the head (about a pixel) so that frames differ away from the mouth too.
     phase = rng.uniform(0, 2 * np.pi, size=2)
@@ -266,7 +263,7 @@ class ClipMaker:
 
   def faceless_clip(self, rng: np.random.Generator):
     """A slow pan over a landscape photo with speech over it."""
-    frames, audio, _ = self.talking_clip(rng)
+    frames, audio, spoken = self.talking_clip(rng)
     photo = skimage.data.rocket()  # 427 x 640
     side = photo.shape[0]
     steps = np.linspace(0, photo.shape[1] - side, len(frames)).astype(int)
@@ -274,7 +271,7 @@ class ClipMaker:
                                 interpolation=cv2.INTER_AREA) for x in steps])
     sidecar = {"video_caption": "A slow pan across a rocket on its launch pad under a blue sky.",
                "audio_caption": "A voice speaks over the scene.",
-               "transcript": "The rocket launch is set for noon."}
+               "transcript": spoken["transcript"]}
     return pans, audio, sidecar
 
 
