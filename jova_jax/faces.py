@@ -94,7 +94,6 @@ class MouthTracker:
     import dlib  # imported here so that importing this module costs nothing without dlib
     self._detector = dlib.get_frontal_face_detector()
     self._predictor = dlib.shape_predictor(landmark_model_path())
-    self._rectangle = dlib.rectangle
     self.detect_every = detect_every
     self.margin = margin
     self.upsample = upsample
