@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from jova_jax.text.base import TextEncoder
 from jova_jax.text.minilm import MiniLMEncoder
+from jova_jax.text.t5 import T5Encoder
 
 # name -> encoder class, built as cls(weights_dir or None)
 TEXT_ENCODERS = {
     "minilm": MiniLMEncoder,
+    "t5": T5Encoder,
 }
 
 
