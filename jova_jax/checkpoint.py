@@ -243,8 +243,10 @@ def _locate(path) -> tuple[epath.Path, int | None]:
   return path, None
 
 
-def load_params(path, abstract_params, *, strict: bool = False, fallback=None):
-  """Reads only the 'params' subtree of a checkpoint into abstract_params' shardings.
+def load_params(path, abstract_params, *, strict: bool = False, fallback=None,
+                subtree: str = "params"):
+  """Reads only the `subtree` entry of a checkpoint's state ('params', or 'ema' for the
+  sampler) into abstract_params' shardings.
 
   path: a run's workdir, its checkpoints dir, or one step dir (latest step unless a step
   dir). A leaf is loaded when its key path and shape match; the checkpoint's dtype is cast
@@ -264,13 +266,13 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None):
       step = steps[-1]
     where = directory / str(step)
     saved_tree = manager.item_metadata(step)[_STATE].tree
-    if not isinstance(saved_tree, dict) or "params" not in saved_tree:
-      raise KeyError(f"--init_from: checkpoint {where} has no 'params' entry in its state")
+    if not isinstance(saved_tree, dict) or subtree not in saved_tree:
+      raise KeyError(f"--init_from: checkpoint {where} has no {subtree!r} entry in its state")
 
     target = _to_pure(abstract_params)
     _require_shardings(target)
     wanted = {key_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
-    saved = _shapes_by_key(saved_tree["params"])
+    saved = _shapes_by_key(saved_tree[subtree])
     report = {
         "loaded": [k for k, leaf in wanted.items() if saved.get(k) == tuple(leaf.shape)],
         "missing": [k for k in wanted if k not in saved],
@@ -286,7 +288,7 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None):
 
     def read_target(p, _):
       k = key_path(p[1:])
-      if p[0].key == "params" and k in loaded:
+      if p[0].key == subtree and k in loaded:
         return wanted[k]
       return ocp.PLACEHOLDER
 
@@ -298,7 +300,7 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None):
         _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
 
   arrays = {key_path(p): leaf for p, leaf in
-            jax.tree_util.tree_flatten_with_path(restored["params"])[0]
+            jax.tree_util.tree_flatten_with_path(restored[subtree])[0]
             if leaf is not ocp.PLACEHOLDER}
   base = _to_pure(fallback) if fallback is not None else target
   merged = jax.tree_util.tree_map_with_path(lambda p, leaf: arrays.get(key_path(p), leaf), base)
