@@ -178,3 +178,11 @@ def test_registry_builds_t5_from_weights_dir():
   # The tiny fixture is found under <weights_dir>/t5/ and its width checked against 4096.
   with pytest.raises(ValueError, match=r"config.json has d_model=32, expected width 4096"):
     text.get_text_encoder(config, weights_dir=os.path.join(FIXTURES, "flan"))
+
+
+def test_benchmark_runs_on_loaded_and_random_weights(model, capsys):
+  _, encoder = model
+  figures = t5.benchmark(encoder.cfg, encoder.params, batch_size=2, max_length=8, repeats=1)
+  assert figures["prompts_per_s"] > 0 and figures["tokens_per_s"] == 8 * figures["prompts_per_s"]
+  t5.benchmark(encoder.cfg, batch_size=1, max_length=8, compute_dtype="bfloat16", repeats=1)
+  assert "bfloat16) encode at batch 1 x 8 tokens" in capsys.readouterr().out

@@ -83,6 +83,12 @@ class T5Config:
         eps=raw.get("layer_norm_epsilon", 1e-6), pad_token_id=raw.get("pad_token_id", 0))
 
 
+# The published shapes (google/flan-t5-xxl, google/umt5-xxl config.json).
+FLAN_T5_XXL = T5Config(model_type="t5", vocab_size=32128, d_model=4096, d_kv=64, num_heads=64,
+                       d_ff=10240, num_layers=24)
+UMT5_XXL = dataclasses.replace(FLAN_T5_XXL, model_type="umt5", vocab_size=256384)
+
+
 def expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
   """HF encoder tensor names -> shapes (torch Linear weights are (out, in)); the embedding is
   listed under 'shared.weight'."""
@@ -179,13 +185,20 @@ def load_params(folder: str, cfg: T5Config, compute_dtype=jnp.float32) -> dict:
     raise ValueError(f"text encoder 't5': bad weights in {source.origin}:\n  - "
                      + "\n  - ".join(errors))
 
+  return build_params(lambda name: source.get(rename.get(name, name)), cfg, compute_dtype)
+
+
+def build_params(read, cfg: T5Config, compute_dtype=jnp.float32) -> dict:
+  """The parameter tree from read(HF tensor name) -> array: Linear weights transposed to
+  (in, out) and held in compute_dtype; norms and position biases float32."""
+
   def get(name, transpose=False):
     # Widen bf16/f16 to f32 first (ml_dtypes arrays), then hold in the compute dtype.
-    array = source.get(rename.get(name, name)).astype(np.float32)
+    array = read(name).astype(np.float32)
     return jnp.asarray(array.T if transpose else array, compute_dtype)
 
-  def norm(name):  # norms stay float32: they act on the float32 residual stream
-    return jnp.asarray(source.get(name).astype(np.float32))
+  def norm(name):  # float32: they act on the float32 residual stream
+    return jnp.asarray(read(name).astype(np.float32))
 
   layers = []
   for i in range(cfg.num_layers):
@@ -316,19 +329,25 @@ class T5Encoder(base.TextEncoder):
     return np.asarray(emb, np.float32), mask
 
 
-def benchmark(encoder: T5Encoder, batch_size: int = 8, max_length: int = 512,
-              repeats: int = 3) -> dict:
-  """Prints and returns prompts/s and tokens/s of encode at a full max_length batch."""
-  prompt = "<Video Caption>: a woman talks to the camera. " * (max_length // 8)
-  texts = [prompt] * batch_size
-  encoder.encode(texts, max_length)  # compile
+def benchmark(cfg: T5Config = UMT5_XXL, params: dict | None = None, batch_size: int = 8,
+              max_length: int = 512, compute_dtype="bfloat16", repeats: int = 3) -> dict:
+  """Prints and returns prompts/s and tokens/s of the encoder forward at a full batch of
+  max_length tokens; with no params, random weights of cfg's shapes (timing only)."""
+  if params is None:
+    shapes, keys = expected_shapes(cfg), iter(jax.random.split(jax.random.key(0), 1000))
+    params = build_params(
+        lambda name: 0.02 * jax.random.normal(next(keys), shapes[name]), cfg, compute_dtype)
+  ids = jax.random.randint(jax.random.key(1), (batch_size, max_length), 0, cfg.vocab_size)
+  mask = jnp.ones((batch_size, max_length), bool)
+  _forward(params, ids, mask, cfg).block_until_ready()  # compile
   start = time.perf_counter()
   for _ in range(repeats):
-    encoder.encode(texts, max_length)
+    _forward(params, ids, mask, cfg).block_until_ready()
   seconds = (time.perf_counter() - start) / repeats
   figures = dict(prompts_per_s=batch_size / seconds,
                  tokens_per_s=batch_size * max_length / seconds)
-  print(f"t5 ({encoder.cfg.model_type}, d_model {encoder.width}, {encoder.cfg.num_layers} layers, "
-        f"{encoder.compute_dtype.name}) encode at batch {batch_size} x {max_length} tokens: "
+  dtype = params["layers"][0]["q"].dtype
+  print(f"t5 ({cfg.model_type}, d_model {cfg.d_model}, {cfg.num_layers} layers, {dtype}) "
+        f"encode at batch {batch_size} x {max_length} tokens on {jax.devices()[0].platform}: "
         f"{figures['prompts_per_s']:.2f} prompts/s, {figures['tokens_per_s']:.0f} tokens/s")
   return figures
