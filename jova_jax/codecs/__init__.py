@@ -10,10 +10,12 @@ from __future__ import annotations
 from jova_jax.codecs.base import AudioCodec, VideoCodec, pixel_mask_to_latent
 from jova_jax.codecs.mel import MelCodec
 from jova_jax.codecs.pixels import PixelsCodec
+from jova_jax.codecs.wan21 import Wan21Codec
 
 # name -> factory(config, weights_dir)
 VIDEO_CODECS = {
     "pixels": lambda config, weights_dir: PixelsCodec(config.video.spatial_factor),
+    "wan21": lambda config, weights_dir: Wan21Codec.from_weights_dir(weights_dir),
 }
 AUDIO_CODECS = {
     "mel": lambda config, weights_dir: MelCodec(),
