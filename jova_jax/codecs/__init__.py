@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from jova_jax.codecs.base import AudioCodec, VideoCodec, pixel_mask_to_latent
 from jova_jax.codecs.mel import MelCodec
+from jova_jax.codecs.mmaudio import MMAudioCodec
 from jova_jax.codecs.pixels import PixelsCodec
 from jova_jax.codecs.wan21 import Wan21Codec
 
@@ -19,6 +20,8 @@ VIDEO_CODECS = {
 }
 AUDIO_CODECS = {
     "mel": lambda config, weights_dir: MelCodec(),
+    "mmaudio16k": lambda config, weights_dir: MMAudioCodec("mmaudio16k", weights_dir),
+    "mmaudio44k": lambda config, weights_dir: MMAudioCodec("mmaudio44k", weights_dir),
 }
 
 
