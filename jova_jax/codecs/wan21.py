@@ -6,8 +6,9 @@ Weights are read from `<weights_dir>/wan21/`, the first of:
   Wan2.1_VAE.pth                            (the original release; needs torch)
 Both key layouts (diffusers' and the original Wan repository's) are recognised by their names
 and mapped onto one parameter tree; a missing or misshapen tensor is refused with its name and
-both shapes. A config.json beside the weights may change the architecture (base_dim, z_dim,
-dim_mult, num_res_blocks, temperal_downsample) and the latent mean/std; without one, Wan2.1's.
+both shapes. A config.json beside the weights (diffusers' format) may change the architecture
+(base_dim, z_dim, dim_mult, num_res_blocks, temperal_downsample) and the latent mean/std;
+without one, Wan2.1's.
 
 Latents are the posterior mean normalised per channel, (mean - latents_mean) / latents_std,
 channels last. Frames are uint8 (B,T,H,W,3) scaled to [-1,1]; T = 1 + 4k (trailing frames that
@@ -215,6 +216,20 @@ def read_config(path: str) -> tuple[Arch, tuple, tuple]:
   """(arch, latents_mean, latents_std) from a diffusers config.json; Wan2.1's for missing keys."""
   with open(path) as f:
     cfg = json.load(f)
+  # Variants this port does not implement (Wan2.2's residual VAE, patchified input, ...).
+  base_dim = cfg.get("base_dim", Arch().base_dim)
+  unsupported = []
+  if cfg.get("is_residual"):
+    unsupported.append("is_residual=true")
+  if cfg.get("patch_size") not in (None, 1):
+    unsupported.append(f"patch_size={cfg['patch_size']}")
+  if cfg.get("attn_scales"):
+    unsupported.append(f"attn_scales={cfg['attn_scales']}")
+  if cfg.get("decoder_base_dim") not in (None, base_dim):
+    unsupported.append(f"decoder_base_dim={cfg['decoder_base_dim']} != base_dim={base_dim}")
+  if unsupported:
+    raise ValueError(f"video codec 'wan21': {path} describes a VAE variant this port does not "
+                     f"implement: {', '.join(unsupported)}")
   default = Arch()
   arch = Arch(base_dim=int(cfg.get("base_dim", default.base_dim)),
               z_dim=int(cfg.get("z_dim", default.z_dim)),
@@ -264,7 +279,7 @@ class Wan21Codec(base.VideoCodec):
     """Weights file, with the architecture from a config.json beside it if there is one."""
     arch, mean, std = Arch(), LATENTS_MEAN, LATENTS_STD
     config_path = os.path.join(os.path.dirname(path), "config.json")
-    if path.endswith(".safetensors") and os.path.isfile(config_path):
+    if os.path.isfile(config_path):
       arch, mean, std = read_config(config_path)
     return cls(load_params(path, arch), arch, mean, std, source=path)
 
