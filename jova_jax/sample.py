@@ -1,0 +1,73 @@
+r"""Batch generation from a trained run.
+
+  python -m jova_jax.sample --workdir=RUN --prompts=prompts.jsonl --outdir=OUT
+  python -m jova_jax.sample --checkpoint=RUN/checkpoints/5000 --prompts=... --outdir=... \
+      --steps=40 --solver=unipc --video_guidance=5 --audio_guidance=4 --set=mesh.tensor=1
+
+Each prompt line is a JSON object with either video_caption, audio_caption and transcript or
+a ready `prompt`, and optionally seed, name, image (I2V reference), audio (given speech:
+audio-to-video) or video (given clip: video-to-audio); relative paths are relative to the
+prompts file. Writes OUT/<name>.mp4 (H.264 + AAC), .wav and .json (prompt, seed, settings,
+timings) per prompt. Bad lines are reported and skipped; the exit status is 1 if any was.
+Unset flags take the run's config.sample.* values.
+"""
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
+flags.DEFINE_string("checkpoint", None, "A checkpoints dir or one step dir (instead of --workdir).")
+flags.DEFINE_string("prompts", None, "JSON-lines prompts file.")
+flags.DEFINE_string("outdir", None, "Output folder.")
+flags.DEFINE_integer("steps", None, "ODE steps (default config.sample.steps).")
+flags.DEFINE_enum("solver", None, ["euler", "unipc"], "ODE solver (default config.sample.solver).")
+flags.DEFINE_float("shift", None, "Timestep shift (default config.sample.shift).")
+flags.DEFINE_float("video_guidance", None, "Video CFG scale (default config.sample.video_guidance).")
+flags.DEFINE_float("audio_guidance", None, "Audio CFG scale (default config.sample.audio_guidance).")
+flags.DEFINE_integer("seed", 0, "Seed of a prompt line without one: seed + line - 1.")
+flags.DEFINE_integer("batch_size", None, "Prompts per batch, a multiple of the mesh's data*fsdp "
+                     "(default config.sample.batch_size, else data*fsdp).")
+flags.DEFINE_enum("weights", None, ["ema", "params"], "Which weights to load (default: ema when "
+                  "the run kept an EMA).")
+flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VALUE (JSON value), "
+                          "e.g. --set=mesh.tensor=1 --set=parallel.attention_kernel=xla.")
+
+
+def main(argv):
+  del argv
+  from jova_jax import sampling
+  from jova_jax.parallel import mesh as mesh_lib
+  if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
+    raise app.UsageError("give exactly one of --workdir and --checkpoint")
+  if not FLAGS.prompts or not FLAGS.outdir:
+    raise app.UsageError("--prompts and --outdir are required")
+  mesh_lib.maybe_initialize_distributed()
+  try:
+    config, mesh, graphdef, params = sampling.load_run(
+        FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights)
+    prompts, errors = sampling.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for e in errors:
+    print(e, file=sys.stderr)
+  sampler = sampling.LatentSampler(config, mesh, graphdef, params)
+  batch_size = FLAGS.batch_size or config.sample.get("batch_size", None) or sampler.batch_shards
+  if batch_size % sampler.batch_shards:
+    print(f"error: --batch_size={batch_size} is not a multiple of the mesh's data*fsdp="
+          f"{sampler.batch_shards}", file=sys.stderr)
+    return 2
+  settings = sampling.Settings.from_config(
+      config, steps=FLAGS.steps, solver=FLAGS.solver, shift=FLAGS.shift,
+      video_guidance=FLAGS.video_guidance, audio_guidance=FLAGS.audio_guidance)
+  pipeline = sampling.Pipeline(sampler)
+  records, skipped = sampling.run(pipeline, prompts, FLAGS.outdir, settings, batch_size,
+                                  log=lambda msg: print(msg, file=sys.stderr))
+  logging.info("wrote %d samples to %s", len(records), FLAGS.outdir)
+  print(f"wrote {len(records)} samples to {FLAGS.outdir}; {len(errors) + len(skipped)} skipped")
+  return 1 if errors or skipped else 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
