@@ -154,7 +154,10 @@ def test_unknown_or_absent_weights_are_refused(tmp_path):
                                        rf"config.json, pytorch_model.bin, tokenizer.json\)"):
     t5.T5Encoder(weights_dir, width=None)
   os.remove(folder / "tokenizer.json")
-  with pytest.raises(FileNotFoundError, match=f"tokenizer.json not found in {folder}"):
+  with pytest.raises(FileNotFoundError, match=f"tokenizer.json not found in {folder}$"):
+    t5.T5Encoder(weights_dir, width=None)
+  (folder / "spiece.model").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="only spiece.model is there: write tokenizer.json"):
     t5.T5Encoder(weights_dir, width=None)
 
 
@@ -180,8 +183,8 @@ def test_registry_builds_t5_from_weights_dir():
     text.get_text_encoder(config, weights_dir=os.path.join(FIXTURES, "flan"))
 
 
-def test_benchmark_runs_on_loaded_and_random_weights(model, capsys):
-  _, encoder = model
+def test_benchmark_runs_on_loaded_and_random_weights(capsys):
+  encoder = t5.T5Encoder(os.path.join(FIXTURES, "flan"), width=None)
   figures = t5.benchmark(encoder.cfg, encoder.params, batch_size=2, max_length=8, repeats=1)
   assert figures["prompts_per_s"] > 0 and figures["tokens_per_s"] == 8 * figures["prompts_per_s"]
   t5.benchmark(encoder.cfg, batch_size=1, max_length=8, compute_dtype="bfloat16", repeats=1)

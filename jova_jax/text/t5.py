@@ -285,7 +285,12 @@ class T5Encoder(base.TextEncoder):
     missing = [f for f in (CONFIG_FILE, TOKENIZER_FILE)
                if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-      raise FileNotFoundError(f"text encoder 't5': {', '.join(missing)} not found in {folder}")
+      hint = ""
+      if TOKENIZER_FILE in missing and os.path.isfile(os.path.join(folder, "spiece.model")):
+        hint = (f"; only spiece.model is there: write {TOKENIZER_FILE} once with transformers + "
+                f"sentencepiece, T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)")
+      raise FileNotFoundError(
+          f"text encoder 't5': {', '.join(missing)} not found in {folder}{hint}")
     self.folder = folder
     self.cfg = T5Config.from_json(os.path.join(folder, CONFIG_FILE))
     if width is not None and self.cfg.d_model != width:
@@ -334,9 +339,11 @@ def benchmark(cfg: T5Config = UMT5_XXL, params: dict | None = None, batch_size: 
   """Prints and returns prompts/s and tokens/s of the encoder forward at a full batch of
   max_length tokens; with no params, random weights of cfg's shapes (timing only)."""
   if params is None:
-    shapes, keys = expected_shapes(cfg), iter(jax.random.split(jax.random.key(0), 1000))
-    params = build_params(
-        lambda name: 0.02 * jax.random.normal(next(keys), shapes[name]), cfg, compute_dtype)
+    shapes = expected_shapes(cfg)
+    tensors = jax.jit(lambda key: {  # one program, not one compile per tensor shape
+        name: 0.02 * jax.random.normal(jax.random.fold_in(key, i), shape)
+        for i, (name, shape) in enumerate(shapes.items())})(jax.random.key(0))
+    params = build_params(tensors.pop, cfg, compute_dtype)
   ids = jax.random.randint(jax.random.key(1), (batch_size, max_length), 0, cfg.vocab_size)
   mask = jnp.ones((batch_size, max_length), bool)
   _forward(params, ids, mask, cfg).block_until_ready()  # compile
