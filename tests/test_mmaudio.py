@@ -7,6 +7,7 @@ back through the codec's own loader; torch is not needed (only the .pth test use
 """
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -174,3 +175,11 @@ def test_reads_the_published_pth_layout(ref, tmp_path):
   codec = _codec(ref, "mmaudio16k", tmp_path)
   np.testing.assert_allclose(np.asarray(codec.encode(ref["16k/wave"])),
                              ref["16k/posterior_mean"].transpose(0, 2, 1), atol=ATOL, rtol=0)
+
+
+def test_pth_without_torch_is_refused_with_a_hint(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+  path = tmp_path / "v1-16.pth"
+  path.write_bytes(b"")
+  with pytest.raises(ImportError, match=f"reading {path} needs torch.*safetensors"):
+    bigvgan.read_tensors(str(path), "audio codec 'mmaudio16k' VAE")
