@@ -56,7 +56,7 @@ def _codec(ref, variant, root):
     (root / variant / "config.json").write_text(str(ref[f"{mode}/vocoder_config"]))
   else:
     kwargs["vocoder_config"] = _vocoder_config(ref, mode)
-  return mmaudio.MMAudioCodec(variant, str(root), **kwargs)
+  return mmaudio.MMAudioCodec.from_weights_dir(variant, str(root), **kwargs)
 
 
 @pytest.mark.parametrize("variant", sorted(MODES))
@@ -145,9 +145,9 @@ def test_misshapen_or_missing_tensor_is_refused(ref, tmp_path):
 
 def test_missing_files_and_unknown_format_are_refused(ref, tmp_path):
   with pytest.raises(FileNotFoundError, match="weights_dir"):
-    mmaudio.MMAudioCodec("mmaudio16k", "")
+    mmaudio.MMAudioCodec.from_weights_dir("mmaudio16k", "")
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "mmaudio44k" / "v1-44.pth")):
-    mmaudio.MMAudioCodec("mmaudio44k", str(tmp_path))
+    mmaudio.MMAudioCodec.from_weights_dir("mmaudio44k", str(tmp_path))
   bad = tmp_path / "weights.npz"
   bad.write_bytes(b"not a weights file")
   with pytest.raises(ValueError, match=f"unknown weights format {bad}"):

@@ -20,8 +20,8 @@ VIDEO_CODECS = {
 }
 AUDIO_CODECS = {
     "mel": lambda config, weights_dir: MelCodec(),
-    "mmaudio16k": lambda config, weights_dir: MMAudioCodec("mmaudio16k", weights_dir),
-    "mmaudio44k": lambda config, weights_dir: MMAudioCodec("mmaudio44k", weights_dir),
+    "mmaudio16k": lambda config, wd: MMAudioCodec.from_weights_dir("mmaudio16k", wd),
+    "mmaudio44k": lambda config, wd: MMAudioCodec.from_weights_dir("mmaudio44k", wd),
 }
 
 

@@ -262,15 +262,30 @@ def _latent_stats(folder: str, channels: int, name: str):
 
 
 class MMAudioCodec(base.AudioCodec):
-  """`variant` is 'mmaudio16k' or 'mmaudio44k'; weights are read from <weights_dir>/<variant>/.
-  vae_hidden / vocoder_config override the published architecture (tests use tiny ones)."""
+  """`variant` is 'mmaudio16k' or 'mmaudio44k'. Built from loaded parameters; users go through
+  from_weights_dir (the registry does)."""
 
-  def __init__(self, variant: str, weights_dir: str, *, vae_hidden: int | None = None,
-               vocoder_config: bigvgan.BigVGANConfig | None = None):
+  def __init__(self, variant: str, vae_params: dict, vocoder_params: dict,
+               vocoder_config: bigvgan.BigVGANConfig, vae_hidden: int,
+               latent_mean: np.ndarray, latent_std: np.ndarray):
     v = VARIANTS[variant]
+    if vocoder_config.num_mels != v.n_mels or vocoder_config.hop != v.hop:
+      raise ValueError(f"audio codec {v.name!r}: the vocoder must take {v.n_mels} mels at hop "
+                       f"{v.hop}, its config has {vocoder_config.num_mels} mels and hop "
+                       f"{vocoder_config.hop}")
     self.variant = v
     self.name, self.sample_rate, self.latent_channels = v.name, v.sample_rate, v.latent_channels
     self.latents_per_second = v.latents_per_second
+    self.vae_params, self.vocoder_params = vae_params, vocoder_params
+    self.vocoder_config, self.vae_hidden = vocoder_config, vae_hidden
+    self.latent_mean, self.latent_std = latent_mean, latent_std
+
+  @classmethod
+  def from_weights_dir(cls, variant: str, weights_dir: str, *, vae_hidden: int | None = None,
+                       vocoder_config: bigvgan.BigVGANConfig | None = None) -> "MMAudioCodec":
+    """Reads <weights_dir>/<variant>/; vae_hidden / vocoder_config override the published
+    architecture (tests use tiny ones)."""
+    v = VARIANTS[variant]
     if not weights_dir:
       raise FileNotFoundError(
           f"audio codec {v.name!r} needs its weights: set config.weights_dir (or --weights_dir) "
@@ -283,18 +298,13 @@ class MMAudioCodec(base.AudioCodec):
       config_json = os.path.join(folder, "config.json")
       vocoder_config = (bigvgan.BigVGANConfig.from_json(config_json)
                         if v.name == "mmaudio44k" and os.path.isfile(config_json) else v.vocoder)
-    if vocoder_config.num_mels != v.n_mels or vocoder_config.hop != v.hop:
-      raise ValueError(f"audio codec {v.name!r}: the vocoder must take {v.n_mels} mels at hop "
-                       f"{v.hop}, its config has {vocoder_config.num_mels} mels and hop "
-                       f"{vocoder_config.hop}")
-    self.vocoder_config = vocoder_config
-    self.vae_hidden = vae_hidden or v.vae_hidden
-    self.vae_params = vae_params_from_tensors(
-        bigvgan.read_tensors(vae_path, f"audio codec {v.name!r} VAE"), v, self.vae_hidden,
-        vae_path)
-    self.vocoder_params = bigvgan.load_params(vocoder_path, vocoder_config,
-                                              f"audio codec {v.name!r} vocoder")
-    self.latent_mean, self.latent_std = _latent_stats(folder, v.latent_channels, v.name)
+    vae_hidden = vae_hidden or v.vae_hidden
+    vae_params = vae_params_from_tensors(
+        bigvgan.read_tensors(vae_path, f"audio codec {v.name!r} VAE"), v, vae_hidden, vae_path)
+    vocoder_params = bigvgan.load_params(vocoder_path, vocoder_config,
+                                         f"audio codec {v.name!r} vocoder")
+    return cls(variant, vae_params, vocoder_params, vocoder_config, vae_hidden,
+               *_latent_stats(folder, v.latent_channels, v.name))
 
   def encode(self, wave) -> jax.Array:
     wave = jnp.asarray(wave, jnp.float32)
