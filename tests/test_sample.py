@@ -34,10 +34,10 @@ def run_dir(tmp_path_factory):
   mesh = mesh_lib.make_mesh(config)
   params = sharded.init_params(config, mesh, seed=0)
   # Zero-initialised output layers would make every velocity 0: give them values.
-  key = iter(jax.random.split(jax.random.key(1), 1000))
-  params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(next(key), p.shape, p.dtype),
-                        params)
-  ema = jax.tree.map(lambda p: p + 0.01, params)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: jax.device_put(
+      np.asarray(p) + 0.02 * rng.standard_normal(p.shape).astype(p.dtype), p.sharding), params)
+  ema = jax.tree.map(lambda p: jax.device_put(np.asarray(p) + 0.01, p.sharding), params)
   state = {"params": params, "opt_state": {"count": np.int32(0)}, "ema": ema,
            "step": np.int32(4), "nonfinite": np.int32(0)}
   workdir = tmp_path_factory.mktemp("run")
