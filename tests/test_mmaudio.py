@@ -154,13 +154,16 @@ def test_missing_files_and_unknown_format_are_refused(ref, tmp_path):
     bigvgan.read_tensors(str(bad), "test")
 
 
-def test_registry_builds_the_named_codec_from_weights_dir(tmp_path):
+def test_registry_reads_weights_dir_and_configs_agree(tmp_path):
   config = load("tiny")
   config.audio.update(codec="mmaudio44k", sample_rate=44100, latent_channels=40,
                       latents_per_second=44100 / 1024)
-  with pytest.raises(FileNotFoundError, match=str(tmp_path / "mmaudio44k")):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "mmaudio44k" / "v1-44")):
     codecs.get_audio_codec(config, weights_dir=str(tmp_path))
-  assert mmaudio.VARIANTS["mmaudio16k"].latents_per_second == 31.25
+  audio, v = load("jova_24b").audio, mmaudio.VARIANTS["mmaudio16k"]
+  assert audio.codec == v.name
+  assert (audio.sample_rate, audio.latent_channels, audio.latents_per_second) == (
+      v.sample_rate, v.latent_channels, v.latents_per_second)
 
 
 def test_reads_the_published_pth_layout(ref, tmp_path):
