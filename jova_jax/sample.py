@@ -47,7 +47,7 @@ def main(argv):
     config, mesh, graphdef, params = sampling.load_run(
         FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights)
     prompts, errors = sampling.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
-  except (FileNotFoundError, KeyError, ValueError) as e:
+  except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for e in errors:

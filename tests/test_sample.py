@@ -182,21 +182,27 @@ def _write_speech(path, config, seconds=None):
   return wave
 
 
-def test_audio_to_video_keeps_the_given_audio_latents(pipeline, tmp_path):
+def test_given_modalities_come_back_unchanged(pipeline, tmp_path):
   config = pipeline.config
+  v = config.video
   _write_speech(tmp_path / "speech.wav", config)
-  prompts, errors = _prompts(config, [dict(CAPTIONS, audio="speech.wav"), CAPTIONS], tmp_path)
+  frames = np.random.default_rng(0).integers(0, 255, (v.frames + 2, 24, 20, 3), np.uint8)
+  media.write_mp4(str(tmp_path / "clip.mp4"), frames, v.fps, None, 16000)
+  prompts, errors = _prompts(config, [dict(CAPTIONS, audio="speech.wav"), CAPTIONS,
+                                      dict(CAPTIONS, video="clip.mp4")], tmp_path)
   assert not errors
   given = [pipeline.media(p) for p in prompts]
   assert given[0].audio_latent is not None and given[1].audio_latent is None
-  batch, given = prompts * 2, given * 2
+  assert given[2].frames.shape == (v.frames, v.height, v.width, 3)
+  batch, given = prompts + prompts[:1], given + given[:1]
   cond = pipeline.conditions(batch, given)
-  settings = _settings(config)
-  video, audio, _ = pipeline.sampler.sample(cond, [3, 4, 3, 4], settings)
-  np.testing.assert_array_equal(audio[0], given[0].audio_latent)
-  np.testing.assert_array_equal(audio[2], given[0].audio_latent)
+  video, audio, _ = pipeline.sampler.sample(cond, [3, 4, 5, 3], _settings(config))
+  np.testing.assert_array_equal(audio[0], given[0].audio_latent)  # audio-to-video
+  np.testing.assert_array_equal(audio[3], given[0].audio_latent)
+  np.testing.assert_array_equal(video[2], given[2].video_latent)  # video-to-audio
   assert np.abs(audio[1] - given[0].audio_latent).max() > 0.1  # generated, not given
-  assert np.all(np.isfinite(video))
+  assert np.abs(video[0] - given[2].video_latent).max() > 0.1
+  assert np.all(np.isfinite(video)) and np.all(np.isfinite(audio))
 
 
 def test_run_writes_real_files_and_skips_bad_prompts(pipeline, tmp_path):
