@@ -15,6 +15,7 @@ from jova_jax.data import pipeline as PL
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.parallel.mesh import make_mesh
 from tests.conftest import load
+from tests.datasets import make_examples
 
 NUM_TRAIN, NUM_EVAL = 16, 10
 KEYS = ("video", "audio", "mouth_mask", "text", "text_mask", "drop_text", "use_first_frame",
@@ -27,19 +28,6 @@ def tiny_config(dataset_dir=""):
   c.data.dir = str(dataset_dir)
   c.data.read_threads = 1
   return c
-
-
-def make_examples(config, n, seed):
-  """Random examples with text lengths 1..12 around max_length=8 (padding and cutting)."""
-  shapes = latent_shapes(config)
-  rng = np.random.default_rng(seed)
-  return [dict(
-      video_latent=rng.normal(size=shapes.video).astype(np.float32),
-      audio_latent=rng.normal(size=shapes.audio).astype(np.float32),
-      mouth_mask=(rng.random(shapes.video[:3]) < 0.3).astype(np.uint8),
-      text_emb=rng.normal(size=(1 + i % 12, config.text.width)).astype(np.float32),
-      caption=f"<Video Caption>: clip {i}", clip_id=f"clip{seed}_{i}", face_frac=np.float32(0.75))
-      for i in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
 
 from jova_jax import config_lib
 from jova_jax.model.sharded import split_abstract
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.")
 
 _VIDEO_TOWER = {"video_in", "text_video", "sigma_video", "final_video"}
 _AUDIO_TOWER = {"audio_in", "text_audio", "sigma_audio", "final_audio", "null_text"}
@@ -92,13 +90,18 @@ def format_summary(config) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/jova_24b.py")
-  print(format_summary(config))
+def main():
+  # Flags are defined here, not at import: the trainer imports this module as a library.
+  config_flag = config_flags.DEFINE_config_file("config", None, "Model config file.")
+
+  def run(argv):
+    del argv
+    if config_flag.value is None:
+      raise app.UsageError("--config is required, e.g. --config=configs/jova_24b.py")
+    print(format_summary(config_flag.value))
+
+  app.run(run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

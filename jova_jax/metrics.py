@@ -1,0 +1,73 @@
+"""metrics.jsonl, TensorBoard events and the console line, written by process 0 only."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, total_steps: int):
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._start = time.time()
+    self._start_step = None
+    self._jsonl = None
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      # A resumed run appends.
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def console(self, step: int, scalars: dict) -> None:
+    """One line: progress, loss terms, throughput and ETA."""
+    if self._start_step is None:
+      self._start_step, self._start = step, time.time()
+      eta = "?"
+    else:
+      rate = (step - self._start_step) / max(time.time() - self._start, 1e-9)
+      eta = _duration((self.total_steps - step) / rate) if rate > 0 else "?"
+    parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.0f}%)"]
+    for k in ("loss", "loss_video", "loss_audio", "loss_mouth", "grad_norm", "lr"):
+      if k in scalars:
+        parts.append(f"{k} {scalars[k]:.4g}")
+    for k, unit in (("step_time", "s/step"), ("examples_per_s", "ex/s"), ("tokens_per_s", "tok/s")):
+      if k in scalars:
+        parts.append(f"{scalars[k]:.3g} {unit}")
+    if scalars.get("mfu") is not None:
+      parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
+    parts.append(f"ETA {eta}")
+    logging.info(" | ".join(parts))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _plain(v):
+  try:
+    return v.item()
+  except AttributeError:
+    return v
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

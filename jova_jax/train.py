@@ -1,0 +1,31 @@
+"""Entry point: python -m jova_jax.train --config=configs/demo.py --workdir=runs/demo
+
+Config overrides: --config.train.steps=100 (an unknown key is refused); a variant:
+--config=configs/x.py:arg. One process per host; jax.distributed starts when the environment
+says the job has several processes (see jova_jax/parallel/mesh.py).
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jova_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_INIT_FROM = flags.DEFINE_string("init_from", None,
+                                 "Load params from another run's workdir or checkpoint (fine-tuning).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+  except trainer.TrainingDiverged as e:
+    logging.error("%s", e)
+    raise SystemExit(3) from e
+
+
+if __name__ == "__main__":
+  app.run(main)

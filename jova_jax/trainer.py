@@ -1,0 +1,337 @@
+"""The training loop, top to bottom: mesh, data, state (restore or init), compile, steps,
+eval, checkpoints, metrics.
+
+State is a pytree {"params", "opt_state", "ema", "step", "nonfinite"}; everything random comes
+from (train.seed, step), so a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jova_jax import checkpoint, config_lib, objective, optim, perf
+from jova_jax.data import pipeline
+from jova_jax.metrics import MetricsWriter
+from jova_jax.model import sharded, summary
+from jova_jax.model.jova import JoVA
+from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.preemption import PreemptionWatcher
+
+# Batch keys the model consumes (the pipeline also yields record_index for bookkeeping).
+MODEL_KEYS = ("video", "audio", "mouth_mask", "text", "text_mask", "drop_text", "use_first_frame")
+
+
+def model_inputs(batch: dict) -> dict:
+  return {k: batch[k] for k in MODEL_KEYS}
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything compiled for one config on one mesh."""
+  config: object
+  mesh: jax.sharding.Mesh
+  graphdef: object
+  tx: optax.GradientTransformation
+  state_shardings: dict
+  abstract_state: dict
+  batch_sharding: NamedSharding
+
+  def abstract_batch(self):
+    s = config_lib.latent_shapes(self.config)
+    b = int(self.config.train.batch_size)
+    shapes = {
+        "video": ((b,) + s.video, jnp.float32), "audio": ((b,) + s.audio, jnp.float32),
+        "mouth_mask": ((b,) + s.video[:3], jnp.float32),
+        "text": ((b, s.text_tokens, self.config.text.width), jnp.float32),
+        "text_mask": ((b, s.text_tokens), jnp.bool_), "drop_text": ((b,), jnp.bool_),
+        "use_first_frame": ((b,), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+            for k, (shape, dtype) in shapes.items()}
+
+
+# ============================================================================ state
+def build_program(config, mesh) -> Program:
+  config_lib.validate(config, dict(mesh.shape))
+  graphdef, abstract_params, _ = sharded.split_abstract(config)
+  param_sh = sharded.param_shardings(config, mesh)
+  tx = optim.make_optimizer(config)
+  replicated = NamedSharding(mesh, P())
+  opt_abstract = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  shardings = {"params": param_sh, "opt_state": opt_sh, "ema": param_sh,
+               "step": replicated, "nonfinite": replicated}
+  shapes = {"params": abstract_params, "opt_state": opt_abstract, "ema": abstract_params,
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "nonfinite": jax.ShapeDtypeStruct((), jnp.int32)}
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return Program(config, mesh, graphdef, tx, shardings, abstract,
+                 NamedSharding(mesh, P(("data", "fsdp"))))
+
+
+def init_state(program: Program):
+  """Fresh state, created directly in its shardings."""
+  config, tx = program.config, program.tx
+
+  def init():
+    model = JoVA(config, rngs=nnx.Rngs(params=int(config.train.seed)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"params": params, "opt_state": tx.init(params), "ema": params,
+            "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32)}
+
+  with jax.set_mesh(program.mesh):
+    return jax.jit(init, out_shardings=program.state_shardings)()
+
+
+# ============================================================================ steps
+def make_train_step(program: Program):
+  config, graphdef, tx = program.config, program.graphdef, program.tx
+  accum = int(config.train.grad_accum)
+  ema_decay = float(config.train.ema_decay)
+  lr_schedule = optim.learning_rate(config)
+  base_key = jax.random.key(int(config.train.seed))
+
+  def loss_fn(params, batch, key):
+    return objective.training_loss(graphdef, params, batch, key, config)
+
+  def grads_of(params, batch, key):
+    if accum == 1:
+      return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    # Micro-batch i takes examples i::accum, so each one stays spread over all devices.
+    micro = jax.tree.map(
+        lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, inputs):
+      mb, i = inputs
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params, mb, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: jax.value_and_grad(loss_fn, has_aux=True)(
+            params, jax.tree.map(lambda x: x[0], micro), key)))
+    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+    return jax.tree.map(lambda x: x / accum, total)
+
+  def train_step(state, batch):
+    params = state["params"]
+    key = jax.random.fold_in(base_key, state["step"])
+    (loss, metrics), grads = grads_of(params, batch, key)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite step changes nothing but the counters.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_params = keep(new_params, params)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], new_params)
+    new_state = {
+        "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
+        "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)}
+    metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
+                   nonfinite=new_state["nonfinite"])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(program: Program):
+  """Loss at each fixed sigma (both modalities noised to it) with fixed noise."""
+  config, graphdef = program.config, program.graphdef
+  sigmas = tuple(float(s) for s in config.eval.sigmas)
+  key = jax.random.key(int(config.train.seed) + 1)
+
+  def eval_step(params, batch):
+    b = batch["video"].shape[0]
+    out = {}
+    for i, sigma in enumerate(sigmas):
+      s = jnp.full((b,), sigma, jnp.float32)
+      _, m = objective.loss_at(graphdef, params, batch, jax.random.fold_in(key, i), s, s, config)
+      for name in ("loss", "loss_video", "loss_audio", "loss_mouth"):
+        out[f"eval_{name}_s{sigma:g}"] = m[name]
+    return out
+
+  return eval_step
+
+
+def compile_train_step(program: Program):
+  """Compiled once before step 0; logs memory per device, FLOPs per step and the MFU estimate."""
+  step = jax.jit(make_train_step(program),
+                 in_shardings=(program.state_shardings, program.batch_sharding),
+                 out_shardings=(program.state_shardings, None), donate_argnums=0)
+  with jax.set_mesh(program.mesh):
+    compiled = step.lower(program.abstract_state, program.abstract_batch()).compile()
+  _log_compiled(compiled, program)
+  return compiled
+
+
+def _log_compiled(compiled, program: Program) -> None:
+  try:
+    mem = compiled.memory_analysis()
+    logging.info("train step memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries "
+                 "%.1f MiB", mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
+                 mem.temp_size_in_bytes / 2**20)
+  except Exception as e:  # Not every backend reports it.
+    logging.info("memory_analysis unavailable on %s: %s", jax.default_backend(), e)
+  flops = summary.train_step_flops(program.config)
+  logging.info("train step: %.3e model FLOPs (analytic), %d devices", flops, jax.device_count())
+
+
+# ============================================================================ loop
+def train(config, workdir: str, *, init_from: str | None = None) -> dict:
+  """Trains to config.train.steps (resuming from workdir if it holds a checkpoint).
+  Returns the last logged metrics."""
+  mesh_lib.maybe_initialize_distributed()
+  mesh = mesh_lib.make_mesh(config)
+  logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
+  program = build_program(config, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---------------------------------------------------------------- data
+  train_iter = pipeline.make_train_iterator(config, mesh)
+  eval_batches = (pipeline.make_eval_iterator(config, mesh)
+                  if config.eval.every_steps else None)
+
+  # ---------------------------------------------------------------- state: resume or init
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 every_steps=int(config.checkpoint.every_steps),
+                                 keep=int(config.checkpoint.keep),
+                                 async_save=bool(config.checkpoint.async_save))
+  if ckpt.latest_step() is not None:
+    state, data_state, _ = ckpt.restore(program.abstract_state)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
+  else:
+    state = init_state(program)
+    if init_from:
+      state = _init_params_from(state, init_from, program)
+
+  # ---------------------------------------------------------------- compile
+  train_step = compile_train_step(program)
+  eval_step = jax.jit(make_eval_step(program)) if eval_batches is not None else None
+  flops = summary.train_step_flops(config)
+  peak = perf.published_peak()
+  tokens_per_step = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)
+
+  # ---------------------------------------------------------------- steps
+  writer = MetricsWriter(workdir, int(config.train.steps))
+  watcher = PreemptionWatcher()
+  step = int(state["step"])
+  pending = None  # metrics of the step before: read after the next one is dispatched
+  last = {}
+  window_start, window_steps = time.perf_counter(), 0
+  try:
+    while step < int(config.train.steps):
+      batch = model_inputs(next(train_iter))
+      with jax.set_mesh(mesh):
+        state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      if pending is not None:
+        _check_finite(pending, config, ckpt)
+      pending = (step, metrics)
+
+      if step % int(config.train.log_every) == 0 or step == int(config.train.steps):
+        host = jax.device_get(metrics)
+        _check_finite((step, host), config, ckpt)
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / max(window_steps, 1)
+        last = {k: float(v) for k, v in host.items()}
+        last.update(step_time=step_time,
+                    examples_per_s=int(config.train.batch_size) / step_time,
+                    tokens_per_s=tokens_per_step / step_time,
+                    model_flops_per_s=flops / step_time)
+        util = perf.mfu(flops, step_time, peak, jax.device_count())
+        if util is not None:
+          last["mfu"] = util
+        writer.write(step, last)
+        writer.console(step, last)
+        window_start, window_steps = time.perf_counter(), 0
+
+      if eval_step is not None and step % int(config.eval.every_steps) == 0:
+        ev = run_eval(eval_step, state["params"], eval_batches, mesh)
+        writer.write(step, ev)
+        logging.info("eval at step %d: %s", step, _brief(ev))
+
+      if ckpt.should_save(step):
+        ckpt.save(step, state, data_state=train_iter.get_state(), config=config)
+
+      if watcher.should_stop(step):
+        logging.warning("stop requested (signal or preemption) at step %d: saving", step)
+        ckpt.save(step, state, data_state=train_iter.get_state(), config=config, force=True)
+        break
+    else:
+      if pending is not None:
+        _check_finite(pending, config, ckpt)
+      ckpt.save(step, state, data_state=train_iter.get_state(), config=config, force=True)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    watcher.close()
+  return last
+
+
+def run_eval(eval_step, params, eval_batches, mesh) -> dict:
+  """Mean of the fixed-sigma losses over the eval split, plus their means over sigmas."""
+  totals, count = {}, 0
+  for batch in eval_batches:
+    with jax.set_mesh(mesh):
+      out = jax.device_get(eval_step(params, model_inputs(batch)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    count += 1
+  result = {k: v / max(count, 1) for k, v in totals.items()}
+  for name in ("loss", "loss_video", "loss_audio", "loss_mouth"):
+    vals = [v for k, v in result.items() if k.startswith(f"eval_{name}_s")]
+    if vals:
+      result[f"eval_{name}"] = float(np.mean(vals))
+  return result
+
+
+def _check_finite(pending, config, ckpt) -> None:
+  step, metrics = pending
+  nonfinite = int(jax.device_get(metrics["nonfinite"]))
+  if nonfinite and nonfinite >= int(config.train.max_nonfinite):
+    ckpt.wait()
+    raise TrainingDiverged(
+        f"{nonfinite} non-finite steps in a row up to step {step} (train.max_nonfinite="
+        f"{config.train.max_nonfinite}); updates were skipped and no checkpoint was written after "
+        f"them: the last good checkpoint is step {ckpt.latest_step()}")
+  if nonfinite:
+    logging.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step,
+                    nonfinite)
+
+
+def _init_params_from(state, path: str, program: Program):
+  abstract = program.abstract_state["params"]
+  params, report = checkpoint.load_params(path, abstract, fallback=state["params"])
+  logging.info("--init_from %s:\n%s", path, checkpoint.format_report(report))
+  return dict(state, params=params, ema=params)
+
+
+def _brief(metrics: dict) -> str:
+  """The per-modality means only (the per-sigma values go to metrics.jsonl)."""
+  keys = [k for k in metrics if not re.search(r"_s[0-9.]+$", k)]
+  return json.dumps({k: round(metrics[k], 5) for k in sorted(keys)})

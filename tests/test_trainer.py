@@ -1,0 +1,212 @@
+"""The trainer: exact resume, restore onto another mesh, multi-process, SIGTERM, non-finite
+steps, clear errors, and a demo-config overfit check."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jova_jax import checkpoint, trainer
+from jova_jax.data import features, pipeline
+from jova_jax.parallel import mesh as mesh_lib
+from tests.conftest import REPO, load
+from tests.datasets import write_random_dataset
+
+
+def tiny(dataset_dir, **mesh):
+  c = load("tiny")
+  c.data.dir = str(dataset_dir)
+  c.data.read_threads = 1
+  c.mesh.update({**dict(data=1, fsdp=8, context=1, tensor=1), **mesh})
+  c.train.update(steps=4, log_every=1)
+  c.checkpoint.update(every_steps=2, keep=5, async_save=False)
+  return c
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return write_random_dataset(tmp_path_factory.mktemp("ds"), load("tiny"), 24, 8)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _restore(workdir, config, step=None):
+  mesh = mesh_lib.make_mesh(config)
+  program = trainer.build_program(config, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
+                                 read_only=True)
+  state, data_state, _ = ckpt.restore(program.abstract_state, step)
+  ckpt.close()
+  return jax.device_get(state), data_state
+
+
+def test_resume_is_exact(dataset, tmp_path):
+  config = tiny(dataset)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  trainer.train(config, straight)
+  half = config.copy_and_resolve_references()
+  half.train.steps = 2
+  trainer.train(half, resumed)
+  trainer.train(config, resumed)  # picks up at step 2
+
+  a, data_a = _restore(straight, config)
+  b, data_b = _restore(resumed, config)
+  assert int(a["step"]) == int(b["step"]) == 4
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
+    np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+  assert data_a == data_b  # the same position in the same example order
+  losses_a = [m["loss"] for m in _metrics(straight)]
+  losses_b = [m["loss"] for m in _metrics(resumed)]  # the resumed run appended
+  np.testing.assert_allclose(losses_b, losses_a, rtol=1e-6)
+
+  # The examples after the resume point are the ones the uninterrupted run saw next.
+  _, data_mid = _restore(resumed, config, step=2)
+  mesh = mesh_lib.make_mesh(config)
+  ref = pipeline.make_train_iterator(config, mesh)
+  expected = [np.asarray(next(ref)["record_index"]) for _ in range(4)][2:]
+  it = pipeline.make_train_iterator(config, mesh)
+  it.set_state(data_mid)
+  np.testing.assert_array_equal([np.asarray(next(it)["record_index"]) for _ in range(2)], expected)
+
+
+def test_checkpoint_restores_onto_another_mesh(dataset, tmp_path):
+  config = tiny(dataset)
+  config.train.steps = 3
+  first = str(tmp_path / "fsdp8")
+  trainer.train(config, first)
+  # Continue from step 2 of that run on (data=2, fsdp=2, tensor=2).
+  other = str(tmp_path / "mesh222")
+  os.makedirs(os.path.join(other, "checkpoints"))
+  shutil.copytree(os.path.join(first, "checkpoints", "2"), os.path.join(other, "checkpoints", "2"))
+  moved = tiny(dataset, data=2, fsdp=2, tensor=2)
+  moved.train.steps = 3
+  trainer.train(moved, other)
+  loss_first = [m["loss"] for m in _metrics(first) if m["step"] == 3]
+  loss_moved = [m["loss"] for m in _metrics(other) if m["step"] == 3]
+  np.testing.assert_allclose(loss_moved, loss_first, rtol=1e-5)
+
+
+def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
+  config = tiny(dataset)
+  config.train.update(lr=float("nan"), steps=10, max_nonfinite=3)
+  config.checkpoint.every_steps = 1
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(trainer.TrainingDiverged, match=r"3 non-finite steps in a row.*max_nonfinite=3"):
+    trainer.train(config, workdir)
+  # Nothing after the bad steps was saved; what was saved still holds the initial params.
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
+                                 read_only=True)
+  assert ckpt.latest_step() is None or ckpt.latest_step() < 3
+  ckpt.close()
+
+
+def test_clear_errors_name_the_offending_item(dataset, tmp_path):
+  config = tiny(tmp_path / "missing")
+  with pytest.raises(features.DatasetError, match="missing"):
+    trainer.train(config, str(tmp_path / "w1"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(features.DatasetError, match="empty"):
+    trainer.train(tiny(empty), str(tmp_path / "w2"))
+  wrong = tiny(dataset)
+  wrong.text.width = 128
+  with pytest.raises(features.DatasetError, match="128"):
+    trainer.train(wrong, str(tmp_path / "w3"))
+  # An unknown key on the command line is refused by name.
+  out = subprocess.run([sys.executable, "-m", "jova_jax.train", "--config=configs/tiny.py",
+                        f"--workdir={tmp_path / 'w4'}", "--config.train.stepz=3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "stepz" in out.stderr
+
+
+def _train_cmd(config_overrides, workdir):
+  return [sys.executable, "-m", "jova_jax.train", "--config=configs/tiny.py",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in config_overrides.items()]
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(dataset, tmp_path):
+  workdir = tmp_path / "sig"
+  overrides = {"data.dir": dataset, "data.read_threads": 1, "train.steps": 400,
+               "train.log_every": 1, "checkpoint.every_steps": 1000}
+  proc = subprocess.Popen(_train_cmd(overrides, workdir), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  assert proc.poll() is None, proc.stdout.read()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=1, keep=1, read_only=True)
+  stopped_at = ckpt.latest_step()
+  ckpt.close()
+  assert stopped_at is not None and 3 <= stopped_at < 400
+  # Resume and finish a few more steps from there.
+  overrides["train.steps"] = stopped_at + 2
+  out = subprocess.run(_train_cmd(overrides, workdir), cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_two_processes_train_on_disjoint_slices(dataset, tmp_path):
+  workdir = tmp_path / "mp"
+  overrides = {"data.dir": dataset, "data.read_threads": 1, "train.steps": 3,
+               "checkpoint.every_steps": 1000, "mesh.fsdp": -1}
+  port = 20000 + os.getpid() % 20000
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JOVA_COORDINATOR=f"127.0.0.1:{port}", JOVA_NUM_PROCESSES="2",
+               JOVA_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(_train_cmd(overrides, workdir), cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "process 1 of 2" in outs[1] or "on 2 processes" in outs[0]
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=1, keep=1, read_only=True)
+  assert ckpt.all_steps() == [3]
+  config = ckpt.restore_config()
+  ckpt.close()
+  assert config["train"]["steps"] == 3
+  # The two processes' slices of the same 3 steps never share an example.
+  c = tiny(dataset)
+  mesh = mesh_lib.make_mesh(c)
+  seen = []
+  for pid in range(2):
+    ds = pipeline.train_dataset(c, pipeline.open_source(c, "train"), seed=0, process_index=pid,
+                                process_count=2)
+    it = iter(ds)
+    seen.append({int(i) for _ in range(3) for i in next(it)["record_index"]})
+  assert seen[0] and seen[1] and not seen[0] & seen[1]
+  del mesh
+
+
+def test_demo_config_overfits_a_small_dataset(tmp_path):
+  config = load("demo")
+  ds = write_random_dataset(tmp_path / "demo_ds", config, 8, 8)
+  config.data.update(dir=str(ds), read_threads=1, p_uncond=0.0, p_i2v=0.0)
+  config.flow.update(p_clean_audio=0.0, p_clean_video=0.0)
+  config.train.update(steps=60, log_every=1, warmup_steps=5, lr=2e-3)
+  config.checkpoint.update(every_steps=1000, async_save=False)
+  config.eval.every_steps = 0
+  workdir = str(tmp_path / "demo")
+  trainer.train(config, workdir)
+  losses = [m["loss"] for m in _metrics(workdir)]
+  first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+  print(f"demo overfit: first-10 mean {first:.3f}, last-10 mean {last:.3f}")
+  assert last < 0.8 * first
