@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole demo (README, `make demo`): synthetic corpus -> prepared dataset -> trained demo model
+# -> sampled mp4s with speech -> lip-sync scores next to a shuffled-audio control.
+# Usage: data_prep/run_demo.sh PYTHON OUTDIR. Each stage is skipped when its output exists, so a
+# rerun resumes (training resumes from its latest checkpoint).
+set -euo pipefail
+PY=${1:-.venv/bin/python}
+OUT=${2:-demo}
+CONFIG=configs/demo.py
+mkdir -p "$OUT"
+
+echo "== 1/5 demo corpus (synthetic: a real face photo + espeak-ng speech) -> $OUT/corpus"
+[ -f "$OUT/corpus/.done" ] || {
+  "$PY" -m data_prep.make_demo_corpus --out="$OUT/corpus" --num_clips=64 && touch "$OUT/corpus/.done"; }
+
+echo "== 2/5 prepare: latents, mouth masks, text embeddings -> $OUT/dataset"
+[ -f "$OUT/dataset/dataset_info.json" ] || \
+  "$PY" -m data_prep.prepare --input="$OUT/corpus" --output="$OUT/dataset" --config=$CONFIG \
+    --eval_fraction=0.25 --workers=2
+
+echo "== 3/5 train the demo model -> $OUT/run"
+"$PY" -m jova_jax.train --config=$CONFIG --workdir="$OUT/run" --config.data.dir="$OUT/dataset"
+
+echo "== 4/5 sample videos with speech -> $OUT/samples"
+"$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts=configs/demo_prompts.jsonl \
+  --outdir="$OUT/samples"
+
+echo "== 5/5 lip-sync scores (each video against its own audio and a shuffled-audio control)"
+"$PY" -m jova_jax.eval.sync --video="$OUT/samples" --shuffle_control
+echo "ground truth for comparison (demo corpus clips):"
+"$PY" -m jova_jax.eval.sync --video="$OUT/corpus" --shuffle_control 2>/dev/null | tail -n 3 || true
+echo "generated videos:"
+ls -1 "$OUT"/samples/*.mp4

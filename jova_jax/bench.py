@@ -1,0 +1,140 @@
+"""Benchmarks that print figures (never run by the tests):
+
+  python -m jova_jax.bench model  --config=configs/demo.py   # forward+backward of the model
+  python -m jova_jax.bench train  --config=configs/demo.py   # the real compiled train step
+  python -m jova_jax.bench sample --config=configs/demo.py   # seconds per sample / ODE step
+  python -m jova_jax.bench codecs --config=configs/jova_24b.py
+
+Throughput is compared with the matmul peak measured on the same device (and the published
+peak where the device is known), so MFU is meaningful on any backend.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from jova_jax import config_lib, objective, perf, trainer
+from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax.model import sharded, summary
+from jova_jax.parallel import mesh as mesh_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
+
+
+def _timed(fn, steps: int) -> float:
+  """Median seconds per call, after one warm-up call (compilation)."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+def _report(config, seconds: float, what: str) -> None:
+  flops = summary.train_step_flops(config)
+  tokens = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)
+  n = jax.device_count()
+  measured = perf.measure_matmul_peak(dtype=_compute_dtype(config))
+  print(f"{what}: {seconds * 1e3:.1f} ms/step, batch {config.train.batch_size}, "
+        f"{tokens / seconds:,.0f} tokens/s, {config.train.batch_size / seconds:.2f} examples/s")
+  print(f"model FLOPs/step {flops:.3e}; {flops / seconds / 1e12:.3f} TFLOP/s on {n} "
+        f"{jax.devices()[0].device_kind} device(s)")
+  print(f"measured matmul peak {measured / 1e12:.3f} TFLOP/s per device -> "
+        f"MFU vs measured {100 * perf.mfu(flops, seconds, measured, n):.1f}%")
+  published = perf.published_peak()
+  if published:
+    print(f"published peak {published / 1e12:.0f} TFLOP/s per device -> "
+          f"MFU {100 * perf.mfu(flops, seconds, published, n):.1f}%")
+
+
+def _compute_dtype(config):
+  return {"bfloat16": jax.numpy.bfloat16}.get(config.model.compute_dtype, jax.numpy.float32)
+
+
+def bench_model(config) -> None:
+  mesh = mesh_lib.make_mesh(config)
+  graphdef, _, _ = sharded.split_abstract(config)
+  params = sharded.init_params(config, mesh, seed=0)
+  batch = trainer.model_inputs(SyntheticIterator(config, seed=0).batch(0))
+  batch = jax.device_put(batch, trainer.build_program(config, mesh).batch_sharding)
+  grad = jax.jit(jax.value_and_grad(
+      lambda p, b: objective.training_loss(graphdef, p, b, jax.random.key(0), config)[0]))
+  with jax.set_mesh(mesh):
+    seconds = _timed(lambda: grad(params, batch), _STEPS.value)
+  _report(config, seconds, "model forward+backward")
+
+
+def bench_train(config) -> None:
+  mesh = mesh_lib.make_mesh(config)
+  program = trainer.build_program(config, mesh)
+  state = trainer.init_state(program)
+  step = trainer.compile_train_step(program)
+  mem = step.memory_analysis()
+  data = SyntheticIterator(config, seed=0)
+  sharding = program.batch_sharding
+  batches = [jax.device_put(trainer.model_inputs(data.batch(i)), sharding) for i in range(2)]
+  holder = {"state": state, "i": 0}
+
+  def one_step():
+    with jax.set_mesh(mesh):
+      holder["state"], metrics = step(holder["state"], batches[holder["i"] % 2])
+    holder["i"] += 1
+    return metrics["loss"]
+
+  seconds = _timed(one_step, _STEPS.value)
+  _report(config, seconds, "train step")
+  if mem is not None:
+    print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+          f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
+          f"{mem.output_size_in_bytes / 2**20:.1f} MiB")
+
+
+def bench_sample(config) -> None:
+  from jova_jax import sample_bench
+  sample_bench.bench_sample(config)
+
+
+def bench_codecs(config) -> None:
+  """Encode/decode throughput of the configured codecs at the config's resolution and length
+  (pretrained codecs read their weights from config.weights_dir)."""
+  import numpy as np
+  from jova_jax import codecs
+  v = config.video
+  video = codecs.get_video_codec(config, config.weights_dir or None)
+  frames = np.random.default_rng(0).integers(0, 256, (1, v.frames, v.height, v.width, 3), np.uint8)
+  enc = _timed(lambda: video.encode(frames), _STEPS.value)
+  latents = video.encode(frames)
+  dec = _timed(lambda: video.decode(latents), _STEPS.value)
+  print(f"video {video.name} at {v.height}x{v.width}: encode {v.frames / enc:.1f} frames/s, "
+        f"decode {v.frames / dec:.1f} frames/s")
+  audio = codecs.get_audio_codec(config, config.weights_dir or None)
+  samples = config_lib.audio_num_samples(config)
+  wave = np.random.default_rng(1).uniform(-0.5, 0.5, (1, samples)).astype(np.float32)
+  seconds = samples / config.audio.sample_rate
+  enc = _timed(lambda: audio.encode(wave), _STEPS.value)
+  latents = audio.encode(wave)
+  dec = _timed(lambda: audio.decode(latents), _STEPS.value)
+  print(f"audio {audio.name}: encode {seconds / enc:.1f} audio s/s, decode {seconds / dec:.2f} "
+        f"audio s/s")
+
+
+COMMANDS = {"model": bench_model, "train": bench_train, "sample": bench_sample,
+            "codecs": bench_codecs}
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m jova_jax.bench {{{'|'.join(COMMANDS)}}} --config=F")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required")
+  COMMANDS[argv[1]](_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
