@@ -97,7 +97,8 @@ def test_bad_tensors_are_named_with_both_shapes(tmp_path):
   message = str(err.value)
   assert path in message
   assert "'decoder.conv_in.bias' is missing (expected shape (16,))" in message
-  assert "'encoder.conv_out.weight' has shape (8, 16, 3, 3, 3), expected (32, 16, 3, 3, 3)" in message
+  assert ("'encoder.conv_out.weight' has shape (8, 16, 3, 3, 3), expected (32, 16, 3, 3, 3)"
+          in message)
 
 
 def test_full_size_shapes_refuse_tiny_weights():

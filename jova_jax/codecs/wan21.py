@@ -82,7 +82,8 @@ def build_params(arch: Arch, get) -> dict:
 
   def conv3d(name, cin, cout, kernel):  # torch (out,in,kT,kH,kW) -> (kT,kH,kW,in,out)
     w = get(f"{name}.weight", (cout, cin) + kernel)
-    return dict(w=jnp.asarray(np.transpose(w, (2, 3, 4, 1, 0))), b=jnp.asarray(get(f"{name}.bias", (cout,))))
+    return dict(w=jnp.asarray(np.transpose(w, (2, 3, 4, 1, 0))),
+                b=jnp.asarray(get(f"{name}.bias", (cout,))))
 
   def conv2d(name, cin, cout):  # torch (out,in,kH,kW) -> (1,kH,kW,in,out)
     w = get(f"{name}.weight", (cout, cin, 3, 3))
@@ -98,8 +99,10 @@ def build_params(arch: Arch, get) -> dict:
     return jnp.asarray(get(f"{name}.gamma", shape).reshape(dim))
 
   def residual(name, cin, cout):
-    p = dict(norm1=gain(f"{name}.norm1", cin), conv1=conv3d(f"{name}.conv1", cin, cout, (3, 3, 3)),
-             norm2=gain(f"{name}.norm2", cout), conv2=conv3d(f"{name}.conv2", cout, cout, (3, 3, 3)))
+    p = dict(norm1=gain(f"{name}.norm1", cin),
+             conv1=conv3d(f"{name}.conv1", cin, cout, (3, 3, 3)),
+             norm2=gain(f"{name}.norm2", cout),
+             conv2=conv3d(f"{name}.conv2", cout, cout, (3, 3, 3)))
     if cin != cout:
       p["shortcut"] = conv3d(f"{name}.conv_shortcut", cin, cout, (1, 1, 1))
     return p
