@@ -54,7 +54,6 @@ def get_config():
       param_dtype="float32",   # parameters are kept in float32
       compute_dtype="float32",  # 'bfloat16' on accelerators; float32 on CPU
       remat="none",            # 'none' | 'full' | 'save_dots' | 'offload_dots' (see parallel/remat.py)
-      scan_layers=True,        # stack blocks of each kind and run them with nnx.scan
   ))
 
   # ---------------------------------------------------------------- flow matching
