@@ -5,12 +5,12 @@ import re
 import subprocess
 import sys
 
-import cv2
 import imageio_ffmpeg
 import numpy as np
 import pytest
 
 from jova_jax import faces
+from jova_jax.eval import sync
 from tests.conftest import REPO
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -29,15 +29,7 @@ def corpus(tmp_path_factory):
 
 
 def _read_frames(path):
-  capture = cv2.VideoCapture(str(path))
-  frames = []
-  while True:
-    ok, frame = capture.read()
-    if not ok:
-      break
-    frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-  capture.release()
-  return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+  return sync.read_frames(str(path))[0]
 
 
 def _read_audio(path):

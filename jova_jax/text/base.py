@@ -21,3 +21,14 @@ class TextEncoder(abc.ABC):
   def config(self) -> dict:
     """JSON-able description stored in the dataset metadata."""
     return dict(name=self.name, width=self.width)
+
+
+def pad_encodings(encodings, max_length: int | None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """tokenizers Encodings -> (ids (B,L) int32, mask (B,L) bool), L = max_length or the longest."""
+  length = max_length or max(len(e.ids) for e in encodings)
+  ids = np.full((len(encodings), length), pad_id, np.int32)
+  mask = np.zeros((len(encodings), length), bool)
+  for i, e in enumerate(encodings):
+    ids[i, :len(e.ids)] = e.ids
+    mask[i, :len(e.ids)] = True
+  return ids, mask

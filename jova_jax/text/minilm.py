@@ -165,13 +165,7 @@ class MiniLMEncoder(base.TextEncoder):
                        f"[2, {MAX_POSITIONS}] ([CLS] and [SEP] take two tokens)")
     self.tokenizer.enable_truncation(limit)
     encodings = self.tokenizer.encode_batch(list(texts))
-    length = max_length or max(len(e.ids) for e in encodings)
-    ids = np.zeros((len(encodings), length), np.int32)
-    mask = np.zeros((len(encodings), length), bool)
-    for i, e in enumerate(encodings):
-      ids[i, :len(e.ids)] = e.ids
-      mask[i, :len(e.ids)] = True
-    return ids, mask
+    return base.pad_encodings(encodings, max_length)
 
   def encode(self, texts: list[str],
              max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -319,13 +319,7 @@ class T5Encoder(base.TextEncoder):
     else:
       self.tokenizer.no_truncation()
     encodings = self.tokenizer.encode_batch(list(texts))
-    length = max_length or max(len(e.ids) for e in encodings)
-    ids = np.full((len(encodings), length), self.cfg.pad_token_id, np.int32)
-    mask = np.zeros((len(encodings), length), bool)
-    for i, e in enumerate(encodings):
-      ids[i, :len(e.ids)] = e.ids
-      mask[i, :len(e.ids)] = True
-    return ids, mask
+    return base.pad_encodings(encodings, max_length, self.cfg.pad_token_id)
 
   def encode(self, texts: list[str],
              max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
