@@ -9,7 +9,7 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from jova_jax import faces
+from jova_jax import faces, media
 from jova_jax.eval import sync
 from tests.conftest import REPO
 
@@ -87,7 +87,8 @@ def test_bad_clips_are_bad_in_their_own_way(corpus):
                    "clip_00003_no_audio.mp4", "clip_00004_faceless.mp4",
                    "clip_00005_too_short.mp4"]
   assert all(os.path.exists(corpus / n.replace(".mp4", ".json")) for n in names)
-  assert len(_read_frames(corpus / "clip_00002_corrupt.mp4")) == 0
+  with pytest.raises(media.MediaError, match="no video frames"):
+    _read_frames(corpus / "clip_00002_corrupt.mp4")
   assert _streams(corpus / "clip_00003_no_audio.mp4") == [("Video", "h264")]
   faceless = _read_frames(corpus / "clip_00004_faceless.mp4")
   assert faceless.shape == (NUM_FRAMES, SIZE, SIZE, 3)
