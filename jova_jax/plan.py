@@ -92,11 +92,15 @@ def _flat(tree):
 
 def state_bytes(config, mesh_shape: dict) -> dict[str, int]:
   """Per-device bytes of the train state: params, AdamW mu + nu and the EMA (all float32 like
-  the params), plus the gradients that exist during the update."""
+  the params), plus the gradients that exist during the update (and their running sum over
+  micro-batches when train.grad_accum > 1)."""
   _, per_device = param_counts(config, mesh_shape)
   p = per_device * _DTYPE_BYTES[config.model.param_dtype]
   ema = p if float(config.train.ema_decay) > 0 else 0
-  return {"params": p, "optimizer (mu+nu)": 2 * p, "ema": ema, "gradients": p}
+  rows = {"params": p, "optimizer (mu+nu)": 2 * p, "ema": ema, "gradients": p}
+  if int(config.train.grad_accum) > 1:
+    rows["gradient accumulator"] = p
+  return rows
 
 
 # ============================================================================ activations
@@ -317,13 +321,20 @@ def main():
       raise app.UsageError("--config is required, e.g. --config=configs/jova_24b.py")
     if batch_flag.value is not None:
       config.train.batch_size = batch_flag.value
-    mesh_shape = resolve_mesh(config, mesh_flag.value, devices_flag.value)
-    plan = make_plan(config, mesh_shape, chip_flag.value, mfu_flag.value)
+    try:
+      mesh_shape = resolve_mesh(config, mesh_flag.value, devices_flag.value)
+      plan = make_plan(config, mesh_shape, chip_flag.value, mfu_flag.value)
+    except ValueError as e:  # bad mesh / config: the message names the flag or key
+      raise app.UsageError(str(e)) from e
     print(format_plan(plan, config), flush=True)
 
     is_tpu = CHIPS[chip_flag.value].tpu_generation is not None
     has_libtpu = importlib.util.find_spec("libtpu") is not None
-    if compile_flag.value == "no" or (compile_flag.value == "auto" and not (is_tpu and has_libtpu)):
+    if compile_flag.value == "yes" and not (is_tpu and has_libtpu):
+      raise app.UsageError(
+          f"--compile=yes needs a TPU --chip (got {chip_flag.value}) and an importable libtpu "
+          f"(found: {has_libtpu}; pip install --target DIR libtpu, then PYTHONPATH=DIR)")
+    if compile_flag.value == "no" or not (is_tpu and has_libtpu):
       why = ("--compile=no" if compile_flag.value == "no" else
              f"{chip_flag.value} is not a TPU" if not is_tpu else "libtpu is not installed")
       print(f"AOT compile skipped ({why}): figures above are the analytic accounting only.")
