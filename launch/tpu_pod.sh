@@ -26,7 +26,9 @@
 #   --xla_enable_async_all_gather=true                     FSDP weight gathers ahead of use
 #   --xla_tpu_enable_data_parallel_all_reduce_opt=true     gradient all-reduce / reduce-scatter
 #   --xla_tpu_data_parallel_opt_different_sized_ops=true   ... also for differently sized tensors
-# Logs: every worker's output is prefixed by gcloud with its worker index.
+# Extra libtpu flags: set LIBTPU_INIT_ARGS here before calling; they are appended.
+# The command runs in the foreground of the ssh sessions (run this script under tmux/screen);
+# gcloud prefixes each worker's output with its worker index.
 set -euo pipefail
 
 mode=both
@@ -39,14 +41,16 @@ if [[ "$mode" != setup && $# -eq 0 ]]; then
 fi
 
 remote_dir=${REMOTE_DIR:-jova-jax}
-gcloud_tpu=(gcloud compute tpus tpu-vm --zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
-on_all_workers() { "${gcloud_tpu[@]}" ssh "$TPU_NAME" --worker=all --command="$1"; }
+where=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
+on_all_workers() {
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$1"
+}
 
 if [[ "$mode" != run ]]; then
   repo_root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
   archive=$(mktemp -t jova_src.XXXXXX.tar.gz)
   git -C "$repo_root" ls-files -z | tar -C "$repo_root" --null -T - -czf "$archive"
-  "${gcloud_tpu[@]}" scp "$archive" "$TPU_NAME":jova_src.tar.gz --worker=all
+  gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME":jova_src.tar.gz "${where[@]}" --worker=all
   rm -f "$archive"
   on_all_workers "set -e; mkdir -p ~/$remote_dir && tar -xzf ~/jova_src.tar.gz -C ~/$remote_dir \
     && cd ~/$remote_dir && python3 -m venv .venv && .venv/bin/pip install -q -U pip \
@@ -65,6 +69,6 @@ if [[ "$mode" != setup ]]; then
   cache_dir=${JAX_COMPILATION_CACHE_DIR:-\$HOME/.cache/jova_jax/xla}
   command=$(printf '%q ' "$@")
   on_all_workers "cd ~/$remote_dir && source .venv/bin/activate \
-    && export LIBTPU_INIT_ARGS='$libtpu_args \${LIBTPU_INIT_ARGS:-}' \
+    && export LIBTPU_INIT_ARGS='$libtpu_args ${LIBTPU_INIT_ARGS:-}' \
     && export JAX_COMPILATION_CACHE_DIR=$cache_dir && $command"
 fi
