@@ -1,0 +1,121 @@
+"""Weighted flow-matching loss, training sigma densities, and the mouth mask on patch tokens."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jova_jax import flow, losses
+from jova_jax.codecs import pixel_mask_to_latent
+from jova_jax.model import embeddings as emb
+from tests.conftest import load
+
+
+def test_loss_equals_hand_computed_value():
+  # B=1, video (T,H,W,C) = (1,1,2,1): errors 1 and 2, mouth on the second element.
+  pv = jnp.array([[[[[1.0], [2.0]]]]])
+  tv = jnp.zeros_like(pv)
+  mouth = jnp.array([[[[0.0, 1.0]]]])
+  pa = jnp.array([[[3.0], [1.0]]])  # audio (La, Ca) = (2, 1): errors 9, 1
+  ta = jnp.zeros_like(pa)
+  loss, m = losses.flow_matching_loss(pv, tv, pa, ta, mouth, lambda_mouth=2.0, lambda_audio=0.5)
+  # video: (1*1 + (1+2)*4) / 2 = 6.5; audio: (9 + 1) / 2 = 5; total 6.5 + 0.5*5 = 9
+  assert float(m["loss_video"]) == pytest.approx(6.5)
+  assert float(m["loss_audio"]) == pytest.approx(5.0)
+  assert float(loss) == pytest.approx(9.0)
+  assert float(m["loss_mouth"]) == pytest.approx(4.0)
+  assert float(m["loss_video_mse"]) == pytest.approx(2.5)
+
+
+def test_clean_modality_and_invalid_audio_are_left_out():
+  pv = jnp.ones((2, 1, 1, 1, 1))
+  pv = pv.at[1].set(3.0)
+  pa = jnp.ones((2, 2, 1)).at[0, 1].set(5.0)
+  zeros_v, zeros_a = jnp.zeros_like(pv), jnp.zeros_like(pa)
+  mouth = jnp.zeros((2, 1, 1, 1))
+  _, m = losses.flow_matching_loss(pv, zeros_v, pa, zeros_a, mouth, lambda_mouth=1.0, lambda_audio=1.0,
+                                   video_on=jnp.array([True, False]), audio_on=jnp.array([True, True]),
+                                   audio_valid=jnp.array([[True, False], [True, True]]))
+  assert float(m["loss_video"]) == pytest.approx(1.0)      # example 1 (error 9) is clean video
+  assert float(m["loss_audio"]) == pytest.approx(1.0)      # the error-25 frame is padding
+
+
+def test_lambda_mouth_zero_is_plain_mse():
+  k = jax.random.split(jax.random.key(0), 5)
+  pv, tv = jax.random.normal(k[0], (2, 3, 4, 4, 5)), jax.random.normal(k[1], (2, 3, 4, 4, 5))
+  pa, ta = jax.random.normal(k[2], (2, 7, 3)), jax.random.normal(k[3], (2, 7, 3))
+  mouth = (jax.random.uniform(k[4], (2, 3, 4, 4)) < 0.3).astype(jnp.float32)
+  loss, m = losses.flow_matching_loss(pv, tv, pa, ta, mouth, lambda_mouth=0.0, lambda_audio=1.0)
+  np.testing.assert_allclose(m["loss_video"], np.mean((np.asarray(pv) - np.asarray(tv)) ** 2), rtol=1e-6)
+  np.testing.assert_allclose(loss, np.mean((np.asarray(pv) - np.asarray(tv)) ** 2) +
+                             np.mean((np.asarray(pa) - np.asarray(ta)) ** 2), rtol=1e-6)
+
+
+def test_mouth_mask_reaches_the_right_patch_tokens():
+  """A pixel mouth box in frames 1-4 (T=5, 4x temporal compression, first frame alone) lands on
+  latent frame 1 only; with a (1,2,2) patch its latent cell (1, 2, 1) is token 1*4 + 1*2 + 0."""
+  pixels = np.zeros((5, 32, 32), np.uint8)
+  pixels[1:5, 17:20, 9:12] = 1  # 8x8 spatial cells: rows 2, cols 1
+  latent = pixel_mask_to_latent(pixels, 4, 8)
+  assert latent.shape == (2, 4, 4)
+  expected = np.zeros((2, 4, 4), np.uint8)
+  expected[1, 2, 1] = 1
+  np.testing.assert_array_equal(latent, expected)
+
+  grid, patch, channels = (2, 4, 4), (1, 2, 2), 3
+  n_tokens = 2 * 2 * 2
+  target = jnp.zeros((1,) + grid + (channels,))
+  pa = jnp.zeros((1, 1, 1))
+
+  def mouth_loss(tokens):
+    pred = emb.unpatchify_video(tokens, patch, grid)
+    return losses.flow_matching_loss(pred, target, pa, pa, jnp.asarray(latent)[None].astype(jnp.float32),
+                                     lambda_mouth=1.0, lambda_audio=0.0)[1]["loss_mouth"]
+
+  tokens = jnp.ones((1, n_tokens, 4 * channels))
+  grads = np.asarray(jax.grad(mouth_loss)(tokens))[0]
+  touched = np.flatnonzero(np.abs(grads).sum(-1))
+  np.testing.assert_array_equal(touched, [1 * 4 + 1 * 2 + 0])
+  # Inside that token, only the (h=0, w=1) sub-position of the 2x2 patch: channels 3..5.
+  np.testing.assert_array_equal(np.flatnonzero(grads[touched[0]]), [3, 4, 5])
+
+
+def test_patchify_round_trip_and_raster_order():
+  x = jnp.arange(2 * 3 * 4 * 6 * 2, dtype=jnp.float32).reshape(2, 3, 4, 6, 2)
+  tokens = emb.patchify_video(x, (1, 2, 2))
+  assert tokens.shape == (2, 3 * 2 * 3, 8)
+  np.testing.assert_array_equal(emb.unpatchify_video(tokens, (1, 2, 2), (3, 4, 6)), x)
+  # token (t=1, h=1, w=2) holds x[:, 1, 2:4, 4:6]
+  np.testing.assert_array_equal(tokens[0, 1 * 6 + 1 * 3 + 2].reshape(2, 2, 2), x[0, 1, 2:4, 4:6])
+
+
+@pytest.mark.parametrize("density", ["logit_normal", "uniform", "mode"])
+def test_sigma_densities(density):
+  c = load("tiny").flow
+  c.density = density
+  s = np.asarray(flow.sample_sigma(jax.random.key(0), (20000,), c))
+  assert s.min() >= 0 and s.max() <= 1
+  if density == "uniform":
+    assert abs(s.mean() - 0.5) < 0.01 and abs(s.var() - 1 / 12) < 0.005
+  if density == "logit_normal":  # symmetric around 0.5, concentrated in the middle
+    assert abs(np.median(s) - 0.5) < 0.01 and np.mean(np.abs(s - 0.5) < 0.25) > 0.6
+
+
+def test_shift_and_noising():
+  s = jnp.array([0.0, 0.25, 0.5, 1.0])
+  np.testing.assert_allclose(flow.shift_sigma(s, 3.0), [0.0, 0.5, 0.75, 1.0], rtol=1e-6)
+  x0, eps = jnp.array([[2.0]]), jnp.array([[-1.0]])
+  xs = flow.add_noise(x0, eps, jnp.array([0.25]))
+  np.testing.assert_allclose(xs, [[0.75 * 2 - 0.25]])
+  v = flow.velocity_target(x0, eps)
+  np.testing.assert_allclose(flow.denoised(xs, v, jnp.array([0.25])), x0, rtol=1e-6)
+
+
+def test_clean_modalities_are_exclusive_and_at_the_configured_rate():
+  c = load("tiny").flow
+  c.update(p_clean_audio=0.2, p_clean_video=0.3)
+  sv, sa = flow.sample_modality_sigmas(jax.random.key(1), 20000, c)
+  sv, sa = np.asarray(sv), np.asarray(sa)
+  assert not np.any((sv == 0) & (sa == 0))
+  assert abs(np.mean(sa == 0) - 0.2) < 0.015 and abs(np.mean(sv == 0) - 0.3) < 0.015
+  both = (sv > 0) & (sa > 0)
+  np.testing.assert_array_equal(sv[both], sa[both])  # one shared sigma otherwise
