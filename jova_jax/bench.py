@@ -100,28 +100,45 @@ def bench_sample(config) -> None:
   sample_bench.bench_sample(config)
 
 
+def _codec(config, kind: str):
+  """(codec, how its weights were got): the configured one from config.weights_dir, or, with
+  none set, a pretrained codec's published architecture with random weights (the speed does
+  not depend on the values)."""
+  from jova_jax import codecs
+  from jova_jax.codecs import bench_codecs, wan21
+  random_codecs = {
+      "wan21": lambda: wan21.Wan21Codec(wan21.random_params(wan21.Arch()), source="random"),
+      "mmaudio16k": lambda: bench_codecs.random_mmaudio_codec("mmaudio16k"),
+      "mmaudio44k": lambda: bench_codecs.random_mmaudio_codec("mmaudio44k"),
+  }
+  name = config[kind].codec
+  if not config.weights_dir and name in random_codecs:
+    return random_codecs[name](), "random weights, published sizes: config.weights_dir is empty"
+  build = codecs.get_video_codec if kind == "video" else codecs.get_audio_codec
+  return build(config, config.weights_dir or None), config.weights_dir or "built in"
+
+
 def bench_codecs(config) -> None:
   """Encode/decode throughput of the configured codecs at the config's resolution and length
-  (pretrained codecs read their weights from config.weights_dir)."""
+  (pretrained codecs read their weights from config.weights_dir, or run with random ones)."""
   import numpy as np
-  from jova_jax import codecs
   v = config.video
-  video = codecs.get_video_codec(config, config.weights_dir or None)
+  video, weights = _codec(config, "video")
   frames = np.random.default_rng(0).integers(0, 256, (1, v.frames, v.height, v.width, 3), np.uint8)
   enc = _timed(lambda: video.encode(frames), _STEPS.value)
   latents = video.encode(frames)
   dec = _timed(lambda: video.decode(latents), _STEPS.value)
-  print(f"video {video.name} at {v.height}x{v.width}: encode {v.frames / enc:.1f} frames/s, "
-        f"decode {v.frames / dec:.1f} frames/s")
-  audio = codecs.get_audio_codec(config, config.weights_dir or None)
+  print(f"video {video.name} ({weights}) at {v.height}x{v.width}: encode {v.frames / enc:.1f} "
+        f"frames/s, decode {v.frames / dec:.1f} frames/s")
+  audio, weights = _codec(config, "audio")
   samples = config_lib.audio_num_samples(config)
   wave = np.random.default_rng(1).uniform(-0.5, 0.5, (1, samples)).astype(np.float32)
   seconds = samples / config.audio.sample_rate
   enc = _timed(lambda: audio.encode(wave), _STEPS.value)
   latents = audio.encode(wave)
   dec = _timed(lambda: audio.decode(latents), _STEPS.value)
-  print(f"audio {audio.name}: encode {seconds / enc:.1f} audio s/s, decode {seconds / dec:.2f} "
-        f"audio s/s")
+  print(f"audio {audio.name} ({weights}): encode {seconds / enc:.1f} audio s/s, decode "
+        f"{seconds / dec:.2f} audio s/s")
 
 
 COMMANDS = {"model": bench_model, "train": bench_train, "sample": bench_sample,

@@ -17,8 +17,9 @@ by sqrt(fan-in)) is applied at load time, as are the output convs' learnable gai
 Weights under <weights_dir>/<name>/ (each .safetensors conversion with the same tensor names is
 preferred when present):
   mmaudio16k: v1-16.pth (VAE), best_netG.pt (MMAudio's BigVGAN)
-  mmaudio44k: v1-44.pth (VAE), bigvgan_generator.pt (+ its config.json, optional) from
+  mmaudio44k: v1-44.pth (VAE), bigvgan_generator.pt (+ its config.json) from
               nvidia/bigvgan_v2_44khz_128band_512x
+  config.json (optional, either): the vocoder's BigVGAN hparams (absent = the published ones)
   latent_stats.json (optional, either): {"mean": [C floats], "std": [C floats]}, e.g. the
               latent_mean / latent_std MMAudio's flow networks hold; absent = mean 0, std 1.
 """
@@ -261,6 +262,13 @@ def _latent_stats(folder: str, channels: int, name: str):
   return mean, std
 
 
+def _vae_hidden(tensors: dict, v: Variant) -> int:
+  """The VAE's base width, read off its input conv (hidden, n_mels, 3); the published one when
+  that tensor is absent (the shape check then names it)."""
+  conv_in = tensors.get("encoder.conv_in.weight")
+  return int(conv_in.shape[0]) if conv_in is not None and conv_in.ndim == 3 else v.vae_hidden
+
+
 class MMAudioCodec(base.AudioCodec):
   """`variant` is 'mmaudio16k' or 'mmaudio44k'. Built from loaded parameters; users go through
   from_weights_dir (the registry does)."""
@@ -283,8 +291,9 @@ class MMAudioCodec(base.AudioCodec):
   @classmethod
   def from_weights_dir(cls, variant: str, weights_dir: str, *, vae_hidden: int | None = None,
                        vocoder_config: bigvgan.BigVGANConfig | None = None) -> "MMAudioCodec":
-    """Reads <weights_dir>/<variant>/; vae_hidden / vocoder_config override the published
-    architecture (tests use tiny ones)."""
+    """Reads <weights_dir>/<variant>/. The VAE width comes from its weights; the vocoder's
+    architecture from a BigVGAN config.json beside them if there is one, else the published
+    one. vae_hidden / vocoder_config override both."""
     v = VARIANTS[variant]
     if not weights_dir:
       raise FileNotFoundError(
@@ -297,10 +306,10 @@ class MMAudioCodec(base.AudioCodec):
     if vocoder_config is None:
       config_json = os.path.join(folder, "config.json")
       vocoder_config = (bigvgan.BigVGANConfig.from_json(config_json)
-                        if v.name == "mmaudio44k" and os.path.isfile(config_json) else v.vocoder)
-    vae_hidden = vae_hidden or v.vae_hidden
-    vae_params = vae_params_from_tensors(
-        bigvgan.read_tensors(vae_path, f"audio codec {v.name!r} VAE"), v, vae_hidden, vae_path)
+                        if os.path.isfile(config_json) else v.vocoder)
+    vae_tensors = bigvgan.read_tensors(vae_path, f"audio codec {v.name!r} VAE")
+    vae_hidden = vae_hidden or _vae_hidden(vae_tensors, v)
+    vae_params = vae_params_from_tensors(vae_tensors, v, vae_hidden, vae_path)
     vocoder_params = bigvgan.load_params(vocoder_path, vocoder_config,
                                          f"audio codec {v.name!r} vocoder")
     return cls(variant, vae_params, vocoder_params, vocoder_config, vae_hidden,

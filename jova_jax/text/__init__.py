@@ -10,10 +10,11 @@ from jova_jax.text.base import TextEncoder
 from jova_jax.text.minilm import MiniLMEncoder
 from jova_jax.text.t5 import T5Encoder
 
-# name -> encoder class, built as cls(weights_dir or None)
+# name -> factory(weights_dir or None, width): T5 takes the width to refuse a mismatch from its
+# config.json before reading (possibly 10 GB of) weights.
 TEXT_ENCODERS = {
-    "minilm": MiniLMEncoder,
-    "t5": T5Encoder,
+    "minilm": lambda weights_dir, width: MiniLMEncoder(weights_dir),
+    "t5": lambda weights_dir, width: T5Encoder(weights_dir, width=width),
 }
 
 
@@ -22,14 +23,13 @@ def get_text_encoder(config, weights_dir: str | None = None) -> TextEncoder:
   if name not in TEXT_ENCODERS:
     raise ValueError(f"text.encoder={name!r} is not a known text encoder; known: "
                      f"{', '.join(sorted(TEXT_ENCODERS))}")
-  factory = TEXT_ENCODERS[name]
-  # Checked on the class, before any weights are read.
-  if factory.width != config.text.width:
-    raise ValueError(f"text.width={config.text.width} in the config, but the {name!r} text "
-                     f"encoder has width={factory.width}")
   if weights_dir is None:
     weights_dir = config.get("weights_dir", "")
-  return factory(weights_dir or None)
+  encoder = TEXT_ENCODERS[name](weights_dir or None, config.text.width)
+  if encoder.width != config.text.width:
+    raise ValueError(f"text.width={config.text.width} in the config, but the {name!r} text "
+                     f"encoder has width={encoder.width}")
+  return encoder
 
 
 __all__ = ["TextEncoder", "MiniLMEncoder", "get_text_encoder"]

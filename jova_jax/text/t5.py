@@ -270,7 +270,7 @@ _forward = jax.jit(forward, static_argnames="cfg")
 
 class T5Encoder(base.TextEncoder):
   """T5 v1.1 / umT5 encoder from `<weights_dir>/t5/`; `width` (None: any) is checked against
-  the weights' d_model, since the registry checks the class width (4096) before loading."""
+  config.json's d_model before the weights are read (the registry passes config.text.width)."""
   name = "t5"
   width = WIDTH
 
