@@ -107,6 +107,21 @@ def score_series(mouth: np.ndarray, envelope: np.ndarray, max_offset: int,
                    correlations=correlations.round(4).tolist())
 
 
+# dlib's HOG detector and 68-point model need a face of roughly 80 px or more.
+MIN_TRACK_SIZE = 160
+
+
+def upscale_for_landmarks(frames: np.ndarray) -> np.ndarray:
+  """Small videos (the CPU demo renders 32x32) are enlarged before landmarks; the mouth opening
+  is a ratio of landmark distances, so the scale does not change it."""
+  size = min(frames.shape[1:3])
+  if size >= MIN_TRACK_SIZE:
+    return frames
+  factor = MIN_TRACK_SIZE / size
+  h, w = (int(round(d * factor)) for d in frames.shape[1:3])
+  return np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_CUBIC) for f in frames])
+
+
 class SyncScorer:
   """Scores videos; one dlib tracker for all of them."""
 
@@ -120,7 +135,7 @@ class SyncScorer:
     """(mouth opening per frame, fps, face fraction) of a video, cached per path."""
     if path not in self._mouths:
       frames, fps = read_frames(path)
-      track = self.tracker.track(frames)
+      track = self.tracker.track(upscale_for_landmarks(frames))
       if track.face_frac < MIN_FACE_FRAC:
         raise ValueError(f"{path}: a face in only {track.face_frac:.0%} of the frames (need "
                          f"{MIN_FACE_FRAC:.0%}) : no lip-sync score")
