@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 demo: venv
 	bash data_prep/run_demo.sh $(PY) $(DEMO)

@@ -22,8 +22,9 @@ echo "== 3/5 train the demo model -> $OUT/run"
 "$PY" -m jova_jax.train --config=$CONFIG --workdir="$OUT/run" --config.data.dir="$OUT/dataset"
 
 echo "== 4/5 sample videos with speech -> $OUT/samples"
-"$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts=configs/demo_prompts.jsonl \
-  --outdir="$OUT/samples"
+# Held-out clips' prompts with their first frame (image-to-video), then text-only prompts.
+"$PY" -m data_prep.demo_prompts --config=$CONFIG --dataset="$OUT/dataset" --out="$OUT/prompts.jsonl"
+"$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts="$OUT/prompts.jsonl" --outdir="$OUT/samples"
 
 echo "== 5/5 lip-sync scores (each video against its own audio and a shuffled-audio control)"
 "$PY" -m jova_jax.eval.sync --video="$OUT/samples" --shuffle_control

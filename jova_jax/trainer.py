@@ -140,7 +140,10 @@ def make_train_step(program: Program):
     # A non-finite step changes nothing but the counters.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_params = keep(new_params, params)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], new_params)
+    # EMA warm-up: early on the average must not stay anchored to the random init.
+    step_f = state["step"].astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], new_params)
     new_state = {
         "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
         "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
@@ -182,6 +185,13 @@ def compile_train_step(program: Program):
   return compiled
 
 
+def compile_eval_step(program: Program):
+  step = jax.jit(make_eval_step(program),
+                 in_shardings=(program.state_shardings["params"], program.batch_sharding))
+  with jax.set_mesh(program.mesh):
+    return step.lower(program.abstract_state["params"], program.abstract_batch()).compile()
+
+
 def _log_compiled(compiled, program: Program) -> None:
   try:
     mem = compiled.memory_analysis()
@@ -217,6 +227,7 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
                                  every_steps=int(config.checkpoint.every_steps),
                                  keep=int(config.checkpoint.keep),
                                  async_save=bool(config.checkpoint.async_save))
+  mesh_lib.barrier("before_state")
   if ckpt.latest_step() is not None:
     state, data_state, _ = ckpt.restore(program.abstract_state)
     if data_state is not None:
@@ -229,7 +240,8 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
 
   # ---------------------------------------------------------------- compile
   train_step = compile_train_step(program)
-  eval_step = jax.jit(make_eval_step(program)) if eval_batches is not None else None
+  eval_step = compile_eval_step(program) if eval_batches is not None else None
+  mesh_lib.barrier("compiled")
   flops = summary.train_step_flops(config)
   peak = perf.published_peak()
   tokens_per_step = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)

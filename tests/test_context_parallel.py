@@ -43,6 +43,7 @@ def test_context_sharded_training_matches_context_1(unsharded_losses, tmp_path, 
   np.testing.assert_allclose(_losses(workdir), unsharded_losses, rtol=2e-5)
 
 
+@pytest.mark.xdist_group("multiprocess")
 def test_local_multiprocess_launcher_trains_context_sharded(tmp_path):
   workdir = tmp_path / "mp"
   cmd = ["bash", "launch/local_multiprocess.sh", "2", "--", sys.executable, "-m", "jova_jax.train",

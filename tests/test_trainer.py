@@ -16,7 +16,7 @@ from jova_jax import checkpoint, trainer
 from jova_jax.data import features, pipeline
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import REPO, load
-from tests.datasets import write_random_dataset
+from tests.datasets import make_learnable_examples, write_random_dataset
 
 
 def tiny(dataset_dir, **mesh):
@@ -162,6 +162,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(dataset, tmp_path):
   assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
 
 
+@pytest.mark.xdist_group("multiprocess")
 def test_two_processes_train_on_disjoint_slices(dataset, tmp_path):
   workdir = tmp_path / "mp"
   overrides = {"data.dir": dataset, "data.read_threads": 1, "train.steps": 3,
@@ -198,10 +199,10 @@ def test_two_processes_train_on_disjoint_slices(dataset, tmp_path):
 
 def test_demo_config_overfits_a_small_dataset(tmp_path):
   config = load("demo")
-  ds = write_random_dataset(tmp_path / "demo_ds", config, 8, 8)
+  ds = write_random_dataset(tmp_path / "demo_ds", config, 8, 8, make=make_learnable_examples)
   config.data.update(dir=str(ds), read_threads=1, p_uncond=0.0, p_i2v=0.0)
   config.flow.update(p_clean_audio=0.0, p_clean_video=0.0)
-  config.train.update(steps=60, log_every=1, warmup_steps=5, lr=2e-3)
+  config.train.update(steps=40, log_every=1, warmup_steps=5, lr=2e-3)
   config.checkpoint.update(every_steps=1000, async_save=False)
   config.eval.every_steps = 0
   workdir = str(tmp_path / "demo")

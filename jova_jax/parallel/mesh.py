@@ -39,6 +39,18 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here (no-op with one process).
+
+  Uses the coordination service, not a device collective: CPU gloo collectives give up after
+  30 s, and processes can drift further apart than that while each compiles the same program.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize created
+  distributed.global_state.client.wait_at_barrier(f"jova_{name}", timeout_in_ms=timeout_s * 1000)
+
+
 def maybe_initialize_distributed() -> None:
   """Starts jax.distributed when the environment says the job has several processes.
 
