@@ -27,8 +27,13 @@ echo "== 4/5 sample videos with speech -> $OUT/samples"
 "$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts="$OUT/prompts.jsonl" --outdir="$OUT/samples"
 
 echo "== 5/5 lip-sync scores (each video against its own audio and a shuffled-audio control)"
-"$PY" -m jova_jax.eval.sync --video="$OUT/samples" --shuffle_control
-echo "ground truth for comparison (demo corpus clips):"
-"$PY" -m jova_jax.eval.sync --video="$OUT/corpus" --shuffle_control 2>/dev/null | tail -n 3 || true
+# A few CPU minutes of training give coarse 32x32 faces that dlib may not find: then the
+# scorer says so per video, and the demo still ends normally.
+"$PY" -m jova_jax.eval.sync --video="$OUT/samples" --shuffle_control || \
+  echo "(some generated videos have no lip-sync score: dlib found no face in them)"
+echo "ground truth for comparison (8 demo corpus clips, same scorer):"
+mkdir -p "$OUT/ground_truth"
+for clip in $(ls "$OUT"/corpus/clip_*.mp4 | head -n 8); do ln -sf "$(realpath "$clip")" "$OUT/ground_truth/"; done
+"$PY" -m jova_jax.eval.sync --video="$OUT/ground_truth" --shuffle_control | tail -n 1 || true
 echo "generated videos:"
 ls -1 "$OUT"/samples/*.mp4
