@@ -100,6 +100,26 @@ def init_state(program: Program):
 
 
 # ============================================================================ steps
+def accumulated_grads(loss_fn, params, batch, key, accum: int):
+  """((loss, metrics), grads) of loss_fn(params, batch, key) -> (loss, metrics), averaged over
+  `accum` micro-batches. Micro-batch i takes examples i::accum (so each stays spread over all
+  devices) and the key fold_in(key, i)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    return grad_fn(params, batch, key)
+  micro = jax.tree.map(
+      lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+
+  def body(total, inputs):
+    mb, i = inputs
+    return jax.tree.map(jnp.add, total, grad_fn(params, mb, jax.random.fold_in(key, i))), None
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      grad_fn, params, jax.tree.map(lambda x: x[0], micro), key))
+  total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+  return jax.tree.map(lambda x: x / accum, total)
+
+
 def make_train_step(program: Program):
   config, graphdef, tx = program.config, program.graphdef, program.tx
   accum = int(config.train.grad_accum)
@@ -110,29 +130,10 @@ def make_train_step(program: Program):
   def loss_fn(params, batch, key):
     return objective.training_loss(graphdef, params, batch, key, config)
 
-  def grads_of(params, batch, key):
-    if accum == 1:
-      return jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
-    # Micro-batch i takes examples i::accum, so each one stays spread over all devices.
-    micro = jax.tree.map(
-        lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch)
-
-    def body(carry, inputs):
-      mb, i = inputs
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, mb, jax.random.fold_in(key, i))
-      return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-        lambda: jax.value_and_grad(loss_fn, has_aux=True)(
-            params, jax.tree.map(lambda x: x[0], micro), key)))
-    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-    return jax.tree.map(lambda x: x / accum, total)
-
   def train_step(state, batch):
     params = state["params"]
     key = jax.random.fold_in(base_key, state["step"])
-    (loss, metrics), grads = grads_of(params, batch, key)
+    (loss, metrics), grads = accumulated_grads(loss_fn, params, batch, key, accum)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))

@@ -1,0 +1,58 @@
+"""Gradient accumulation, the weight-decay mask and the learning-rate schedule."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jova_jax import optim, trainer
+from tests.conftest import load
+
+
+def _loss(params, batch, key):
+  noise = jax.random.normal(key, ())  # key-dependent, like the flow-matching noise
+  err = batch["x"] @ params["w"] - batch["y"]
+  return jnp.mean(err ** 2) * (1.0 + 0.1 * noise), {"loss": jnp.mean(err ** 2)}
+
+
+def test_accumulated_grads_average_interleaved_micro_batches():
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(k[0], (3,))}
+  batch = {"x": jax.random.normal(k[1], (8, 3)), "y": jax.random.normal(k[2], (8,))}
+  key = jax.random.key(5)
+  (loss, metrics), grads = jax.jit(
+      lambda p, b: trainer.accumulated_grads(_loss, p, b, key, 4))(params, batch)
+  # Independent reference: micro-batch i = rows i::4 with key fold_in(key, i), then the mean.
+  refs = [jax.value_and_grad(_loss, has_aux=True)(
+      params, {n: v[i::4] for n, v in batch.items()}, jax.random.fold_in(key, i)) for i in range(4)]
+  np.testing.assert_allclose(grads["w"], np.mean([r[1]["w"] for r in refs], 0), rtol=1e-5)
+  np.testing.assert_allclose(loss, np.mean([r[0][0] for r in refs]), rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], np.mean([r[0][1]["loss"] for r in refs]), rtol=1e-5)
+
+
+def test_one_micro_batch_is_the_plain_gradient():
+  params = {"w": jnp.array([1.0, -2.0, 0.5])}
+  batch = {"x": jnp.eye(3), "y": jnp.zeros(3)}
+  key = jax.random.key(1)
+  _, grads = trainer.accumulated_grads(_loss, params, batch, key, 1)
+  _, ref = jax.value_and_grad(_loss, has_aux=True)(params, batch, key)
+  np.testing.assert_array_equal(grads["w"], ref["w"])
+
+
+def test_decay_mask_spares_biases_norms_and_embeddings():
+  params = {"fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)},
+            "null_text": jnp.ones(4), "stacked": {"kernel": jnp.ones((3, 2, 2))}}
+  mask = optim.decay_mask(params)
+  assert mask == {"fc": {"kernel": True, "bias": False}, "norm": {"scale": False},
+                  "null_text": False, "stacked": {"kernel": True}}
+
+
+def test_learning_rate_warms_up_then_decays():
+  c = load("tiny")
+  c.train.update(lr=1.0, warmup_steps=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
+  lr = optim.learning_rate(c)
+  assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+  assert float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(60)) == pytest.approx(0.55, abs=1e-3)  # halfway down the cosine to 0.1
+  assert float(lr(110)) == pytest.approx(0.1, abs=1e-3)
+  c.train.schedule = "constant"
+  assert float(optim.learning_rate(c)(100)) == pytest.approx(1.0)
