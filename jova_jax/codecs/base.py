@@ -68,6 +68,16 @@ class VideoCodec(abc.ABC):
   def latent_frames(self, frames: int) -> int:
     return config_lib.latent_frames(frames, self.temporal_factor)
 
+  def check_frames(self, frames) -> None:
+    """Refuses anything but uint8 (B,T,H,W,3) with H and W divisible by the spatial factor."""
+    if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+      raise ValueError(f"{self.name} codec: expected uint8 frames (B,T,H,W,3), got "
+                       f"{frames.dtype} {frames.shape}")
+    h, w = frames.shape[2:4]
+    if h % self.spatial_factor or w % self.spatial_factor:
+      raise ValueError(f"{self.name} codec: frame H x W = {h}x{w} is not divisible by "
+                       f"spatial_factor={self.spatial_factor}")
+
   def pixel_mask_to_latent(self, mask) -> np.ndarray:
     return pixel_mask_to_latent(mask, self.temporal_factor, self.spatial_factor)
 

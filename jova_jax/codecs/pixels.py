@@ -38,13 +38,7 @@ class PixelsCodec(base.VideoCodec):
 
   def encode(self, frames) -> jax.Array:
     frames = jnp.asarray(frames)
-    if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != jnp.uint8:
-      raise ValueError(f"pixels codec: expected uint8 frames (B,T,H,W,3), got {frames.dtype} "
-                       f"{frames.shape}")
-    h, w = frames.shape[2:4]
-    if h % self.spatial_factor or w % self.spatial_factor:
-      raise ValueError(f"pixels codec: frame H x W = {h}x{w} is not divisible by "
-                       f"spatial_factor={self.spatial_factor}")
+    self.check_frames(frames)
     return _space_to_depth(frames, self.spatial_factor)
 
   def decode(self, latents) -> np.ndarray:

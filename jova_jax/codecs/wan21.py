@@ -292,13 +292,7 @@ class Wan21Codec(base.VideoCodec):
 
   def encode(self, frames):
     frames = np.asarray(frames)
-    if frames.ndim != 5 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-      raise ValueError(f"wan21 codec: expected uint8 frames (B,T,H,W,3), got {frames.dtype} "
-                       f"{frames.shape}")
-    h, w = frames.shape[2:4]
-    if h % self.spatial_factor or w % self.spatial_factor:
-      raise ValueError(f"wan21 codec: frame H x W = {h}x{w} is not divisible by "
-                       f"{self.spatial_factor}")
+    self.check_frames(frames)
     used = 1 + (self.latent_frames(frames.shape[1]) - 1) * self.temporal_factor
     video = frames[:, :used].astype(np.float32) / 127.5 - 1.0
     mean = encode_mean(self.params, self.arch, video)
