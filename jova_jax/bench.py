@@ -53,6 +53,12 @@ def _report(config, seconds: float, what: str) -> None:
           f"MFU {100 * perf.mfu(flops, seconds, published, n):.1f}%")
 
 
+def _peak_rss_gib() -> float:
+  """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _compute_dtype(config):
   return {"bfloat16": jax.numpy.bfloat16}.get(config.model.compute_dtype, jax.numpy.float32)
 
@@ -129,7 +135,8 @@ def bench_codecs(config) -> None:
   latents = video.encode(frames)
   dec = _timed(lambda: video.decode(latents), _STEPS.value)
   print(f"video {video.name} ({weights}) at {v.height}x{v.width}: encode {v.frames / enc:.1f} "
-        f"frames/s, decode {v.frames / dec:.1f} frames/s")
+        f"frames/s, decode {v.frames / dec:.1f} frames/s; {v.frames}-frame clip: encode "
+        f"{enc:.1f} s, decode {dec:.1f} s, peak host memory so far {_peak_rss_gib():.1f} GiB")
   audio, weights = _codec(config, "audio")
   samples = config_lib.audio_num_samples(config)
   wave = np.random.default_rng(1).uniform(-0.5, 0.5, (1, samples)).astype(np.float32)

@@ -1,25 +1,10 @@
-"""Codec throughput figures for `python -m jova_jax.bench codecs` (printed, never asserted).
-
-Each function times encode and decode of one codec after a warm-up call (compilation excluded)
-and prints the rates. Without weights they run the published architecture with random
-weights, which times the same computation.
-"""
+"""Pretrained audio codecs with random weights of the published sizes, for
+`python -m jova_jax.bench codecs` when no weights are given (speed does not depend on values)."""
 from __future__ import annotations
 
-import time
-
-import jax
 import numpy as np
 
 from jova_jax.codecs import bigvgan, mmaudio
-
-
-def _timed(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile + warm up
-  start = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(fn())
-  return (time.perf_counter() - start) / repeats
 
 
 def random_mmaudio_codec(variant: str, seed: int = 0) -> mmaudio.MMAudioCodec:
@@ -37,25 +22,3 @@ def random_mmaudio_codec(variant: str, seed: int = 0) -> mmaudio.MMAudioCodec:
       bigvgan.params_from_tensors(vocoder, v.vocoder, "random", "BigVGAN"), v.vocoder,
       v.vae_hidden, np.zeros(v.latent_channels, np.float32), np.ones(v.latent_channels,
                                                                      np.float32))
-
-
-def bench_mmaudio(variant: str = "mmaudio16k", seconds: float = 121 / 24, batch: int = 1,
-                  weights_dir: str = "", repeats: int = 1) -> dict:
-  """Encode (wave -> latents) and decode (latents -> wave, VAE + BigVGAN) rates in audio
-  seconds per second, for `batch` clips of `seconds` (default: one 121-frame 24 fps clip)."""
-  codec = (mmaudio.MMAudioCodec.from_weights_dir(variant, weights_dir) if weights_dir
-           else random_mmaudio_codec(variant))
-  samples = int(seconds * codec.sample_rate)
-  wave = np.random.default_rng(1).uniform(-0.5, 0.5, (batch, samples)).astype(np.float32)
-  latents = codec.encode(wave)
-  encode_s = _timed(lambda: codec.encode(wave), repeats)
-  decode_s = _timed(lambda: codec.decode(latents), repeats)
-  audio = batch * samples / codec.sample_rate
-  figures = dict(codec=variant, device=jax.devices()[0].device_kind, batch=batch,
-                 seconds=seconds, encode_audio_s_per_s=audio / encode_s,
-                 decode_audio_s_per_s=audio / decode_s)
-  print(f"{variant} ({'weights' if weights_dir else 'random weights'}, "
-        f"{figures['device']}): {batch} x {seconds:.2f} s audio; "
-        f"encode {figures['encode_audio_s_per_s']:.2f} audio s/s, "
-        f"decode (VAE + BigVGAN) {figures['decode_audio_s_per_s']:.2f} audio s/s")
-  return figures

@@ -318,36 +318,3 @@ class Wan21Codec(base.VideoCodec):
                 temporal_downsample=list(a.temporal_downsample), latent="posterior mean",
                 latents_mean=self.latents_mean.tolist(), latents_std=self.latents_std.tolist(),
                 scaling="x/127.5-1", weights=os.path.basename(self.source))
-
-
-# --------------------------------------------------------------------------------- benchmark
-
-def benchmark(weights_dir: str | None = None, frames: int = 17, height: int = 480,
-              width: int = 832, batch_size: int = 1) -> dict:
-  """Prints and returns encode and decode frames/s on a random clip of the given size.
-
-  Weights from weights_dir when given, else random ones of Wan2.1's shapes (speed does not
-  depend on the values). A 5-frame pass first compiles both chunk shapes, so the timed pass
-  measures steady-state speed.
-  """
-  import time  # only the benchmark needs it
-
-  codec = (Wan21Codec.from_weights_dir(weights_dir) if weights_dir
-           else Wan21Codec(random_params(Arch())))
-  rng = np.random.default_rng(0)
-  clip = rng.integers(0, 256, (batch_size, frames, height, width, 3), dtype=np.uint8)
-  np.asarray(codec.decode(codec.encode(clip[:, :5])))  # compile: first chunk + later chunks
-  start = time.perf_counter()
-  latents = np.asarray(codec.encode(clip))
-  encode_s = time.perf_counter() - start
-  start = time.perf_counter()
-  decoded = codec.decode(latents)
-  decode_s = time.perf_counter() - start
-  used = batch_size * decoded.shape[1]
-  result = dict(codec="wan21", frames=decoded.shape[1], height=height, width=width,
-                batch_size=batch_size, encode_frames_per_s=used / encode_s,
-                decode_frames_per_s=used / decode_s)
-  print(f"wan21 {batch_size}x{decoded.shape[1]}x{height}x{width}: encode "
-        f"{result['encode_frames_per_s']:.3f} frames/s, decode "
-        f"{result['decode_frames_per_s']:.3f} frames/s")
-  return result
