@@ -13,6 +13,7 @@ commit_success.txt marker), so a save cut short by preemption is never listed or
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,6 +29,13 @@ _STATE, _DATA, _CONFIG = "state", "data_state", "config"
 
 
 # ------------------------------------------------------------------ pytree helpers
+
+def absolute_path(path) -> epath.Path:
+  """Orbax refuses relative paths ('Checkpoint path should be absolute'); users and scripts
+  pass workdirs like runs/demo. Remote paths (gs://...) are absolute already."""
+  path = str(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
 
 def _key_name(entry) -> str:
   for attr in ("key", "idx", "name"):
@@ -126,7 +134,7 @@ class Checkpointer:
 
   def __init__(self, directory, *, every_steps: int, keep: int, async_save: bool = True,
                read_only: bool = False):
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     self.every_steps = int(every_steps)
     self._read_only = read_only
     if read_only and not self.directory.exists():
@@ -233,7 +241,7 @@ class Checkpointer:
 
 def _locate(path) -> tuple[epath.Path, int | None]:
   """(checkpoints dir, step or None for the latest) from a workdir, checkpoints dir or step dir."""
-  path = epath.Path(path)
+  path = absolute_path(path)
   if not path.exists():
     raise FileNotFoundError(f"--init_from: {path} does not exist")
   if (path / _STATE).exists() and path.name.isdigit():

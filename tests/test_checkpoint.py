@@ -157,6 +157,23 @@ def test_async_save_rotation_and_data_state(tmp_path):
   assert config_dict["checkpoint"]["every_steps"] == config.checkpoint.every_steps
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+  """`--workdir=runs/demo` is how users and the demo script call the trainer and sampler."""
+  monkeypatch.chdir(tmp_path)
+  mesh = _mesh(fsdp=8)
+  with checkpoint.Checkpointer("runs/demo/checkpoints", every_steps=1, keep=1) as ckpt:
+    assert ckpt.save(3, _train_state(mesh, 3), data_state=None, config=load("tiny"))
+    ckpt.wait()
+  assert (tmp_path / "runs/demo/checkpoints/3").is_dir()
+  with checkpoint.Checkpointer("runs/demo/checkpoints", every_steps=1, keep=1,
+                               read_only=True) as ckpt:
+    state, _, _ = ckpt.restore(_abstract(mesh))
+  _assert_state_equal(state, 3)
+  params, report = checkpoint.load_params("runs/demo", _abstract(mesh)["params"], strict=True)
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), w), params,
+               _numpy_state(3)[0])
+
+
 def test_async_save_survives_donated_buffers(tmp_path):
   """The trainer donates the state to the next step right after save() returns."""
   mesh = _mesh(fsdp=8)
