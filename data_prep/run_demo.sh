@@ -3,15 +3,20 @@
 # -> sampled mp4s with speech -> lip-sync scores next to a shuffled-audio control.
 # Usage: data_prep/run_demo.sh PYTHON OUTDIR. Each stage is skipped when its output exists, so a
 # rerun resumes (training resumes from its latest checkpoint).
+# A miniature run (tests/test_demo_pipeline.py) sets DEMO_NUM_CLIPS, DEMO_TRAIN_FLAGS (config
+# overrides for training, e.g. --config.train.steps=4) and DEMO_SAMPLE_FLAGS (e.g. --steps=2).
 set -euo pipefail
 PY=${1:-.venv/bin/python}
 OUT=${2:-demo}
 CONFIG=configs/demo.py
+NUM_CLIPS=${DEMO_NUM_CLIPS:-64}
+read -r -a TRAIN_FLAGS <<< "${DEMO_TRAIN_FLAGS:-}"
+read -r -a SAMPLE_FLAGS <<< "${DEMO_SAMPLE_FLAGS:-}"
 mkdir -p "$OUT"
 
 echo "== 1/5 demo corpus (synthetic: a real face photo + espeak-ng speech) -> $OUT/corpus"
 [ -f "$OUT/corpus/.done" ] || {
-  "$PY" -m data_prep.make_demo_corpus --out="$OUT/corpus" --num_clips=64 && touch "$OUT/corpus/.done"; }
+  "$PY" -m data_prep.make_demo_corpus --out="$OUT/corpus" --num_clips="$NUM_CLIPS" && touch "$OUT/corpus/.done"; }
 
 echo "== 2/5 prepare: latents, mouth masks, text embeddings -> $OUT/dataset"
 [ -f "$OUT/dataset/dataset_info.json" ] || \
@@ -19,12 +24,14 @@ echo "== 2/5 prepare: latents, mouth masks, text embeddings -> $OUT/dataset"
     --eval_fraction=0.25 --workers=2
 
 echo "== 3/5 train the demo model -> $OUT/run"
-"$PY" -m jova_jax.train --config=$CONFIG --workdir="$OUT/run" --config.data.dir="$OUT/dataset"
+"$PY" -m jova_jax.train --config=$CONFIG --workdir="$OUT/run" --config.data.dir="$OUT/dataset" \
+  ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
 
 echo "== 4/5 sample videos with speech -> $OUT/samples"
 # Held-out clips' prompts with their first frame (image-to-video), then text-only prompts.
 "$PY" -m data_prep.demo_prompts --config=$CONFIG --dataset="$OUT/dataset" --out="$OUT/prompts.jsonl"
-"$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts="$OUT/prompts.jsonl" --outdir="$OUT/samples"
+"$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts="$OUT/prompts.jsonl" --outdir="$OUT/samples" \
+  ${SAMPLE_FLAGS[@]+"${SAMPLE_FLAGS[@]}"}
 
 echo "== 5/5 lip-sync scores (each video against its own audio and a shuffled-audio control)"
 # A few CPU minutes of training give coarse 32x32 faces that dlib may not find: then the

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import time
 
 import jax
 from absl import logging
+
+
+# Libraries whose INFO lines (Orbax logs a dozen per save) would bury the progress line.
+_CHATTY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge.py")
+
+
+def quiet_library_logs() -> None:
+  """Keeps warnings and errors from those libraries, drops their INFO and DEBUG lines."""
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= std_logging.WARNING or not any(p in r.pathname for p in _CHATTY_LIBRARIES))
 
 
 class MetricsWriter:

@@ -7,7 +7,7 @@ says the job has several processes (see jova_jax/parallel/mesh.py).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jova_jax import trainer
+from jova_jax import metrics, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
@@ -20,6 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  metrics.quiet_library_logs()
   try:
     trainer.train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
   except trainer.TrainingDiverged as e:
