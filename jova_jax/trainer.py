@@ -134,9 +134,9 @@ def make_train_step(program: Program):
     params = state["params"]
     key = jax.random.fold_in(base_key, state["step"])
     (loss, metrics), grads = accumulated_grads(loss_fn, params, batch, key, accum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     new_params = optax.apply_updates(params, updates)
     # A non-finite step changes nothing but the counters.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
