@@ -29,7 +29,8 @@ echo "== 3/5 train the demo model -> $OUT/run"
 
 echo "== 4/5 sample videos with speech -> $OUT/samples"
 # Held-out clips' prompts with their first frame (image-to-video), then text-only prompts.
-"$PY" -m data_prep.demo_prompts --config=$CONFIG --dataset="$OUT/dataset" --out="$OUT/prompts.jsonl"
+"$PY" -m data_prep.demo_prompts --config=$CONFIG --dataset="$OUT/dataset" --out="$OUT/prompts.jsonl" \
+  --references="$OUT/references"
 "$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts="$OUT/prompts.jsonl" --outdir="$OUT/samples" \
   ${SAMPLE_FLAGS[@]+"${SAMPLE_FLAGS[@]}"}
 
@@ -38,9 +39,7 @@ echo "== 5/5 lip-sync scores (each video against its own audio and a shuffled-au
 # scorer says so per video, and the demo still ends normally.
 "$PY" -m jova_jax.eval.sync --video="$OUT/samples" --shuffle_control || \
   echo "(some generated videos have no lip-sync score: dlib found no face in them)"
-echo "ground truth for comparison (8 demo corpus clips, same scorer):"
-mkdir -p "$OUT/ground_truth"
-for clip in $(ls "$OUT"/corpus/clip_*.mp4 | head -n 8); do ln -sf "$(realpath "$clip")" "$OUT/ground_truth/"; done
-"$PY" -m jova_jax.eval.sync --video="$OUT/ground_truth" --shuffle_control | tail -n 1 || true
+echo "ground truth for comparison (the held-out clips decoded from their latents: same size, same codecs):"
+"$PY" -m jova_jax.eval.sync --video="$OUT/references" --shuffle_control | tail -n 1
 echo "generated videos:"
 ls -1 "$OUT"/samples/*.mp4

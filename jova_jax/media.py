@@ -122,6 +122,12 @@ def probe_streams(path: str) -> list[str]:
 
 # ---------------------------------------------------------------- writing
 
+def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
+  """Cuts or zero-pads a decoded wave to the clip: audio codecs decode whole latents
+  (La / latents_per_second seconds), a little more or less than the clip's samples."""
+  return np.pad(wave, (0, max(0, num_samples - wave.size)))[:num_samples]
+
+
 def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
   """16-bit PCM mono wav; samples are clipped to [-1, 1]."""
   with wave.open(path, "wb") as f:

@@ -408,8 +408,7 @@ class Pipeline:
     frames = given.frames if given.frames is not None else \
         self.video_codec.decode(video_latent[None])[0]
     wave = given.wave if given.wave is not None else self.audio_codec.decode(audio_latent[None])[0]
-    # The codec decodes whole latents (La / latents_per_second s): cut or pad to the clip.
-    wave = np.pad(wave, (0, max(0, self.shapes.num_samples - wave.size)))[:self.shapes.num_samples]
+    wave = media.fit_length(wave, self.shapes.num_samples)
     stem = os.path.join(outdir, prompt.name)
     media.write_wav(stem + ".wav", wave, a.sample_rate)
     media.write_mp4(stem + ".mp4", frames, v.fps, wave, a.sample_rate)

@@ -19,7 +19,8 @@ DEMO_FRAMES, DEMO_SIZE = 17, 32  # configs/demo.py
 def test_demo_script_runs_every_stage(tmp_path):
   out_dir = os.path.relpath(tmp_path / "demo", REPO)
   env = dict(os.environ, DEMO_NUM_CLIPS="8",
-             DEMO_TRAIN_FLAGS="--config.train.steps=4 --config.checkpoint.every_steps=2 "
+             DEMO_TRAIN_FLAGS="--config.train.steps=4 --config.train.batch_size=2 "
+                              "--config.checkpoint.every_steps=2 "
                               "--config.eval.every_steps=2 --config.train.log_every=2",
              DEMO_SAMPLE_FLAGS="--steps=2",
              # One CPU device, as on a user's machine (the suite's 8 fake devices are for tests).
@@ -43,3 +44,5 @@ def test_demo_script_runs_every_stage(tmp_path):
   capture.release()
   assert (demo / "samples" / (videos[0].stem + ".wav")).is_file()
   assert "ground truth for comparison" in run.stdout
+  assert list((demo / "references").glob("*.mp4"))  # the held-out clips, decoded
+  assert "\"control\"" in run.stdout.split("ground truth for comparison")[1]
