@@ -13,7 +13,7 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
-from jova_jax import faces
+from jova_jax import faces, media
 
 
 class ClipRejected(Exception):
@@ -120,9 +120,7 @@ def read_audio(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
   if audio.size < num_samples * 0.98:
     raise ClipRejected("too_short", f"{path} has {audio.size / sample_rate:.2f}s of audio, "
                        f"need {num_samples / sample_rate:.2f}s")
-  out = np.zeros(num_samples, np.float32)
-  out[:min(num_samples, audio.size)] = audio[:num_samples]
-  return out
+  return media.fit_length(audio, num_samples)
 
 
 def median_face_box(face_boxes: np.ndarray) -> np.ndarray | None:

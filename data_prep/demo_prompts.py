@@ -31,18 +31,11 @@ def _text(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def write_references(config, source, video_codec, out_dir: str, count: int) -> None:
-  audio_codec = codecs.get_audio_codec(config)
-  num_samples = config_lib.audio_num_samples(config)
-  os.makedirs(out_dir, exist_ok=True)
-  for i in range(min(count, len(source))):
-    record = source[i]
-    clip_id = _text(record["clip_id"])
-    frames = video_codec.decode(np.asarray(record["video_latent"], np.float32)[None])[0]
-    wave = audio_codec.decode(np.asarray(record["audio_latent"], np.float32)[None])[0]
-    wave = media.fit_length(wave, num_samples)
-    media.write_mp4(os.path.join(out_dir, f"{clip_id}.mp4"), frames, config.video.fps, wave,
-                    config.audio.sample_rate)
+def write_reference(path: str, record, frames, audio_codec, config) -> None:
+  """The clip as training saw it: decoded frames plus decoded audio, muxed to mp4."""
+  wave = audio_codec.decode(np.asarray(record["audio_latent"], np.float32)[None])[0]
+  wave = media.fit_length(wave, config_lib.audio_num_samples(config))
+  media.write_mp4(path, frames, config.video.fps, wave, config.audio.sample_rate)
 
 
 def main(argv):
@@ -51,8 +44,9 @@ def main(argv):
   config.data.dir = _DATASET.value
   source = pipeline.open_source(config, config.data.eval_split)
   codec = codecs.get_video_codec(config)
+  audio_codec = codecs.get_audio_codec(config) if _REFERENCES.value else None
   if _REFERENCES.value:
-    write_references(config, source, codec, _REFERENCES.value, _NUM_I2V.value)
+    os.makedirs(_REFERENCES.value, exist_ok=True)
   out_dir = os.path.dirname(os.path.abspath(_OUT.value))
   os.makedirs(os.path.join(out_dir, "reference_frames"), exist_ok=True)
   lines = []
@@ -60,10 +54,13 @@ def main(argv):
     record = source[i]
     clip_id = _text(record["clip_id"])
     caption = _text(record["caption"])
-    frame = codec.decode(np.asarray(record["video_latent"], np.float32)[None])[0, 0]
+    frames = codec.decode(np.asarray(record["video_latent"], np.float32)[None])[0]
     image = os.path.join(out_dir, "reference_frames", f"{clip_id}.png")
-    cv2.imwrite(image, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(image, cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR))
     lines.append({"name": f"i2v_{clip_id}", "prompt": caption, "image": image, "seed": 100 + i})
+    if audio_codec is not None:
+      write_reference(os.path.join(_REFERENCES.value, f"{clip_id}.mp4"), record, frames,
+                      audio_codec, config)
   with open(_TEXT_ONLY.value) as f:
     lines += [json.loads(line) for line in f if line.strip()]
   with open(_OUT.value, "w") as f:

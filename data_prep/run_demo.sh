@@ -10,8 +10,8 @@ PY=${1:-.venv/bin/python}
 OUT=${2:-demo}
 CONFIG=configs/demo.py
 NUM_CLIPS=${DEMO_NUM_CLIPS:-64}
-read -r -a TRAIN_FLAGS <<< "${DEMO_TRAIN_FLAGS:-}"
-read -r -a SAMPLE_FLAGS <<< "${DEMO_SAMPLE_FLAGS:-}"
+TRAIN_FLAGS=${DEMO_TRAIN_FLAGS:-}    # word-split on purpose below: flags hold no spaces
+SAMPLE_FLAGS=${DEMO_SAMPLE_FLAGS:-}
 mkdir -p "$OUT"
 
 echo "== 1/5 demo corpus (synthetic: a real face photo + espeak-ng speech) -> $OUT/corpus"
@@ -25,14 +25,14 @@ echo "== 2/5 prepare: latents, mouth masks, text embeddings -> $OUT/dataset"
 
 echo "== 3/5 train the demo model -> $OUT/run"
 "$PY" -m jova_jax.train --config=$CONFIG --workdir="$OUT/run" --config.data.dir="$OUT/dataset" \
-  ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}
+  $TRAIN_FLAGS
 
 echo "== 4/5 sample videos with speech -> $OUT/samples"
 # Held-out clips' prompts with their first frame (image-to-video), then text-only prompts.
 "$PY" -m data_prep.demo_prompts --config=$CONFIG --dataset="$OUT/dataset" --out="$OUT/prompts.jsonl" \
   --references="$OUT/references"
 "$PY" -m jova_jax.sample --workdir="$OUT/run" --prompts="$OUT/prompts.jsonl" --outdir="$OUT/samples" \
-  ${SAMPLE_FLAGS[@]+"${SAMPLE_FLAGS[@]}"}
+  $SAMPLE_FLAGS
 
 echo "== 5/5 lip-sync scores (each video against its own audio and a shuffled-audio control)"
 # A few CPU minutes of training give coarse 32x32 faces that dlib may not find: then the

@@ -28,7 +28,7 @@ __all__ = ["Checkpointer", "load_params", "format_report", "key_path", "Preempti
 _STATE, _DATA, _CONFIG = "state", "data_state", "config"
 
 
-# ------------------------------------------------------------------ pytree helpers
+# ------------------------------------------------------------------ paths
 
 def absolute_path(path) -> epath.Path:
   """Orbax refuses relative paths ('Checkpoint path should be absolute'); users and scripts
@@ -36,6 +36,8 @@ def absolute_path(path) -> epath.Path:
   path = str(path)
   return epath.Path(path if "://" in path else os.path.abspath(path))
 
+
+# ------------------------------------------------------------------ pytree helpers
 
 def _key_name(entry) -> str:
   for attr in ("key", "idx", "name"):

@@ -38,6 +38,12 @@ def _require_file(path: str) -> None:
 
 # ---------------------------------------------------------------- reading
 
+def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
+  """Cuts or zero-pads a wave to num_samples: decoders and ffmpeg give a little more or less
+  than the clip (whole codec latents, AAC padding)."""
+  return np.pad(wave, (0, max(0, num_samples - wave.size)))[:num_samples]
+
+
 def read_audio(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
   """(num_samples,) float32 mono at sample_rate from any file ffmpeg reads (wav, mp4, ...).
 
@@ -57,9 +63,7 @@ def read_audio(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
   if audio.size < 0.98 * num_samples:
     raise MediaError(f"{path}: {audio.size / sample_rate:.2f} s of audio, the model makes "
                      f"{seconds:.2f} s clips")
-  out = np.zeros(num_samples, np.float32)
-  out[:min(audio.size, num_samples)] = audio[:num_samples]
-  return out
+  return fit_length(audio, num_samples)
 
 
 def _cover_filter(height: int, width: int) -> str:
@@ -121,12 +125,6 @@ def probe_streams(path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- writing
-
-def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
-  """Cuts or zero-pads a decoded wave to the clip: audio codecs decode whole latents
-  (La / latents_per_second seconds), a little more or less than the clip's samples."""
-  return np.pad(wave, (0, max(0, num_samples - wave.size)))[:num_samples]
-
 
 def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
   """16-bit PCM mono wav; samples are clipped to [-1, 1]."""

@@ -9,9 +9,7 @@ import cv2
 import pytest
 
 from jova_jax import checkpoint
-from tests.conftest import REPO
-
-DEMO_FRAMES, DEMO_SIZE = 17, 32  # configs/demo.py
+from tests.conftest import REPO, load
 
 
 @pytest.mark.slow
@@ -38,9 +36,10 @@ def test_demo_script_runs_every_stage(tmp_path):
     assert ckpt.all_steps() == [2, 4]
   videos = sorted((demo / "samples").glob("*.mp4"))
   assert videos and all(v.name in run.stdout for v in videos)  # listed at the end
+  video = load("demo").video
   capture = cv2.VideoCapture(str(videos[0]))
-  assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == DEMO_FRAMES
-  assert int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)) == DEMO_SIZE
+  assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == video.frames
+  assert int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)) == video.width
   capture.release()
   assert (demo / "samples" / (videos[0].stem + ".wav")).is_file()
   assert "ground truth for comparison" in run.stdout
