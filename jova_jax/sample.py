@@ -36,12 +36,13 @@ flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VA
 
 def main(argv):
   del argv
-  from jova_jax import sampling
+  from jova_jax import metrics, sampling
   from jova_jax.parallel import mesh as mesh_lib
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:
     raise app.UsageError("--prompts and --outdir are required")
+  metrics.quiet_library_logs()
   mesh_lib.maybe_initialize_distributed()
   try:
     config, mesh, graphdef, params = sampling.load_run(
