@@ -63,6 +63,9 @@ def get_config():
       logit_std=1.0,           # logit-normal scale
       mode_scale=1.29,         # 'mode' density scale (SD3)
       shift=1.0,               # s' = shift*s / (1 + (shift-1)*s); >1 favours noisier sigmas
+      prediction="velocity",   # network output: 'velocity' | 'x0' (clean latent; see jova_jax/flow.py)
+      x0_min_sigma=0.05,       # 'x0': sigma clamp of the velocity loss (weight 1/max(s, this)^2)
+      sigma_data=0.0,          # 'x0': > 0 adds a skip, D = c_skip x_s + c_out F, for data of this std
       p_clean_audio=0.1,       # probability that audio is kept clean (sigma_audio=0): teaches A2V
       p_clean_video=0.1,       # probability that video is kept clean (sigma_video=0): teaches V2A
   ))
@@ -107,6 +110,9 @@ def get_config():
       every_steps=0,           # 0 = no periodic eval
       batches=2,               # batches of the eval split per eval
       sigmas=(0.1, 0.3, 0.5, 0.7, 0.9),  # fixed noise levels for validation loss
+      sample_every_steps=0,    # samples while training (<workdir>/samples/<step>/, TensorBoard); 0 = off
+      sample_prompts=2,        # held-out examples previewed, each image-to-video and text-only
+      sample_steps=0,          # ODE steps of those previews (0 = sample.steps)
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=500,
@@ -132,7 +138,7 @@ def get_config():
   c.sample = ml_collections.ConfigDict(dict(
       steps=30,
       solver="euler",           # 'euler' | 'unipc'
-      shift=3.0,
+      shift=ml_collections.config_dict.placeholder(float),  # None: flow.shift (the training one)
       video_guidance=5.0,
       audio_guidance=4.0,
   ))

@@ -1,7 +1,23 @@
 """Flow matching (DESIGN 1): sigma in [0, 1], sigma = 1 is pure noise.
 
-x_s = (1 - s) * x0 + s * eps, and the model predicts the velocity v = eps - x0, so
-dx/ds = v and integrating from s = 1 to 0 takes noise to data.
+x_s = (1 - s) * x0 + s * eps and the velocity is v = eps - x0 = (x_s - x0) / s, so dx/ds = v
+and integrating from s = 1 to 0 takes noise to data.
+
+What the network outputs is `flow.prediction`:
+- 'velocity': v directly.
+- 'x0': the clean latent D. Where a token carries about as many values as the model is wide
+  (the pixels codec), predicting the noise-free signal is learnable and predicting v (which
+  contains the noise) is not (Li & He 2025, arXiv 2511.13720). The loss stays a velocity loss:
+  both velocities are formed with the sigma clamped at `flow.x0_min_sigma`,
+      v_hat = (x_s - D) / max(s, s_min),   v = (x_s - x0) / max(s, s_min),
+  i.e. an x0 loss weighted by 1 / max(s, s_min)^2: equal to the v-loss wherever s >= s_min,
+  bounded below it (without the clamp the weight diverges at s -> 0 and the loss spikes).
+  With `flow.sigma_data` > 0 the clean latent is D = c_skip(s) x_s + c_out(s) F (Karras et al.
+  2022's preconditioning, for data of that std): at low noise the input reaches D through the
+  skip, so the network need not copy a token of as many values as it is wide through its
+  width (it could not: a plain x0 model denoised sigma 0.1 worse than x_s / 0.9 does), and at
+  high noise F is the clean signal, as in plain x0 prediction.
+The sampler's solvers take the data prediction m (x0 estimate) of either output.
 """
 from __future__ import annotations
 
@@ -55,6 +71,9 @@ def add_noise(x0, eps, sigma):
   return (1.0 - s) * x0 + s * eps
 
 
+PREDICTIONS = ("velocity", "x0")
+
+
 def velocity_target(x0, eps):
   return eps - x0
 
@@ -62,6 +81,43 @@ def velocity_target(x0, eps):
 def denoised(x_s, v, sigma):
   """x0 estimate from a velocity: x0 = x_s - s * v."""
   return x_s - _bcast(sigma, x_s) * v
+
+
+def prediction_of(flow_cfg) -> str:
+  """flow.prediction (runs saved before the key existed predicted velocities)."""
+  prediction = flow_cfg.get("prediction", "velocity")
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"flow.prediction={prediction!r}: expected one of {PREDICTIONS}")
+  return prediction
+
+
+def loss_pair(output, x_s, x0, eps, sigma, flow_cfg):
+  """(predicted, target) velocities for the loss from the network's output (module doc)."""
+  if prediction_of(flow_cfg) == "velocity":
+    return output, velocity_target(x0, eps)
+  d = data_prediction(output, x_s, sigma, flow_cfg)
+  s = jnp.maximum(_bcast(sigma, x_s), float(flow_cfg.x0_min_sigma)).astype(x_s.dtype)
+  return (x_s - d) / s, (x_s - x0) / s
+
+
+def skip_scalings(sigma, sigma_data: float):
+  """(c_skip, c_out) of D = c_skip x_s + c_out F for x_s = (1 - s) x0 + s eps: the D of least
+  error from x_s alone is c_skip x_s (x0 of std sigma_data), and c_out makes the target of F
+  unit-variance."""
+  alpha = 1.0 - sigma
+  norm = alpha ** 2 * sigma_data ** 2 + sigma ** 2
+  return alpha * sigma_data ** 2 / norm, sigma * sigma_data / jnp.sqrt(norm)
+
+
+def data_prediction(output, x_s, sigma, flow_cfg):
+  """The x0 estimate m the solvers integrate with, from the network's output at sigma (B,)."""
+  if prediction_of(flow_cfg) == "velocity":
+    return denoised(x_s, output, sigma)
+  sigma_data = float(flow_cfg.get("sigma_data", 0.0))
+  if sigma_data <= 0:
+    return output
+  c_skip, c_out = skip_scalings(_bcast(sigma, x_s).astype(x_s.dtype), sigma_data)
+  return c_skip * x_s + c_out * output
 
 
 # ------------------------------------------------------------------ sampling: ODE solvers
@@ -88,9 +144,10 @@ def timesteps(steps: int, shift: float) -> np.ndarray:
   return sigmas
 
 
-def guided_velocity(v_cond, v_uncond, scale):
-  """Classifier-free guidance: v_u + scale * (v_c - v_u); scale 1 is the conditional one."""
-  return v_uncond + scale * (v_cond - v_uncond)
+def guided(cond, uncond, scale):
+  """Classifier-free guidance: u + scale * (c - u); scale 1 is the conditional one. Applied to
+  data predictions it equals guidance on velocities (m = x - s v is affine in v, same x)."""
+  return uncond + scale * (cond - uncond)
 
 
 @dataclasses.dataclass(frozen=True)

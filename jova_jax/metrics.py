@@ -35,6 +35,11 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+  @property
+  def tensorboard(self):
+    """The TensorBoard SummaryWriter (None off process 0), for images and audio."""
+    return self._tb
+
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return

@@ -47,8 +47,9 @@ class Settings:
   def from_config(cls, config, **overrides) -> "Settings":
     """config.sample.* with the non-None overrides on top."""
     s = config.sample
-    values = dict(steps=s.steps, solver=s.solver, shift=s.shift,
-                  video_guidance=s.video_guidance, audio_guidance=s.audio_guidance)
+    # Unset, the sampler's shift is the training one: it then walks the sigmas the model saw.
+    shift = config.flow.shift if s.get("shift") is None else s.shift
+    values = dict(steps=s.steps, solver=s.solver, shift=shift, video_guidance=s.video_guidance, audio_guidance=s.audio_guidance)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(steps=int(values["steps"]), solver=str(values["solver"]),
                shift=float(values["shift"]), video_guidance=float(values["video_guidance"]),
@@ -241,8 +242,9 @@ def _noise(seeds, video_shape, audio_shape):
   return jax.vmap(one)(seeds)
 
 
-def _velocities(graphdef, params, x_video, x_audio, cond, sigma, scales, guided: bool):
-  """Guided (v_video, v_audio) at one sigma; a given modality is fed at sigma 0."""
+def _data_predictions(graphdef, params, x_video, x_audio, cond, sigma, scales, guided: bool,
+                      flow_cfg):
+  """Guided x0 estimates (m_video, m_audio) at one sigma; a given modality is fed at sigma 0."""
   b = x_video.shape[0]
   sigma_video = jnp.where(cond["given_video"], 0.0, sigma)
   sigma_audio = jnp.where(cond["given_audio"], 0.0, sigma)
@@ -253,23 +255,24 @@ def _velocities(graphdef, params, x_video, x_audio, cond, sigma, scales, guided:
     inputs = tuple(jnp.concatenate([x, x]) for x in inputs)
     drop = jnp.concatenate([drop, jnp.ones((b,), bool)])
   xv, xa, txt, txt_mask, sv, sa, ff, use_ff = inputs
-  v_video, v_audio = sharded.apply(graphdef, params, xv, xa, txt, txt_mask, sv, sa,
-                                   first_frame=ff, use_first_frame=use_ff, drop_text=drop)
+  out_video, out_audio = sharded.apply(graphdef, params, xv, xa, txt, txt_mask, sv, sa,
+                                       first_frame=ff, use_first_frame=use_ff, drop_text=drop)
+  m_video = flow.data_prediction(out_video, xv, sv, flow_cfg)
+  m_audio = flow.data_prediction(out_audio, xa, sa, flow_cfg)
   if guided:
-    v_video = flow.guided_velocity(v_video[:b], v_video[b:], scales[0])
-    v_audio = flow.guided_velocity(v_audio[:b], v_audio[b:], scales[1])
-  return v_video, v_audio
+    m_video = flow.guided(m_video[:b], m_video[b:], scales[0])
+    m_audio = flow.guided(m_audio[:b], m_audio[b:], scales[1])
+  return m_video, m_audio
 
 
-def _ode_step(graphdef, guided, params, state, cond, sigma, w_pred, w_corr, scales):
+def _ode_step(graphdef, guided, flow_cfg, params, state, cond, sigma, w_pred, w_corr, scales):
   """One solver step for both modalities; state[k] = (x, x_prev, m_prev, m_prev2)."""
   x_video, x_audio = state["video"][0], state["audio"][0]
-  v_video, v_audio = _velocities(graphdef, params, x_video, x_audio, cond, sigma, scales, guided)
-  sigmas = jnp.full((x_video.shape[0],), sigma)
+  m_video, m_audio = _data_predictions(graphdef, params, x_video, x_audio, cond, sigma, scales,
+                                       guided, flow_cfg)
   new = {}
-  for key, v in (("video", v_video), ("audio", v_audio)):
+  for key, m in (("video", m_video), ("audio", m_audio)):
     x, x_prev, m_prev, m_prev2 = state[key]
-    m = flow.denoised(x, v, sigmas)
     x = flow.correct(w_corr, x, x_prev, m, m_prev, m_prev2)
     x_next = flow.predict(w_pred, x, m, m_prev)
     given = _per_example(cond[f"given_{key}"], x_next)
@@ -290,7 +293,8 @@ class LatentSampler:
   def _step_fn(self, guided: bool):
     if guided not in self._steps:
       def step(params, state, cond, sigma, w_pred, w_corr, scales):
-        return _ode_step(self.graphdef, guided, params, state, cond, sigma, w_pred, w_corr, scales)
+        return _ode_step(self.graphdef, guided, self.config.flow, params, state, cond, sigma,
+                         w_pred, w_corr, scales)
       self._steps[guided] = jax.jit(step, donate_argnums=1)
     return self._steps[guided]
 
@@ -346,6 +350,18 @@ class Media:
   audio_latent: np.ndarray | None = None
 
 
+def text_conditions(text, text_mask, shapes) -> dict:
+  """The condition batch (see LatentSampler.sample) of text embeddings (B, L, Dt) and masks
+  (B, L) alone: no reference frame, nothing given."""
+  b = len(text)
+  return {"text": np.asarray(text, np.float32), "text_mask": np.asarray(text_mask, bool),
+          "first_frame": np.zeros((b,) + shapes.video[1:], np.float32),
+          "use_first_frame": np.zeros(b, bool), "given_video": np.zeros(b, bool),
+          "given_audio": np.zeros(b, bool),
+          "clean_video": np.zeros((b,) + shapes.video, np.float32),
+          "clean_audio": np.zeros((b,) + shapes.audio, np.float32)}
+
+
 class Pipeline:
   """Prompts -> conditions (text encoder, codecs) -> latents -> mp4 / wav / json files."""
 
@@ -382,14 +398,7 @@ class Pipeline:
     emb, mask = self.text_encoder.encode([p.text for p in prompts],
                                          max_length=int(self.config.text.max_length))
     emb = np.where(mask[..., None], emb, 0.0).astype(np.float32)  # zero padding, as in training
-    b = len(prompts)
-    t, h, w, cv = self.shapes.video
-    cond = {"text": emb, "text_mask": np.asarray(mask, bool),
-            "first_frame": np.zeros((b, h, w, cv), np.float32),
-            "use_first_frame": np.zeros(b, bool), "given_video": np.zeros(b, bool),
-            "given_audio": np.zeros(b, bool),
-            "clean_video": np.zeros((b,) + self.shapes.video, np.float32),
-            "clean_audio": np.zeros((b,) + self.shapes.audio, np.float32)}
+    cond = text_conditions(emb, mask, self.shapes)
     for i, m in enumerate(given):
       if m.first_frame is not None:
         cond["first_frame"][i], cond["use_first_frame"][i] = m.first_frame, True

@@ -20,7 +20,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, config_lib, objective, optim, perf
+from jova_jax import checkpoint, config_lib, objective, optim, perf, preview
 from jova_jax.data import pipeline
 from jova_jax.metrics import MetricsWriter
 from jova_jax.model import sharded, summary
@@ -249,6 +249,9 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
 
   # ---------------------------------------------------------------- steps
   writer = MetricsWriter(workdir, int(config.train.steps))
+  sample_every = int(config.eval.get("sample_every_steps", 0))
+  samples = (preview.TrainingPreview(config, mesh, program.graphdef, workdir, writer.tensorboard)
+             if sample_every else None)
   watcher = PreemptionWatcher()
   step = int(state["step"])
   pending = None  # metrics of the step before: read after the next one is dispatched
@@ -286,6 +289,9 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
         ev = run_eval(eval_step, state["params"], eval_batches, mesh)
         writer.write(step, ev)
         logging.info("eval at step %d: %s", step, _brief(ev))
+
+      if samples is not None and (step % sample_every == 0 or step == int(config.train.steps)):
+        samples(step, state["ema"] if float(config.train.ema_decay) > 0 else state["params"])
 
       if ckpt.should_save(step):
         ckpt.save(step, state, data_state=train_iter.get_state(), config=config)

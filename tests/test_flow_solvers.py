@@ -83,8 +83,8 @@ def test_unknown_solver():
     flow.solver_plan("heun", 4, 1.0)
 
 
-def test_guided_velocity():
+def test_guidance():
   cond, uncond = jnp.array([1.0, -2.0]), jnp.array([0.5, 1.0])
-  np.testing.assert_array_equal(flow.guided_velocity(cond, uncond, 1.0), cond)
-  np.testing.assert_array_equal(flow.guided_velocity(cond, uncond, 0.0), uncond)
-  np.testing.assert_allclose(flow.guided_velocity(cond, uncond, 3.0), [2.0, -8.0])
+  np.testing.assert_array_equal(flow.guided(cond, uncond, 1.0), cond)
+  np.testing.assert_array_equal(flow.guided(cond, uncond, 0.0), uncond)
+  np.testing.assert_allclose(flow.guided(cond, uncond, 3.0), [2.0, -8.0])

@@ -119,3 +119,78 @@ def test_clean_modalities_are_exclusive_and_at_the_configured_rate():
   assert abs(np.mean(sa == 0) - 0.2) < 0.015 and abs(np.mean(sv == 0) - 0.3) < 0.015
   both = (sv > 0) & (sa > 0)
   np.testing.assert_array_equal(sv[both], sa[both])  # one shared sigma otherwise
+
+
+def _flow_cfg(prediction, min_sigma=0.05):
+  c = load("tiny").flow
+  c.update(prediction=prediction, x0_min_sigma=min_sigma)
+  return c
+
+
+def test_x0_prediction_loss_is_the_velocity_loss_with_a_clamped_sigma():
+  rng = np.random.default_rng(0)
+  x0, eps, out = (jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32) for _ in range(3))
+  sigma = jnp.array([0.01, 0.05, 0.4, 1.0])
+  xs = flow.add_noise(x0, eps, sigma)
+  pred, target = flow.loss_pair(out, xs, x0, eps, sigma, _flow_cfg("x0"))
+  # Where sigma >= the clamp both are the true velocities (x - D) / s and eps - x0 ...
+  np.testing.assert_allclose(target[1:], (eps - x0)[1:], atol=1e-5)
+  np.testing.assert_allclose(pred[1:], ((xs - out) / sigma[:, None, None])[1:], rtol=1e-5)
+  # ... and the error is the x0 error over max(sigma, clamp): bounded at small sigma.
+  weight = 1.0 / np.maximum(np.asarray(sigma), 0.05)[:, None, None]
+  np.testing.assert_allclose(pred - target, (x0 - out) * weight, rtol=1e-4, atol=1e-5)
+  # The velocity convention passes the output through against eps - x0.
+  pred_v, target_v = flow.loss_pair(out, xs, x0, eps, sigma, _flow_cfg("velocity"))
+  np.testing.assert_array_equal(pred_v, out)
+  np.testing.assert_allclose(target_v, eps - x0)
+
+
+def test_data_prediction_inverts_each_convention():
+  rng = np.random.default_rng(1)
+  x0, eps = (jnp.asarray(rng.normal(size=(2, 5)), jnp.float32) for _ in range(2))
+  sigma = jnp.array([0.3, 0.9])
+  xs = flow.add_noise(x0, eps, sigma)
+  # A perfect model of either kind gives back x0 to the solvers.
+  np.testing.assert_allclose(flow.data_prediction(eps - x0, xs, sigma, _flow_cfg("velocity")),
+                             x0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(flow.data_prediction(x0, xs, sigma, _flow_cfg("x0")), x0)
+
+
+def test_prediction_key_is_checked_and_old_runs_predict_velocity():
+  with pytest.raises(ValueError, match="flow.prediction='eps'"):
+    flow.prediction_of(_flow_cfg("eps"))
+  old = load("tiny").flow
+  del old["prediction"]
+  assert flow.prediction_of(old) == "velocity"
+
+
+def test_skip_scalings_give_the_best_linear_guess_and_a_unit_variance_target():
+  """For x0 of std sigma_data: c_skip x_s is the least-squares x0 from x_s alone, and the
+  network's target (x0 - c_skip x_s) / c_out has unit variance at every sigma."""
+  rng = np.random.default_rng(2)
+  x0 = 0.5 * rng.normal(size=200000)
+  eps = rng.normal(size=200000)
+  for s in (0.05, 0.3, 0.7, 0.99):
+    xs = (1 - s) * x0 + s * eps
+    c_skip, c_out = (float(c) for c in flow.skip_scalings(jnp.float32(s), 0.5))
+    best = np.dot(xs, x0) / np.dot(xs, xs)
+    assert abs(c_skip - best) < 0.01, (s, c_skip, best)
+    assert abs(np.std((x0 - c_skip * xs) / c_out) - 1.0) < 0.01
+  # At the ends: clean input passes through; pure noise leaves D = sigma_data * F.
+  np.testing.assert_allclose(flow.skip_scalings(jnp.float32(0.0), 0.5), (1.0, 0.0), atol=1e-6)
+  np.testing.assert_allclose(flow.skip_scalings(jnp.float32(1.0), 0.5), (0.0, 0.5), atol=1e-6)
+
+
+def test_x0_with_skip_inverts_and_feeds_the_same_loss():
+  cfg = _flow_cfg("x0")
+  cfg.sigma_data = 0.5
+  rng = np.random.default_rng(3)
+  x0, eps, out = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(3))
+  sigma = jnp.array([0.2, 0.5, 0.9])
+  xs = flow.add_noise(x0, eps, sigma)
+  c_skip, c_out = flow.skip_scalings(sigma[:, None], 0.5)
+  d = flow.data_prediction(out, xs, sigma, cfg)
+  np.testing.assert_allclose(d, c_skip * xs + c_out * out, rtol=1e-6)
+  # The loss sees the D the sampler will integrate with.
+  pred, target = flow.loss_pair(out, xs, x0, eps, sigma, cfg)
+  np.testing.assert_allclose(pred - target, (x0 - d) / sigma[:, None], rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ import sys
 
 import cv2
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -124,8 +125,9 @@ def test_same_seed_same_latents_in_any_batch_position(pipeline, tmp_path):
   assert np.all(np.isfinite(v1)) and np.all(np.isfinite(a1))
 
 
-def _reference(pipeline, cond, seeds, settings, drop_uncond_rows):
-  """An independent loop: euler written out with two separate model calls per step."""
+def _reference(pipeline, cond, seeds, settings, drop_uncond_rows, prediction="velocity"):
+  """An independent loop: euler written out with two separate model calls per step; an 'x0'
+  model's output D gives the velocity (x - D) / sigma."""
   from jova_jax import flow
   sampler = pipeline.sampler
   shapes = sampler.shapes
@@ -142,10 +144,13 @@ def _reference(pipeline, cond, seeds, settings, drop_uncond_rows):
     def model(xv, xa, s, drop):
       sv = np.where(cond["given_video"], 0.0, s).astype(np.float32)
       sa = np.where(cond["given_audio"], 0.0, s).astype(np.float32)
-      return jax.jit(sharded.apply, static_argnums=0)(
+      out = jax.jit(sharded.apply, static_argnums=0)(
           sampler.graphdef, sampler.params, xv, xa, cond["text"], cond["text_mask"], sv, sa,
           first_frame=cond["first_frame"], use_first_frame=cond["use_first_frame"],
           drop_text=np.full(b, drop))
+      if prediction == "x0":
+        return tuple((x - out) / s for x, out in zip((xv, xa), out))
+      return out
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
       cv, ca = model(x_video, x_audio, s, False)
       uv, ua = model(x_video, x_audio, s, True)
@@ -169,6 +174,24 @@ def test_batched_guidance_matches_separate_forwards(pipeline, tmp_path, video_gu
   cond = _cond(pipeline, batch)
   video, audio, _ = pipeline.sampler.sample(cond, seeds, settings)
   ref_video, ref_audio = _reference(pipeline, cond, seeds, settings, True)
+  np.testing.assert_allclose(video, ref_video, atol=2e-4)
+  np.testing.assert_allclose(audio, ref_audio, atol=2e-4)
+
+
+def test_x0_prediction_sampler_matches_the_velocity_it_implies(pipeline, tmp_path):
+  """flow.prediction='x0': the same weights read as clean-latent predictions, guided, against
+  the reference loop on the velocities (x - D) / sigma."""
+  config = ml_collections.ConfigDict(pipeline.config.to_dict())
+  config.flow.prediction = "x0"
+  sampler = sampling.LatentSampler(config, pipeline.sampler.mesh, pipeline.sampler.graphdef,
+                                   pipeline.sampler.params)
+  x0_pipeline = sampling.Pipeline(sampler, text_encoder=pipeline.text_encoder)
+  prompts, _ = _prompts(config, [CAPTIONS, {"prompt": "A man shouts."}], tmp_path)
+  settings = _settings(config, solver="euler", video_guidance=3.0, audio_guidance=0.5)
+  seeds = [1, 2, 3, 4]
+  cond = _cond(x0_pipeline, prompts * 2)
+  video, audio, _ = sampler.sample(cond, seeds, settings)
+  ref_video, ref_audio = _reference(x0_pipeline, cond, seeds, settings, True, prediction="x0")
   np.testing.assert_allclose(video, ref_video, atol=2e-4)
   np.testing.assert_allclose(audio, ref_audio, atol=2e-4)
 
