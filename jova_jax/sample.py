@@ -11,6 +11,7 @@ prompts file. Writes OUT/<name>.mp4 (H.264 + AAC), .wav and .json (prompt, seed,
 timings) per prompt. Bad lines are reported and skipped; the exit status is 1 if any was.
 Unset flags take the run's config.sample.* values.
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -31,6 +32,8 @@ flags.DEFINE_integer("batch_size", None, "Prompts per batch, a multiple of the m
                      "(default config.sample.batch_size, else data*fsdp).")
 flags.DEFINE_enum("weights", None, ["ema", "params"], "Which weights to load (default: ema when "
                   "the run kept an EMA).")
+flags.DEFINE_bool("contact_sheet", False, "Also write <outdir>/contact_sheet.png: each sample's "
+                  "frames, its I2V reference image and its mel spectrogram.")
 flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VALUE (JSON value), "
                           "e.g. --set=mesh.tensor=1 --set=parallel.attention_kernel=xla.")
 
@@ -66,6 +69,13 @@ def main(argv):
   pipeline = sampling.Pipeline(sampler)
   records, skipped = sampling.run(pipeline, prompts, FLAGS.outdir, settings, batch_size,
                                   log=lambda msg: print(msg, file=sys.stderr))
+  if FLAGS.contact_sheet and records:
+    from jova_jax.eval import contact_sheet
+    entries = [contact_sheet.read_entry(os.path.join(FLAGS.outdir, r["name"] + ".mp4"),
+                                        reference=r["image"], sample_rate=config.audio.sample_rate)
+               for r in records]
+    sheet = contact_sheet.write(os.path.join(FLAGS.outdir, "contact_sheet.png"), entries)
+    print(f"contact sheet: {sheet}")
   logging.info("wrote %d samples to %s", len(records), FLAGS.outdir)
   print(f"wrote {len(records)} samples to {FLAGS.outdir}; {len(errors) + len(skipped)} skipped")
   return 1 if errors or skipped else 0

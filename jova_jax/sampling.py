@@ -49,7 +49,8 @@ class Settings:
     s = config.sample
     # Unset, the sampler's shift is the training one: it then walks the sigmas the model saw.
     shift = config.flow.shift if s.get("shift") is None else s.shift
-    values = dict(steps=s.steps, solver=s.solver, shift=shift, video_guidance=s.video_guidance, audio_guidance=s.audio_guidance)
+    values = dict(steps=s.steps, solver=s.solver, shift=shift, video_guidance=s.video_guidance,
+                  audio_guidance=s.audio_guidance)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(steps=int(values["steps"]), solver=str(values["solver"]),
                shift=float(values["shift"]), video_guidance=float(values["video_guidance"]),
@@ -421,7 +422,7 @@ class Pipeline:
     stem = os.path.join(outdir, prompt.name)
     media.write_wav(stem + ".wav", wave, a.sample_rate)
     media.write_mp4(stem + ".mp4", frames, v.fps, wave, a.sample_rate)
-    record = {"line": prompt.line, "prompt": prompt.text, "seed": prompt.seed,
+    record = {"line": prompt.line, "name": prompt.name, "prompt": prompt.text, "seed": prompt.seed,
               "image": prompt.image, "audio": prompt.audio, "video": prompt.video,
               "settings": dataclasses.asdict(settings),
               "frames": int(frames.shape[0]), "fps": float(v.fps),

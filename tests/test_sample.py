@@ -274,11 +274,13 @@ def test_cli(run_dir, tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "jova_jax.sample", f"--workdir={run_dir[0]}",
        f"--prompts={prompts}", f"--outdir={out}", "--steps=2", "--solver=euler",
-       "--batch_size=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+       "--batch_size=4", "--contact_sheet"], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=300)
   assert result.returncode == 1, result.stderr[-3000:]
   assert f"{prompts}:2: not valid JSON" in result.stderr
-  assert sorted(os.listdir(out)) == ["sample_00001.json", "sample_00001.mp4",
+  assert sorted(os.listdir(out)) == ["contact_sheet.png", "sample_00001.json", "sample_00001.mp4",
                                      "sample_00001.wav"]
+  assert cv2.imread(str(out / "contact_sheet.png")).shape[1] == 64 * load("tiny").video.frames
   record = json.loads((out / "sample_00001.json").read_text())
   assert record["seed"] == 3 and record["settings"]["solver"] == "euler"
   assert record["settings"]["video_guidance"] == 3.0  # from the run's config.sample
