@@ -8,8 +8,10 @@ import os
 
 import ml_collections
 
+from jova_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A configuration that cannot work; the message names the keys and values."""
 
 

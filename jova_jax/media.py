@@ -7,6 +7,7 @@ wrong, e.g. a clip shorter than the model's.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -17,8 +18,10 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
+from jova_jax.errors import UserError
 
-class MediaError(ValueError):
+
+class MediaError(UserError):
   """A media file that cannot be read as asked; the message names the file."""
 
 
@@ -126,9 +129,24 @@ def probe_streams(path: str) -> list[str]:
 
 # ---------------------------------------------------------------- writing
 
+@contextlib.contextmanager
+def finished_file(path: str):
+  """Yields a temporary name beside `path` (same extension, for ffmpeg) and renames it to
+  `path` once the block succeeds: a crash or a failed write never leaves a truncated file
+  under the final name."""
+  head, tail = os.path.split(path)
+  partial = os.path.join(head, f".partial-{tail}")
+  try:
+    yield partial
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
 def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
   """16-bit PCM mono wav; samples are clipped to [-1, 1]."""
-  with wave.open(path, "wb") as f:
+  with finished_file(path) as partial, wave.open(partial, "wb") as f:
     f.setnchannels(1)
     f.setsampwidth(2)
     f.setframerate(int(sample_rate))
@@ -151,7 +169,9 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | Non
       write_wav(audio_path, audio, sample_rate)
       cmd += ["-i", audio_path, "-c:a", "aac", "-b:a", "96k"]
     cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast",
-            "-crf", "16", "-pix_fmt", "yuv420p", "-movflags", "+faststart", path]
-    result = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, check=False)
-  if result.returncode != 0:
-    raise MediaError(f"{path}: ffmpeg failed writing it: {_last_line(result.stderr)}")
+            "-crf", "16", "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+    with finished_file(path) as partial:
+      result = subprocess.run(cmd + [partial], input=frames.tobytes(), capture_output=True,
+                              check=False)
+      if result.returncode != 0:
+        raise MediaError(f"{path}: ffmpeg failed writing it: {_last_line(result.stderr)}")
