@@ -14,7 +14,7 @@ import re
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from jova_jax.errors import UserError
 
@@ -49,8 +49,7 @@ def _config_file_errors(argv) -> str | None:
   """A missing file given to a config-file flag (ml_collections defers that error until the
   config is first read, deep inside main)."""
   for name in flags.FLAGS:
-    flag = flags.FLAGS[name]
-    if not config_flags.is_config_flag(flag):
+    if not isinstance(flags.FLAGS[name].parser, ConfigFileFlagParser):
       continue
     for arg in argv[1:]:
       if arg.startswith(f"--{name}="):
@@ -62,20 +61,21 @@ def _config_file_errors(argv) -> str | None:
 
 def parse_flags(argv):
   """absl flag parsing with one-line errors (unknown config key, wrong type, missing file)."""
+  missing = _config_file_errors(argv)
+  if missing:
+    fail(missing)
   try:
-    missing = _config_file_errors(argv)
-    if missing:
-      fail(missing)
     return flags.FLAGS(argv)
   except flags.Error as e:
     fail(one_line(e))
   except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY names no field
-    key = re.search(r"'([^'\\]+)'", str(e))
-    key = key.group(1) if key else str(e)
-    given = [a.split("=", 1)[0] for a in argv[1:] if re.search(rf"\.{re.escape(key)}(=|$|\.)", a)]
-    hint = re.search(r'Did you mean "([^"]+)"', str(e))
-    fail(f"{given[0] if given else key}: unknown config key {key!r}"
-         + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+    message = str(e).replace("\\", "")  # a KeyError's repr inside an AttributeError
+    key = re.search(r"'(\w+)'", message)
+    key = key.group(1) if key else message
+    given = [a.split("=", 1)[0] for a in argv[1:] if re.search(rf"\.{re.escape(key)}(=|\.|$)", a)]
+    hint = re.search(r'Did you mean "(\w+)"', message)
+    fail(f"{given[0] if given else key}: no config key {key!r}"
+         + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
 
 
 def _guarded(main):

@@ -7,7 +7,6 @@ wrong, e.g. a clip shorter than the model's.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -19,6 +18,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from jova_jax.errors import UserError
+from jova_jax.files import finished_file
 
 
 class MediaError(UserError):
@@ -128,21 +128,6 @@ def probe_streams(path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- writing
-
-@contextlib.contextmanager
-def finished_file(path: str):
-  """Yields a temporary name beside `path` (same extension, for ffmpeg) and renames it to
-  `path` once the block succeeds: a crash or a failed write never leaves a truncated file
-  under the final name."""
-  head, tail = os.path.split(path)
-  partial = os.path.join(head, f".partial-{tail}")
-  try:
-    yield partial
-    os.replace(partial, path)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
-
 
 def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
   """16-bit PCM mono wav; samples are clipped to [-1, 1]."""

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, codecs, config_lib, flow, media, text
+from jova_jax import checkpoint, codecs, config_lib, files, flow, media, text
 from jova_jax.errors import UserError
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
@@ -420,8 +420,7 @@ class Pipeline:
               "height": int(frames.shape[1]), "width": int(frames.shape[2]),
               "sample_rate": int(a.sample_rate), "seconds": wave.size / a.sample_rate,
               "timings": dict(timings, decode_write_s=time.perf_counter() - start)}
-    with media.finished_file(stem + ".json") as partial, open(partial, "w") as f:
-      json.dump(record, f, indent=1)
+    files.write_text(stem + ".json", json.dumps(record, indent=1))
     return record
 
 
