@@ -292,8 +292,8 @@ def _write_corrupt(path: str, good_mp4: str, rng: np.random.Generator):
 def make_corpus(out: str, num_clips: int, seed: int = 0, fps: float = 8.0,
                 seconds: float = 2.5, size: int = 160, with_bad_clips: bool = False) -> list[str]:
   """Writes the corpus into `out`; returns the mp4 paths (good clips first)."""
+  maker = ClipMaker(fps, seconds, size)  # checks --size before anything is written
   os.makedirs(out, exist_ok=True)
-  maker = ClipMaker(fps, seconds, size)
   start = time.perf_counter()
   paths = []
   # ffmpeg runs in threads while the next clip is rendered (two cores: one each).

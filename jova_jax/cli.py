@@ -37,7 +37,8 @@ def one_line(error: BaseException) -> str:
   if isinstance(error, OSError) and error.filename and error.strerror:
     return f"{error.filename}: {error.strerror}"
   message = str(error.args[0]) if len(error.args) == 1 else str(error)
-  return "; ".join(part.strip(" -") for part in message.splitlines() if part.strip(" -"))
+  parts = (re.sub(r"^\s*-\s+", "", part).strip() for part in message.splitlines())
+  return "; ".join(part for part in parts if part)
 
 
 def fail(message: str) -> None:
