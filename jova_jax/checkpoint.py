@@ -248,8 +248,9 @@ class Checkpointer:
         where = self.directory / str(step)
         reason = " ".join(str(e).split())[:300]
         if strict:
-          raise CheckpointError(f"{where} does not restore ({type(e).__name__}: {reason}); "
-                                f"without --strict_resume the run resumes from the step before") from e
+          raise CheckpointError(
+              f"{where} does not restore ({type(e).__name__}: {reason}); without "
+              f"--strict_resume the run resumes from the step before") from e
         logging.warning("checkpoint %s does not restore (%s: %s): trying the step before",
                         where, type(e).__name__, reason)
         broken.append(step)

@@ -233,9 +233,12 @@ def train(config, workdir: str, *, init_from: str | None = None,
 
   # ---------------------------------------------------------------- state: resume or init
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  open_ckpt = lambda: checkpoint.Checkpointer(  # noqa: E731
-      ckpt_dir, every_steps=int(config.checkpoint.every_steps), keep=int(config.checkpoint.keep),
-      async_save=bool(config.checkpoint.async_save))
+
+  def open_ckpt():
+    return checkpoint.Checkpointer(ckpt_dir, every_steps=int(config.checkpoint.every_steps),
+                                   keep=int(config.checkpoint.keep),
+                                   async_save=bool(config.checkpoint.async_save))
+
   mesh_lib.barrier("before_state")
   ckpt = open_ckpt() if os.path.isdir(ckpt_dir) else None
   resumed = ckpt.restore_latest(program.abstract_state, strict=strict_resume) if ckpt else None
@@ -250,6 +253,7 @@ def train(config, workdir: str, *, init_from: str | None = None,
       state = _init_params_from(state, init_from, program)
 
   # ---------------------------------------------------------------- workdir (checks passed)
+  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     _write_config(workdir, config, start_step)
   ckpt = ckpt or open_ckpt()
@@ -329,7 +333,6 @@ def train(config, workdir: str, *, init_from: str | None = None,
 def _write_config(workdir: str, config, step: int) -> None:
   """<workdir>/config.json of the run that starts now; a different one from before is kept
   beside it as config.before_step_<step>.json."""
-  os.makedirs(workdir, exist_ok=True)
   path, text = os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
   if os.path.exists(path):
     with open(path) as f:

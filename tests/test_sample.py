@@ -214,14 +214,18 @@ def test_run_writes_real_files_and_skips_bad_prompts(pipeline, tmp_path):
   cv2.imwrite(str(tmp_path / "face.png"), image)
   prompts, errors = _prompts(config, [
       dict(CAPTIONS, name="first"), dict(CAPTIONS, image="face.png"),
-      dict(CAPTIONS, audio="short.wav"), dict(CAPTIONS, image="missing.png")], tmp_path)
+      dict(CAPTIONS, audio="short.wav"), dict(CAPTIONS, image="missing.png"),
+      dict(CAPTIONS, name="blocked")], tmp_path)
   assert not errors
   out = tmp_path / "out"
+  (out / "blocked.wav").mkdir(parents=True)  # a write that fails: the other prompts go on
   records, errors = sampling.run(pipeline, prompts, str(out), _settings(config, steps=2),
                                  batch_size=4, log=lambda msg: None)
-  assert len(records) == 2 and len(errors) == 2
+  assert len(records) == 2 and len(errors) == 3
   assert "line 3" in errors[0] and "short.wav" in errors[0] and "0.20 s of audio" in errors[0]
   assert "line 4" in errors[1] and "missing.png" in errors[1]
+  assert "line 5: writing blocked" in errors[2]
+  assert not [f for f in os.listdir(out) if f.startswith(".partial-")]  # temp names are gone
   for name in ("first", "sample_00002"):
     capture = cv2.VideoCapture(str(out / f"{name}.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == v.frames
