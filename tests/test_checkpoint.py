@@ -347,7 +347,7 @@ def test_preemption_watcher_sigterm():
   try:
     assert not watcher.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.signalled
+    assert watcher.signalled and watcher.signum == signal.SIGTERM  # the exit status: 143
     assert watcher.should_stop(2) and watcher.should_stop(3)
   finally:
     watcher.close()

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, config_lib, media, sampling
+from jova_jax import checkpoint, config_lib, files, media, sampling
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import REPO, load
@@ -245,6 +245,18 @@ def test_run_writes_real_files_and_skips_bad_prompts(pipeline, tmp_path):
     record = json.loads((out / f"{name}.json").read_text())
     assert record["settings"]["steps"] == 2 and record["seed"] == prompts[0 if name == "first" else 1].seed
     assert len(record["timings"]["ode_step_s"]) == 2
+
+
+def test_a_failed_write_leaves_no_file_under_its_name(tmp_path):
+  path = str(tmp_path / "sample.mp4")
+  with pytest.raises(OSError, match="disk full"):
+    with files.finished_file(path) as partial:
+      with open(partial, "wb") as f:
+        f.write(b"half a video")
+      raise OSError("disk full")
+  assert os.listdir(tmp_path) == []  # neither sample.mp4 nor its temporary name
+  files.write_text(path, "whole")
+  assert os.listdir(tmp_path) == ["sample.mp4"]
 
 
 def test_cli(run_dir, tmp_path):

@@ -58,6 +58,11 @@ def test_resume_is_exact(dataset, tmp_path):
   half.train.steps = 2
   trainer.train(half, resumed)
   trainer.train(config, resumed)  # picks up at step 2
+  # config.json is the config that ran last; the one it replaced is kept beside it.
+  with open(os.path.join(resumed, "config.json")) as f:
+    assert json.load(f)["train"]["steps"] == 4
+  with open(os.path.join(resumed, "config.before_step_2.json")) as f:
+    assert json.load(f)["train"]["steps"] == 2
 
   a, data_a = _restore(straight, config)
   b, data_b = _restore(resumed, config)
