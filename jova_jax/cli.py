@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
@@ -41,7 +42,8 @@ def one_line(error: BaseException) -> str:
   return "; ".join(part for part in parts if part)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
+  """Prints `error: message` and exits with the user-error status."""
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(USER_ERROR)
 
