@@ -3,7 +3,8 @@
 Variants (tiny.py, demo.py, jova_24b.py) start from this and override. Load a variant with
 `--config=configs/demo.py` and override any key on the command line, e.g.
 `--config.train.steps=100`. Derived quantities (latent shapes, token counts) are computed by
-jova_jax.config_lib from these keys, never stored twice.
+jova_jax.config_lib from these keys, never stored twice. config_lib.RULES holds the range or
+the choices of each key below; validate() refuses a value outside them, naming key and value.
 """
 import ml_collections
 

@@ -13,10 +13,10 @@ import os
 
 import cv2
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from jova_jax import codecs, config_lib, media
+from jova_jax import cli, codecs, config_lib, media
 from jova_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config of the demo run.")
@@ -69,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -28,10 +28,11 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 import skimage.data
-from absl import app, flags, logging
+from absl import flags, logging
 
 from data_prep import speech
-from jova_jax import faces
+from jova_jax import cli, faces
+from jova_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output folder for clip_NNNNN.mp4 + clip_NNNNN.json.")
@@ -229,7 +230,7 @@ class ClipMaker:
 
   def __init__(self, fps: float, seconds: float, size: int):
     if size % 2 or size < 128:
-      raise ValueError(f"--size must be even and >= 128 (a face of >= 80 px), got {size}")
+      raise UserError(f"--size must be even and >= 128 (a face of >= 80 px), got {size}")
     self.fps, self.seconds, self.size = fps, seconds, size
     self.synth = speech.Synthesizer()
     self.tracker = faces.MouthTracker(detect_every=1)
@@ -291,8 +292,8 @@ def _write_corrupt(path: str, good_mp4: str, rng: np.random.Generator):
 def make_corpus(out: str, num_clips: int, seed: int = 0, fps: float = 8.0,
                 seconds: float = 2.5, size: int = 160, with_bad_clips: bool = False) -> list[str]:
   """Writes the corpus into `out`; returns the mp4 paths (good clips first)."""
+  maker = ClipMaker(fps, seconds, size)  # checks --size before anything is written
   os.makedirs(out, exist_ok=True)
-  maker = ClipMaker(fps, seconds, size)
   start = time.perf_counter()
   paths = []
   # ffmpeg runs in threads while the next clip is rendered (two cores: one each).
@@ -345,4 +346,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("out")
-  app.run(main)
+  cli.run(main)

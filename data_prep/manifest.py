@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 
+from jova_jax.errors import UserError
+
 CAPTION_KEYS = ("video_caption", "audio_caption", "transcript")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
   """An input folder or manifest that cannot be read; the message names the file and line."""
 
 

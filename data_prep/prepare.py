@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data_prep import job, shards
+from jova_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.")
 _INPUT = flags.DEFINE_string("input", None, "Folder of *.mp4 (+ NAME.json captions) or a JSONL manifest.")
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

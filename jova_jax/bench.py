@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jova_jax import config_lib, objective, perf, trainer
+from jova_jax import cli, config_lib, objective, perf, trainer
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib
@@ -161,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

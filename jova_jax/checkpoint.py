@@ -21,11 +21,18 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from jova_jax.errors import UserError
 from jova_jax.preemption import PreemptionWatcher
 
-__all__ = ["Checkpointer", "load_params", "format_report", "key_path", "PreemptionWatcher"]
+__all__ = ["Checkpointer", "CheckpointError", "load_params", "format_report", "key_path",
+           "PreemptionWatcher"]
 
 _STATE, _DATA, _CONFIG = "state", "data_state", "config"
+BROKEN_DIR = "broken_checkpoints"  # beside the checkpoints dir: steps that failed to restore
+
+
+class CheckpointError(UserError):
+  """A checkpoint that cannot be resumed from; the message names the step directory."""
 
 
 # ------------------------------------------------------------------ paths
@@ -96,14 +103,16 @@ def _check_same_tree(saved: dict, wanted: dict, where: str) -> None:
     if key not in saved:
       parent = key.rpartition("/")[0]
       siblings = [k for k in saved if k.rpartition("/")[0] == parent]
-      raise ValueError(f"{where}: the restore target has {key!r} but the checkpoint does not "
-                       f"(its keys beside it: {siblings})")
+      raise CheckpointError(f"{where}: the restore target has {key!r} but the checkpoint does "
+                            f"not (its keys beside it: {siblings})")
     if tuple(saved[key]) != tuple(shape):
-      raise ValueError(f"{where}: {key!r} has shape {tuple(saved[key])} in the checkpoint but "
-                       f"{tuple(shape)} in the restore target")
+      raise CheckpointError(f"{where}: {key!r} has shape {tuple(saved[key])} in the checkpoint "
+                            f"but {tuple(shape)} in the restore target (another model: use a "
+                            f"new workdir, or --init_from to fine-tune)")
   for key in saved:
     if key not in wanted:
-      raise ValueError(f"{where}: the checkpoint has {key!r} but the restore target does not")
+      raise CheckpointError(f"{where}: the checkpoint has {key!r} but the restore target does "
+                            f"not")
 
 
 def _json_value(value, what: str):
@@ -219,6 +228,54 @@ class Checkpointer:
     }))
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return _from_pure(abstract_state, restored[_STATE]), restored[_DATA], restored[_CONFIG]
+
+  def restore_latest(self, abstract_state, *, strict: bool = False):
+    """(step, state, data_state) of the newest step that restores; None when there is none.
+
+    A step that fails to read (a truncated array file, a missing _METADATA) is skipped with a
+    warning and, once an older step restores, moved to <workdir>/broken_checkpoints/ so that
+    the resumed run can save that step again. strict=True refuses instead. A checkpoint of
+    another model (other keys or shapes) is refused, never skipped.
+    """
+    steps = self.all_steps()
+    broken = []
+    for step in reversed(steps):
+      try:
+        state, data_state, _ = self.restore(abstract_state, step)
+      except CheckpointError:
+        raise
+      except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
+        where = self.directory / str(step)
+        reason = " ".join(str(e).split())[:300]
+        if strict:
+          raise CheckpointError(
+              f"{where} does not restore ({type(e).__name__}: {reason}); without "
+              f"--strict_resume the run resumes from the step before") from e
+        logging.warning("checkpoint %s does not restore (%s: %s): trying the step before",
+                        where, type(e).__name__, reason)
+        broken.append(step)
+        continue
+      for bad in broken:
+        self._set_aside(bad)
+      if broken:
+        logging.warning("resuming from step %d; broken step(s) %s moved to %s", step, broken,
+                        self.directory.parent / BROKEN_DIR)
+      return step, state, data_state
+    if broken:
+      raise CheckpointError(f"{self.directory}: no step restores (tried {sorted(broken)}); "
+                            f"move the folder away to start afresh")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      target = self.directory.parent / BROKEN_DIR / str(step)
+      suffix = 1
+      while target.exists():
+        target = self.directory.parent / BROKEN_DIR / f"{step}.{suffix}"
+        suffix += 1
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    self._manager.reload()
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self._resolve_step(step)

@@ -8,8 +8,10 @@ import os
 
 import ml_collections
 
+from jova_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A configuration that cannot work; the message names the keys and values."""
 
 
@@ -81,10 +83,109 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
   return head_dim - 4 * s, 2 * s, 2 * s
 
 
+# ------------------------------------------------------------------ ranges and enums
+# (check(value) -> bool, what is expected) per key of configs/base.py; a key a config lacks is
+# skipped. The enums are those of the modules that read them (a test keeps them in step).
+
+def _at_least(low):
+  return (lambda v: v >= low), f"a number >= {low}"
+
+
+def _above(low):
+  return (lambda v: v > low), f"a number > {low}"
+
+
+def _fraction(upper_open: bool = False):
+  if upper_open:
+    return (lambda v: 0 <= v < 1), "a number in [0, 1)"
+  return (lambda v: 0 <= v <= 1), "a number in [0, 1]"
+
+
+def _one_of(*names):
+  return (lambda v: v in names), f"one of {', '.join(names)}"
+
+
+_MESH_SIZE = (lambda v: v == -1 or v >= 1), "a size >= 1, or -1 (fills the rest)"
+_DTYPES = _one_of("float32", "bfloat16", "float16")
+
+RULES = {
+    "video.codec": _one_of("pixels", "wan21"), "video.fps": _above(0),
+    "video.frames": _at_least(1), "video.height": _at_least(1), "video.width": _at_least(1),
+    "video.temporal_factor": _at_least(1), "video.spatial_factor": _at_least(1),
+    "video.latent_channels": _at_least(1),
+    "audio.codec": _one_of("mel", "mmaudio16k", "mmaudio44k"), "audio.sample_rate": _above(0),
+    "audio.latent_channels": _at_least(1), "audio.latents_per_second": _above(0),
+    "text.encoder": _one_of("minilm", "t5"), "text.width": _at_least(1),
+    "text.max_length": _at_least(1),
+    "model.hidden": _at_least(1), "model.heads": _at_least(1), "model.mlp_ratio": _above(0),
+    "model.dual_blocks": _at_least(0), "model.single_blocks": _at_least(0),
+    "model.video_patch": _at_least(1), "model.audio_patch": _at_least(1),
+    "model.i2v_mask_channels": _at_least(0), "model.freq_dim": _at_least(2),
+    "model.rope_theta": _above(0), "model.norm_eps": _above(0),
+    "model.param_dtype": _DTYPES, "model.compute_dtype": _DTYPES,
+    "model.remat": _one_of("none", "full", "save_dots", "offload_dots"),
+    "flow.density": _one_of("logit_normal", "uniform", "mode"), "flow.logit_std": _above(0),
+    "flow.shift": _above(0), "flow.p_clean_audio": _fraction(), "flow.p_clean_video": _fraction(),
+    "flow.prediction": _one_of("velocity", "x0"), "flow.x0_min_sigma": _above(0),
+    "flow.sigma_data": _at_least(0),
+    "loss.lambda_mouth": _at_least(0), "loss.lambda_audio": _at_least(0),
+    "data.source": _one_of("tfds", "synthetic"), "data.worker_count": _at_least(0),
+    "data.worker_buffer_size": _at_least(1), "data.read_threads": _at_least(1),
+    "data.p_uncond": _fraction(), "data.p_i2v": _fraction(),
+    "train.steps": _at_least(1), "train.batch_size": _at_least(1), "train.seed": _at_least(0),
+    "train.lr": _at_least(0), "train.schedule": _one_of("cosine", "constant"),
+    "train.warmup_steps": _at_least(0), "train.min_lr_ratio": _fraction(),
+    "train.weight_decay": _at_least(0), "train.b1": _fraction(upper_open=True),
+    "train.b2": _fraction(upper_open=True), "train.eps": _above(0),
+    "train.clip_norm": _at_least(0), "train.grad_accum": _at_least(1),
+    "train.ema_decay": _fraction(upper_open=True), "train.log_every": _at_least(1),
+    "train.max_nonfinite": _at_least(1),
+    "eval.every_steps": _at_least(0), "eval.batches": _at_least(1), "eval.sigmas": _fraction(),
+    "eval.sample_every_steps": _at_least(0), "eval.sample_prompts": _at_least(1),
+    "eval.sample_steps": _at_least(0),
+    "checkpoint.every_steps": _at_least(0), "checkpoint.keep": _at_least(0),
+    "mesh.data": _MESH_SIZE, "mesh.fsdp": _MESH_SIZE, "mesh.context": _MESH_SIZE,
+    "mesh.tensor": _MESH_SIZE, "mesh.dcn_data": _at_least(1),
+    "parallel.context_strategy": _one_of("none", "all_gather", "ulysses", "ring"),
+    "parallel.attention_kernel": _one_of("auto", "xla", "chunked", "cudnn", "splash"),
+    "parallel.attention_chunk": _at_least(1),
+    "sample.steps": _at_least(1), "sample.solver": _one_of("euler", "unipc"),
+    "sample.shift": _above(0), "sample.video_guidance": _at_least(0),
+    "sample.audio_guidance": _at_least(0), "sample.batch_size": _at_least(1),
+}
+
+
+def _lookup(config, key: str):
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def range_errors(config) -> list[str]:
+  """'key=value: expected ...' for every key of RULES outside its range or enum."""
+  errors = []
+  for key, (check, expected) in RULES.items():
+    value = _lookup(config, key)
+    if value is None:
+      continue
+    try:
+      ok = all(check(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+    except TypeError:  # a string where a number belongs, or the reverse
+      ok = False
+    if not ok:
+      errors.append(f"{key}={value!r}: expected {expected}")
+  return errors
+
+
 def validate(config, mesh_shape: dict | None = None) -> None:
   """Fails early, naming the keys and values, on a config that cannot work."""
+  errors = range_errors(config)
+  if errors:  # the checks below divide by these numbers
+    raise ConfigError("invalid config: " + "; ".join(errors))
   m, v = config.model, config.video
-  errors = []
   if m.hidden % m.heads:
     errors.append(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
   head_dim = m.hidden // max(m.heads, 1)
@@ -108,6 +209,9 @@ def validate(config, mesh_shape: dict | None = None) -> None:
   if shapes.audio[0] % m.audio_patch:
     errors.append(f"audio latent length {shapes.audio[0]} is not divisible by "
                   f"model.audio_patch={m.audio_patch}")
+  if config.train.batch_size % config.train.grad_accum:
+    errors.append(f"train.batch_size={config.train.batch_size} is not divisible by "
+                  f"train.grad_accum={config.train.grad_accum}")
   if shapes.audio[0] < 1:
     errors.append(f"audio latent length is {shapes.audio[0]}: clip too short "
                   f"(video.frames={v.frames}, video.fps={v.fps})")
@@ -128,4 +232,4 @@ def validate(config, mesh_shape: dict | None = None) -> None:
         errors.append(f"parallel.context_strategy=ulysses needs heads per tensor shard "
                       f"({m.heads}//{tensor}) divisible by mesh context={ctx}")
   if errors:
-    raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    raise ConfigError("invalid config: " + "; ".join(errors))

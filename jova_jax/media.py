@@ -17,8 +17,11 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
+from jova_jax.errors import UserError
+from jova_jax.files import finished_file
 
-class MediaError(ValueError):
+
+class MediaError(UserError):
   """A media file that cannot be read as asked; the message names the file."""
 
 
@@ -128,7 +131,7 @@ def probe_streams(path: str) -> list[str]:
 
 def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
   """16-bit PCM mono wav; samples are clipped to [-1, 1]."""
-  with wave.open(path, "wb") as f:
+  with finished_file(path) as partial, wave.open(partial, "wb") as f:
     f.setnchannels(1)
     f.setsampwidth(2)
     f.setframerate(int(sample_rate))
@@ -151,7 +154,9 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | Non
       write_wav(audio_path, audio, sample_rate)
       cmd += ["-i", audio_path, "-c:a", "aac", "-b:a", "96k"]
     cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast",
-            "-crf", "16", "-pix_fmt", "yuv420p", "-movflags", "+faststart", path]
-    result = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, check=False)
-  if result.returncode != 0:
-    raise MediaError(f"{path}: ffmpeg failed writing it: {_last_line(result.stderr)}")
+            "-crf", "16", "-pix_fmt", "yuv420p", "-movflags", "+faststart"]
+    with finished_file(path) as partial:
+      result = subprocess.run(cmd + [partial], input=frames.tobytes(), capture_output=True,
+                              check=False)
+      if result.returncode != 0:
+        raise MediaError(f"{path}: ffmpeg failed writing it: {_last_line(result.stderr)}")

@@ -9,6 +9,8 @@ import time
 import jax
 from absl import logging
 
+from jova_jax import files
+
 
 # Libraries whose INFO lines (Orbax logs a dozen per save) would bury the progress line.
 _CHATTY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge.py")
@@ -21,7 +23,10 @@ def quiet_library_logs() -> None:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, total_steps: int):
+  """start_step: the step the run starts from (0, or the restored one); lines of later steps,
+  written by the run that crashed after that checkpoint, are dropped so no step repeats."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
     self._start = time.time()
@@ -30,10 +35,11 @@ class MetricsWriter:
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      # A resumed run appends.
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      path = os.path.join(workdir, "metrics.jsonl")
+      _truncate_after(path, start_step)
+      self._jsonl = open(path, "a", buffering=1)  # a resumed run appends
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   @property
   def tensorboard(self):
@@ -73,6 +79,21 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the lines of steps <= step (a line cut short by a crash is dropped too)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError, TypeError):
+        continue
+  files.write_text(path, "".join(kept))
 
 
 def _plain(v):

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jova_jax import config_lib
+from jova_jax import cli, config_lib
 from jova_jax.model import attention, summary
 from jova_jax.model.sharded import split_abstract
 from jova_jax.parallel import mesh as mesh_lib
@@ -344,7 +344,7 @@ def main():
     compiled = compile_for_tpu(config, topology)
     print(format_memory_analysis(compiled.memory_analysis()))
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == "__main__":

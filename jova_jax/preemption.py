@@ -23,6 +23,7 @@ class PreemptionWatcher:
   def __init__(self, *, signals=(signal.SIGTERM, signal.SIGINT), check_every: int = 1):
     """check_every: steps between cross-process checks (each is a tiny all-gather)."""
     self._flag = threading.Event()
+    self.signum = None  # the first signal received, for the exit status (128 + signum)
     self._check_every = max(1, int(check_every))
     self._sync_service = True  # off after the first "no preemption service" answer
     self._previous = {}
@@ -39,6 +40,8 @@ class PreemptionWatcher:
         previous(signum, frame)
         return
     logging.warning("received signal %d: will save and stop at the next step boundary", signum)
+    if self.signum is None:
+      self.signum = signum
     self._flag.set()
 
   @property

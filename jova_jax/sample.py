@@ -8,13 +8,17 @@ Each prompt line is a JSON object with either video_caption, audio_caption and t
 a ready `prompt`, and optionally seed, name, image (I2V reference), audio (given speech:
 audio-to-video) or video (given clip: video-to-audio); relative paths are relative to the
 prompts file. Writes OUT/<name>.mp4 (H.264 + AAC), .wav and .json (prompt, seed, settings,
-timings) per prompt. Bad lines are reported and skipped; the exit status is 1 if any was.
-Unset flags take the run's config.sample.* values.
+timings) per prompt, each under a temporary name first (a crash never leaves a truncated file
+that looks finished). Bad lines and prompts that fail to read or write are reported and
+skipped; the exit status is 1 if any was, 2 on a user error (one line), before the model loads
+when it is about the output folder. Unset flags take the run's config.sample.* values.
 """
 import os
 import sys
 
 from absl import app, flags, logging
+
+from jova_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
@@ -46,23 +50,22 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:
     raise app.UsageError("--prompts and --outdir are required")
+  sampling.check_outdir(FLAGS.outdir)  # before the model loads: a bad folder fails at once
   metrics.quiet_library_logs()
   mesh_lib.maybe_initialize_distributed()
   try:
     config, mesh, graphdef, params = sampling.load_run(
         FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights)
     prompts, errors = sampling.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
-  except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except (KeyError, TypeError, ValueError) as e:  # a bad --set or checkpoint entry, named
+    cli.fail(cli.one_line(e))
   for e in errors:
     print(e, file=sys.stderr)
   sampler = sampling.LatentSampler(config, mesh, graphdef, params)
   batch_size = FLAGS.batch_size or config.sample.get("batch_size", None) or sampler.batch_shards
   if batch_size % sampler.batch_shards:
-    print(f"error: --batch_size={batch_size} is not a multiple of the mesh's data*fsdp="
-          f"{sampler.batch_shards}", file=sys.stderr)
-    return 2
+    cli.fail(f"--batch_size={batch_size} is not a multiple of the mesh's data*fsdp="
+             f"{sampler.batch_shards}")
   settings = sampling.Settings.from_config(
       config, steps=FLAGS.steps, solver=FLAGS.solver, shift=FLAGS.shift,
       video_guidance=FLAGS.video_guidance, audio_guidance=FLAGS.audio_guidance)
@@ -82,4 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

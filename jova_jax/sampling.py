@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, codecs, config_lib, flow, media, text
+from jova_jax import checkpoint, codecs, config_lib, files, flow, media, text
+from jova_jax.errors import UserError
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
 
@@ -31,7 +32,7 @@ PROMPT_FIELDS = CAPTION_FIELDS + ("prompt", "seed", "image", "audio", "video", "
                                   "frames", "height", "width")
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
   """A prompt line that cannot be sampled; the message names the file and line."""
 
 
@@ -429,17 +430,26 @@ class Pipeline:
               "height": int(frames.shape[1]), "width": int(frames.shape[2]),
               "sample_rate": int(a.sample_rate), "seconds": wave.size / a.sample_rate,
               "timings": dict(timings, decode_write_s=time.perf_counter() - start)}
-    with open(stem + ".json", "w") as f:
-      json.dump(record, f, indent=1)
+    files.write_text(stem + ".json", json.dumps(record, indent=1))
     return record
+
+
+def check_outdir(outdir: str) -> None:
+  """Creates the output folder, or refuses one that is a file or not writable."""
+  if os.path.exists(outdir) and not os.path.isdir(outdir):
+    raise UserError(f"--outdir={outdir}: expected a folder, found a file")
+  os.makedirs(outdir, exist_ok=True)
+  if not os.access(outdir, os.W_OK):
+    raise UserError(f"--outdir={outdir}: expected a writable folder, found no write permission")
 
 
 def run(pipeline: Pipeline, prompts: list[Prompt], outdir: str, settings: Settings,
         batch_size: int, log=print) -> tuple[list[dict], list[str]]:
   """Samples every prompt in batches of batch_size (the last padded by repeating a prompt);
-  a prompt whose files cannot be read is reported and skipped. Returns (records, errors)."""
+  a prompt whose files cannot be read or written is reported and skipped. Returns
+  (records, errors)."""
   import tqdm
-  os.makedirs(outdir, exist_ok=True)
+  check_outdir(outdir)
   ready, errors = [], []
   for prompt in prompts:
     start = time.perf_counter()
@@ -461,7 +471,11 @@ def run(pipeline: Pipeline, prompts: list[Prompt], outdir: str, settings: Settin
     for i, (prompt, given, media_s) in enumerate(chunk):
       timings = {"read_media_s": media_s, "encode_text_s": encode_s, "ode_s": sum(step_times),
                  "ode_step_s": step_times, "batch_size": batch_size, "batch_prompts": len(chunk)}
-      records.append(pipeline.write(outdir, prompt, given, video[i], audio[i], settings, timings))
+      try:
+        records.append(pipeline.write(outdir, prompt, given, video[i], audio[i], settings,
+                                      timings))
+      except (media.MediaError, OSError) as e:  # a full disk, a bad name: the others go on
+        errors.append(f"line {prompt.line}: writing {prompt.name}: {e}")
   bar.close()
   for e in errors:
     log(f"skipped: {e}")

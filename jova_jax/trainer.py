@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import time
 
 import jax
@@ -20,8 +21,9 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, config_lib, objective, optim, perf, preview
+from jova_jax import checkpoint, cli, config_lib, files, objective, optim, perf, preview
 from jova_jax.data import pipeline
+from jova_jax.errors import UserError
 from jova_jax.metrics import MetricsWriter
 from jova_jax.model import sharded, summary
 from jova_jax.model.jova import JoVA
@@ -206,17 +208,23 @@ def _log_compiled(compiled, program: Program) -> None:
 
 
 # ============================================================================ loop
-def train(config, workdir: str, *, init_from: str | None = None) -> dict:
+def train(config, workdir: str, *, init_from: str | None = None,
+          strict_resume: bool = False) -> dict:
   """Trains to config.train.steps (resuming from workdir if it holds a checkpoint).
-  Returns the last logged metrics."""
+  Returns the last logged metrics.
+
+  Nothing is written to workdir before the config, the data and the checkpoint to resume
+  from pass their checks. The latest checkpoint that fails to restore is skipped for the one
+  before (strict_resume: refused). A signal saves, then raises cli.Stopped (exit 128 + signum).
+  """
+  # ---------------------------------------------------------------- checks (nothing written)
+  config_lib.validate(config)  # ranges and enums, before the mesh divides by them
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir}: expected a folder, found a file")
   mesh_lib.maybe_initialize_distributed()
   mesh = mesh_lib.make_mesh(config)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
   program = build_program(config, mesh)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------- data
   train_iter = pipeline.make_train_iterator(config, mesh)
@@ -224,20 +232,31 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
                   if config.eval.every_steps else None)
 
   # ---------------------------------------------------------------- state: resume or init
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 every_steps=int(config.checkpoint.every_steps),
-                                 keep=int(config.checkpoint.keep),
-                                 async_save=bool(config.checkpoint.async_save))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+
+  def open_ckpt():
+    return checkpoint.Checkpointer(ckpt_dir, every_steps=int(config.checkpoint.every_steps),
+                                   keep=int(config.checkpoint.keep),
+                                   async_save=bool(config.checkpoint.async_save))
+
   mesh_lib.barrier("before_state")
-  if ckpt.latest_step() is not None:
-    state, data_state, _ = ckpt.restore(program.abstract_state)
+  ckpt = open_ckpt() if os.path.isdir(ckpt_dir) else None
+  resumed = ckpt.restore_latest(program.abstract_state, strict=strict_resume) if ckpt else None
+  if resumed is not None:
+    start_step, state, data_state = resumed
     if data_state is not None:
       train_iter.set_state(data_state)
-    logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
+    logging.info("resumed from %s at step %d", ckpt.directory, start_step)
   else:
-    state = init_state(program)
+    start_step, state = 0, init_state(program)
     if init_from:
       state = _init_params_from(state, init_from, program)
+
+  # ---------------------------------------------------------------- workdir (checks passed)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_config(workdir, config, start_step)
+  ckpt = ckpt or open_ckpt()
 
   # ---------------------------------------------------------------- compile
   train_step = compile_train_step(program)
@@ -248,12 +267,13 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
   tokens_per_step = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)
 
   # ---------------------------------------------------------------- steps
-  writer = MetricsWriter(workdir, int(config.train.steps))
+  writer = MetricsWriter(workdir, int(config.train.steps), start_step=start_step)
   sample_every = int(config.eval.get("sample_every_steps", 0))
   samples = (preview.TrainingPreview(config, mesh, program.graphdef, workdir, writer.tensorboard)
              if sample_every else None)
   watcher = PreemptionWatcher()
   step = int(state["step"])
+  stopped_by = None  # the signal (SIGTERM for a preemption notice) that stopped the run
   pending = None  # metrics of the step before: read after the next one is dispatched
   last = {}
   window_start, window_steps = time.perf_counter(), 0
@@ -299,6 +319,7 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
       if watcher.should_stop(step):
         logging.warning("stop requested (signal or preemption) at step %d: saving", step)
         ckpt.save(step, state, data_state=train_iter.get_state(), config=config, force=True)
+        stopped_by = watcher.signum or signal.SIGTERM
         break
     else:
       if pending is not None:
@@ -309,7 +330,22 @@ def train(config, workdir: str, *, init_from: str | None = None) -> dict:
     ckpt.close()
     writer.close()
     watcher.close()
+  if stopped_by is not None:
+    raise cli.Stopped(f"{signal.Signals(stopped_by).name}: saved step {step} to {ckpt.directory}; "
+                      f"the same command resumes", 128 + int(stopped_by))
   return last
+
+
+def _write_config(workdir: str, config, step: int) -> None:
+  """<workdir>/config.json of the run that starts now; a different one from before is kept
+  beside it as config.before_step_<step>.json."""
+  path, text = os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    os.replace(path, os.path.join(workdir, f"config.before_step_{step}.json"))
+  files.write_text(path, text)
 
 
 def run_eval(eval_step, params, eval_batches, mesh) -> dict:

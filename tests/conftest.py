@@ -1,4 +1,5 @@
 """Tests run on CPU with 8 fake devices; the flag must be set before jax is imported."""
+import glob
 import os
 import sys
 import tempfile
@@ -28,3 +29,14 @@ def load(name):
   """Loads configs/<name>.py."""
   from jova_jax import config_lib
   return config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"))
+
+
+def truncate_array_files(step_dir) -> list[str]:
+  """Cuts every array data file of a checkpoint step (Orbax OCDBT: state/ocdbt.process_*/d/*)
+  to half its size, as a disk filling up mid-write would; returns their paths."""
+  paths = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*"))
+  assert paths, f"no array files under {step_dir}"
+  for path in paths:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  return paths

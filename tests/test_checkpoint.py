@@ -320,13 +320,34 @@ def test_interrupted_save_is_ignored(tmp_path):
   assert not partial.exists()
 
 
+def test_restore_latest_skips_a_step_without_metadata(tmp_path):
+  """A latest step missing its _METADATA (Orbax then fails with an AttributeError) is skipped
+  for the step before, and set aside so the resumed run can save that step again."""
+  mesh = _mesh(fsdp=8)
+  ckpts = tmp_path / "checkpoints"
+  _save_params(ckpts, 2, {"w": jnp.arange(8.0)})
+  _save_params(ckpts, 4, {"w": jnp.arange(8.0) + 1})
+  os.remove(ckpts / "4" / "state" / "_METADATA")
+  replicated = rules.sharding(mesh, None)
+  target = {"params": {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=replicated)},
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  with checkpoint.Checkpointer(ckpts, every_steps=1, keep=3) as ckpt:
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/4 does not restore"):
+      ckpt.restore_latest(target, strict=True)
+    assert ckpt.all_steps() == [2, 4]  # a refusal moves nothing
+    step, state, _ = ckpt.restore_latest(target)
+    assert step == 2 and ckpt.all_steps() == [2]
+  np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.arange(8.0))
+  assert (tmp_path / checkpoint.BROKEN_DIR / "4" / "state").is_dir()
+
+
 def test_preemption_watcher_sigterm():
   before = signal.getsignal(signal.SIGTERM)
   watcher = checkpoint.PreemptionWatcher()
   try:
     assert not watcher.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert watcher.signalled
+    assert watcher.signalled and watcher.signum == signal.SIGTERM  # the exit status: 143
     assert watcher.should_stop(2) and watcher.should_stop(3)
   finally:
     watcher.close()

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, config_lib, media, sampling
+from jova_jax import checkpoint, config_lib, files, media, sampling
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import REPO, load
@@ -237,14 +237,18 @@ def test_run_writes_real_files_and_skips_bad_prompts(pipeline, tmp_path):
   cv2.imwrite(str(tmp_path / "face.png"), image)
   prompts, errors = _prompts(config, [
       dict(CAPTIONS, name="first"), dict(CAPTIONS, image="face.png"),
-      dict(CAPTIONS, audio="short.wav"), dict(CAPTIONS, image="missing.png")], tmp_path)
+      dict(CAPTIONS, audio="short.wav"), dict(CAPTIONS, image="missing.png"),
+      dict(CAPTIONS, name="blocked")], tmp_path)
   assert not errors
   out = tmp_path / "out"
+  (out / "blocked.wav").mkdir(parents=True)  # a write that fails: the other prompts go on
   records, errors = sampling.run(pipeline, prompts, str(out), _settings(config, steps=2),
                                  batch_size=4, log=lambda msg: None)
-  assert len(records) == 2 and len(errors) == 2
+  assert len(records) == 2 and len(errors) == 3
   assert "line 3" in errors[0] and "short.wav" in errors[0] and "0.20 s of audio" in errors[0]
   assert "line 4" in errors[1] and "missing.png" in errors[1]
+  assert "line 5: writing blocked" in errors[2]
+  assert not [f for f in os.listdir(out) if f.startswith(".partial-")]  # temp names are gone
   for name in ("first", "sample_00002"):
     capture = cv2.VideoCapture(str(out / f"{name}.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == v.frames
@@ -264,6 +268,18 @@ def test_run_writes_real_files_and_skips_bad_prompts(pipeline, tmp_path):
     record = json.loads((out / f"{name}.json").read_text())
     assert record["settings"]["steps"] == 2 and record["seed"] == prompts[0 if name == "first" else 1].seed
     assert len(record["timings"]["ode_step_s"]) == 2
+
+
+def test_a_failed_write_leaves_no_file_under_its_name(tmp_path):
+  path = str(tmp_path / "sample.mp4")
+  with pytest.raises(OSError, match="disk full"):
+    with files.finished_file(path) as partial:
+      with open(partial, "wb") as f:
+        f.write(b"half a video")
+      raise OSError("disk full")
+  assert os.listdir(tmp_path) == []  # neither sample.mp4 nor its temporary name
+  files.write_text(path, "whole")
+  assert os.listdir(tmp_path) == ["sample.mp4"]
 
 
 def test_cli(run_dir, tmp_path):

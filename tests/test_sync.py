@@ -80,3 +80,9 @@ def test_cli_and_errors(demo_clips, tmp_path):
     sync.video_paths(str(tmp_path / "nothing.mp4"))
   with pytest.raises(ValueError, match="control_audio"):
     sync.score_videos([clip], shuffle_control=True)
+  # A corrupt neighbour loses its own score and the control, never the good video's score.
+  corrupt = tmp_path / "corrupt.mp4"
+  corrupt.write_bytes(b"not a video")
+  good, bad = sync.score_videos([clip, str(corrupt)], shuffle_control=True)["clips"]
+  assert good["score"]["offset"] == 0 and "corrupt.mp4" in good["control_error"]
+  assert "corrupt.mp4" in bad["error"] and "score" not in bad

@@ -23,6 +23,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
 
 from jova_jax.config_lib import latent_shapes
+from jova_jax.errors import UserError
 
 DATASET_NAME = "jova"
 PENDING_DIR = "shards"
@@ -34,7 +35,7 @@ _FINAL_SHARD = re.compile(
 _SHARD_NAME = re.compile(r"^[\w.-]+$")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
   """A prepared dataset that cannot be written or read; the message names the path and the key."""
 
 

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from jova_jax import media
+from jova_jax.errors import UserError
 
 SAMPLE_RATE = 16000
 MIN_FACE_FRAC = 0.5
@@ -164,23 +165,28 @@ def video_paths(path: str) -> list[str]:
 
 def score_videos(paths: list[str], *, shuffle_control: bool = False, control_audio=None,
                  max_offset_s: float = 0.5) -> dict:
-  """{"clips": [{video, score, control?} or {video, error}], "mean": {...}}.
+  """{"clips": [{video, score, control? or control_error?} or {video, error}], "mean": {...}}.
 
-  The control pairs video i with the audio of video i+1 (cyclic) or with control_audio.
+  The control pairs video i with the audio of video i+1 (cyclic) or with control_audio; a
+  control that fails (a corrupt neighbour) is reported beside the video's own score.
   """
   if shuffle_control and control_audio is None and len(paths) < 2:
-    raise ValueError("--shuffle_control on one video needs --control_audio (another clip)")
+    raise UserError("--shuffle_control on one video needs --control_audio (another clip)")
   scorer = SyncScorer(max_offset_s)
   clips = []
   for i, path in enumerate(paths):
     entry = {"video": path}
     try:
       entry["score"] = scorer.score(path).to_json()
-      if shuffle_control:
-        other = control_audio or paths[(i + 1) % len(paths)]
-        entry["control"] = dict(scorer.score(path, other).to_json(), audio=other)
     except (ValueError, media.MediaError) as e:
-      entry = {"video": path, "error": str(e)}
+      clips.append({"video": path, "error": str(e)})
+      continue
+    if shuffle_control:
+      other = control_audio or paths[(i + 1) % len(paths)]
+      try:
+        entry["control"] = dict(scorer.score(path, other).to_json(), audio=other)
+      except (ValueError, media.MediaError) as e:
+        entry["control_error"] = str(e)
     clips.append(entry)
   mean = {}
   for key in ("score", "control"):
@@ -200,15 +206,15 @@ def main(argv):
   for clip in report["clips"]:
     print(json.dumps(clip))
   print(json.dumps({"mean": report["mean"]}))
-  return 1 if any("error" in c for c in report["clips"]) else 0
+  return 1 if any("error" in c or "control_error" in c for c in report["clips"]) else 0
 
 
 if __name__ == "__main__":
-  import sys
+  from absl import flags
 
-  from absl import app, flags
+  from jova_jax import cli
   flags.DEFINE_string("video", None, "An .mp4 file or a folder of them.", required=True)
   flags.DEFINE_bool("shuffle_control", False, "Also score each video against another clip's audio.")
   flags.DEFINE_string("control_audio", None, "The control's audio (default: the next video).")
   flags.DEFINE_float("max_offset_s", 0.5, "Offsets searched: +- this many seconds of frames.")
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

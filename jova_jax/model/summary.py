@@ -13,7 +13,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from jova_jax import config_lib
+from jova_jax import cli, config_lib
 from jova_jax.model.sharded import split_abstract
 
 _VIDEO_TOWER = {"video_in", "text_video", "sigma_video", "final_video"}
@@ -100,7 +100,7 @@ def main():
       raise app.UsageError("--config is required, e.g. --config=configs/jova_24b.py")
     print(format_summary(config_flag.value))
 
-  app.run(run)
+  cli.run(run)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType
 
+from jova_jax.config_lib import ConfigError
 from jova_jax.parallel.rules import MESH_AXES
 
 
@@ -18,14 +19,15 @@ def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
   sizes["data"] *= int(config.mesh.get("dcn_data", 1))
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
-    raise ValueError(f"only one mesh axis may be -1, found {fill} (config.mesh)")
+    raise ConfigError(f"only one mesh axis may be -1, found {fill} (config.mesh)")
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   if fill:
     if n % known:
-      raise ValueError(f"mesh axes {sizes} cannot fill {n} devices: {n} is not divisible by {known}")
+      raise ConfigError(f"config.mesh {sizes} cannot fill {n} devices: {n} is not divisible by "
+                        f"{known}")
     sizes[fill[0]] = n // known
   if int(np.prod(list(sizes.values()))) != n:
-    raise ValueError(f"config.mesh {sizes} has {int(np.prod(list(sizes.values())))} devices but "
+    raise ConfigError(f"config.mesh {sizes} has {int(np.prod(list(sizes.values())))} devices but "
                      f"there are {n}")
   return sizes
 
