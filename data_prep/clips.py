@@ -193,7 +193,7 @@ def prepare_clip(path: str, options: ClipOptions) -> PreparedClip:
   track = _tracker(options.detect_every).track(frames)
   if track.face_frac < options.min_face_frac:
     raise ClipRejected("no_face", f"a face in {track.face_frac:.0%} of frames of {path}, "
-                       f"need {options.min_face_frac:.0%} (--min_face_frac)")
+                       f"need {options.min_face_frac:.0%} (--min_face_frac): {track.detail}")
   out_hw = (options.height, options.width)
   face = median_face_box(track.face_boxes) if options.face_centered_crop else None
   box = crop_box(frames.shape[1:3], out_hw, face, options.crop_margin)
