@@ -1,9 +1,14 @@
 """data_prep.prepare: clip decoding, rejects, sharding, and the dataset the trainer reads."""
+import glob
 import hashlib
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import cv2
 import imageio_ffmpeg
@@ -290,3 +295,104 @@ def test_a_worker_crash_rejects_only_its_clip():
       assert isinstance(result, clips.ClipRejected) and result.reason == "unreadable"
     else:
       assert result == clip_id.upper()
+
+
+# ------------------------------------------------------------------ an existing dataset is never lost
+
+def _copy_of(dataset_dir, tmp_path):
+  out = str(tmp_path / "dataset")
+  shutil.copytree(dataset_dir, out)
+  return out
+
+
+def _assert_same_dataset(out, reference):
+  counts = features.read_metadata(reference)["counts"]
+  assert features.read_metadata(out)["counts"] == counts
+  for split in counts:
+    got, want = _records(out, split), _records(reference, split)
+    assert sorted(got) == sorted(want)
+    for clip_id in want:
+      np.testing.assert_array_equal(got[clip_id]["video_latent"], want[clip_id]["video_latent"])
+
+
+def _clips_named(corpus, tmp_path, name, suffixes):
+  folder = tmp_path / name
+  folder.mkdir()
+  for file in os.listdir(corpus):
+    if any(file.endswith(s) for s in suffixes):
+      shutil.copy(os.path.join(corpus, file), folder / file)
+  return str(folder)
+
+
+def test_an_empty_or_all_rejected_input_leaves_the_dataset(prepared, corpus, tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(manifest.ManifestError, match=f"^0 clips found in {empty};"):
+    job.run_shard(_tiny(), str(empty), out)
+  _assert_same_dataset(out, single)
+  bad = _clips_named(corpus, tmp_path, "bad", ("_faceless.mp4", "_faceless.json",
+                                               "_corrupt.mp4", "_corrupt.json"))
+  with pytest.raises(features.DatasetError, match="input was .*--overwrite"):  # another input
+    job.run_shard(_tiny(), bad, out)
+  job.run_shard(_tiny(), bad, out, overwrite=True)
+  failed = os.path.join(out, shards.STAGING, shards.REJECTS)
+  with pytest.raises(features.DatasetError, match=f"^all 2 clips rejected, see {failed};"):
+    shards.finalize(out, _tiny())
+  with open(failed) as f:
+    assert sorted(json.loads(line)["reason"] for line in f) == ["no_face", "unreadable"]
+  _assert_same_dataset(out, single)
+  with open(os.path.join(out, shards.REJECTS)) as a, open(os.path.join(single, shards.REJECTS)) as b:
+    assert a.read() == b.read()
+
+
+def test_another_config_needs_overwrite(prepared, corpus, tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  with pytest.raises(features.DatasetError, match="min_face_frac was 0.5, now 0.6.*--overwrite"):
+    job.run_shard(_tiny(), corpus, out, min_face_frac=0.6)
+  _assert_same_dataset(out, single)
+  two = _clips_named(corpus, tmp_path, "two", ("_00000.mp4", "_00000.json", "_00001.mp4", "_00001.json"))
+  job.run_shard(_tiny(), two, out, overwrite=True, eval_fraction=0.0)
+  metadata = shards.finalize(out, _tiny())
+  assert metadata["counts"] == {"train": 2} and metadata["prepared_from"]["input"] == two
+  assert sorted(_records(out, "train")) == ["clip_00000", "clip_00001"]
+  assert os.path.getsize(os.path.join(out, shards.REJECTS)) == 0  # it exists with no rejects
+  assert not glob.glob(f"{out}.*") and not glob.glob(os.path.join(out, shards.STAGING, "*.*-*"))
+
+
+def test_kill_9_during_prepare_leaves_the_dataset_and_the_next_run_cleans_up(prepared, corpus,
+                                                                             tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  job_process = subprocess.Popen(
+      [sys.executable, "-m", "data_prep.prepare", f"--input={corpus}", f"--output={out}",
+       f"--config={REPO}/configs/tiny.py", f"--config.video.frames={FRAMES}"],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  partial = os.path.join(out, shards.STAGING, shards.shard_tag(0, 1) + ".partial-*")
+  deadline = time.time() + 120
+  while not glob.glob(partial) and job_process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.5)  # into the clips
+  job_process.send_signal(signal.SIGKILL)
+  job_process.wait()
+  assert glob.glob(partial), "the job ended before it was killed"
+  _assert_same_dataset(out, single)
+  job.run_shard(_tiny(), corpus, out)
+  shards.finalize(out, _tiny())
+  _assert_same_dataset(out, single)
+  assert not glob.glob(f"{out}.*") and not glob.glob(os.path.join(out, shards.STAGING, "*.*-*"))
+
+
+def test_a_swap_killed_between_its_renames_is_undone(prepared, tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  tag = f"{socket.gethostname()}-{dead.pid}"
+  os.replace(out, f"{out}.old-{tag}")  # the old dataset moved aside, the new one not yet in
+  os.makedirs(f"{out}.partial-{tag}")
+  removed = shards.clean_stale(out)
+  assert removed == [f"{out}.partial-{tag}"]
+  _assert_same_dataset(out, single)
