@@ -326,6 +326,10 @@ def finalize(out_dir: str, config) -> dict:
     rejects.update(r["rejects"])
   metadata["rejects"] = dict(rejects)
   features.finalize(new_dir, features.dataset_features(config), metadata)
+  if sum(r["kept"].get("eval", 0) for r in reports) == 0:
+    logging.warning("dataset %s has no 'eval' split (no kept clip hashed into it): training with "
+                    "eval.every_steps > 0 will stop; rerun with a larger --eval_fraction or set "
+                    "eval.every_steps=0", out_dir)
   _merge_rejects(shard_reports, os.path.join(new_dir, REJECTS))
   # The staged shards move with the dataset, so that finalize can run again after a shard rerun.
   os.replace(os.path.join(out_dir, STAGING), os.path.join(new_dir, STAGING))
