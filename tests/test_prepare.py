@@ -363,7 +363,7 @@ def test_an_empty_or_all_rejected_input_leaves_the_dataset(prepared, corpus, tmp
     assert a.read() == b.read()
 
 
-def test_another_config_needs_overwrite(prepared, corpus, tmp_path):
+def test_another_config_needs_overwrite(prepared, corpus, tmp_path, caplog):
   single, _ = prepared
   out = _copy_of(single, tmp_path)
   with pytest.raises(features.DatasetError, match="min_face_frac was 0.5, now 0.6.*--overwrite"):
@@ -373,6 +373,7 @@ def test_another_config_needs_overwrite(prepared, corpus, tmp_path):
   job.run_shard(_tiny(), two, out, overwrite=True, eval_fraction=0.0)
   metadata = shards.finalize(out, _tiny())
   assert metadata["counts"] == {"train": 2} and metadata["prepared_from"]["input"] == two
+  assert "has no 'eval' split" in caplog.text
   assert sorted(_records(out, "train")) == ["clip_00000", "clip_00001"]
   assert os.path.getsize(os.path.join(out, shards.REJECTS)) == 0  # it exists with no rejects
   assert not glob.glob(f"{out}.*") and not glob.glob(os.path.join(out, shards.STAGING, "*.*-*"))
