@@ -36,7 +36,7 @@ MOTION_FRAMES = 48   # frames from the survey frame on that the speaker choice l
 MIN_OVERLAP = 0.3    # IoU with the speaker's last box for a detection to be the speaker
 
 
-def upsample_for(face_px: float, max_upsample: int) -> int:
+def _upsample_for(face_px: float, max_upsample: int) -> int:
   """Pyramid upsamplings dlib needs to find faces of `face_px`: each level halves its
   minimum (~80 px) and costs ~4x the detection time of the level below."""
   level = 0
@@ -180,7 +180,7 @@ class MouthTracker:
     """Per frame the speaker's detector box (None: no face) and how it was found."""
     num_frames, height, width = frames.shape[:3]
     every = self.detect_every
-    survey = upsample_for(max(MIN_FACE, min(height, width) / 8), self.max_upsample)
+    survey = _upsample_for(max(MIN_FACE, min(height, width) / 8), self.max_upsample)
     start, candidates = None, []
     for start in range(0, num_frames, every):
       candidates = list(self._detector(frames[start], survey))
@@ -190,7 +190,7 @@ class MouthTracker:
       return [None] * num_frames, (f"no face of >= {DLIB_MIN_FACE / 2**survey:.0f} px at any of "
                                    f"{len(range(0, num_frames, every))} detection frames")
     speaker, why = self._speaker(frames[start:start + MOTION_FRAMES], candidates)
-    level = upsample_for(min(speaker.width(), speaker.height()), self.max_upsample)
+    level = _upsample_for(min(speaker.width(), speaker.height()), self.max_upsample)
     hits = {start: speaker}
     for t in range(start + every, num_frames, every):
       found = self._follow(frames[t], hits[max(hits)], level)
