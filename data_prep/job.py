@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 import multiprocessing
+import json
+import os
 import time
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
@@ -21,6 +24,14 @@ def clip_options(config, min_face_frac: float, crop_margin: float, detect_every:
       sample_rate=int(config.audio.sample_rate), num_samples=config_lib.audio_num_samples(config),
       face_centered_crop=bool(v.face_centered_crop), min_face_frac=min_face_frac,
       crop_margin=crop_margin, detect_every=detect_every)
+
+
+def prepared_from(input_path: str, eval_fraction: float, options: clips.ClipOptions,
+                  encoders: encode.Encoders) -> dict:
+  """What a dataset is made from (stored in its metadata): a run with anything else needs
+  --overwrite to replace it."""
+  return json.loads(json.dumps({"input": os.path.abspath(input_path), "eval_fraction": eval_fraction,
+                                **dataclasses.asdict(options), **encoders.metadata()}))
 
 
 def prepared_clips(entries, work, workers: int, window: int):
@@ -64,14 +75,24 @@ def prepared_clips(entries, work, workers: int, window: int):
 
 def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, shard_index: int = 0,
               eval_fraction: float = 0.1, workers: int = 1, batch_size: int = 8,
-              min_face_frac: float = 0.5, crop_margin: float = 0.5, detect_every: int = 4) -> dict:
-  """Prepares this shard's slice of the input clips; returns its report (also written to disk)."""
+              min_face_frac: float = 0.5, crop_margin: float = 0.5, detect_every: int = 4,
+              overwrite: bool = False) -> dict:
+  """Prepares this shard's slice of the input clips; returns its report (also written to disk).
+
+  Refuses, before writing anything, an input without clips and (unless `overwrite`) an
+  existing dataset in out_dir prepared from another input or settings.
+  """
   config_lib.validate(config)
+  shards.clean_stale(out_dir)
   entries = manifest.read_inputs(input_path)
+  if not entries:
+    raise manifest.ManifestError(f"0 clips found in {input_path}; {out_dir} is left as it was")
   splits = manifest.assign_splits([e.clip_id for e in entries], eval_fraction)
   mine = manifest.shard_entries(entries, num_shards, shard_index)
   options = clip_options(config, min_face_frac, crop_margin, detect_every)
   encoders = encode.Encoders(config, batch_size)
+  source = prepared_from(input_path, eval_fraction, options, encoders)
+  shards.check_replace(out_dir, source, overwrite)
   dataset_features = features.dataset_features(config)
   stage = shards.ShardStage(out_dir, shard_index, num_shards)
   clock = shards.StageClock(options.frames)
@@ -126,7 +147,7 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
     write_batch(batch)
 
   report = {"shard_index": shard_index, "num_shards": num_shards, "input": input_path,
-            "clips": len(mine), "kept": dict(kept), **encoders.metadata(),
+            "clips": len(mine), "kept": dict(kept), **encoders.metadata(), "prepared_from": source,
             "latent_stats": stats.to_json(), "timings": clock.to_json()}
   stage.commit(report)
   return report

@@ -6,6 +6,8 @@
   python -m data_prep.prepare finalize --output=DS --config=...
 
 A single-shard run (the default) finalizes itself. Bad clips go to DATASET_DIR/rejects.jsonl.
+The dataset in DATASET_DIR is replaced only when a run keeps at least one clip, and one prepared
+from another input or settings only with --overwrite (data_prep/shards.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ _MIN_FACE_FRAC = flags.DEFINE_float("min_face_frac", 0.5, "Reject clips with a f
 _CROP_MARGIN = flags.DEFINE_float("crop_margin", 0.5,
                                   "Face-centred crop: context on each side, as a fraction of the face size.")
 _DETECT_EVERY = flags.DEFINE_integer("detect_every", 4, "Run the face detector on every n-th frame.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a dataset in --output that was prepared "
+                                "from another input or settings (a rerun of the same needs no flag).")
 _BENCH = flags.DEFINE_bool("bench", False, "Print clips/s and frames/s per stage as JSON to stdout.")
 
 
@@ -49,7 +53,8 @@ def main(argv):
       config, _INPUT.value, _OUTPUT.value, num_shards=_NUM_SHARDS.value,
       shard_index=_SHARD_INDEX.value, eval_fraction=_EVAL_FRACTION.value, workers=_WORKERS.value,
       batch_size=_BATCH_SIZE.value, min_face_frac=_MIN_FACE_FRAC.value,
-      crop_margin=_CROP_MARGIN.value, detect_every=_DETECT_EVERY.value)
+      crop_margin=_CROP_MARGIN.value, detect_every=_DETECT_EVERY.value,
+      overwrite=_OVERWRITE.value)
   for line in shards.summary_lines(report["kept"], report["rejects"], report["timings"]):
     logging.info("%s", line)
   if _NUM_SHARDS.value == 1:

@@ -1,10 +1,15 @@
 """Shard bookkeeping of a prepare job: staging, rejects, latent statistics, reports, finalize.
 
-Each shard job writes everything into DATASET_DIR/prepare/<tag>.partial-<pid>/ (ArrayRecord
-shards through features.ShardWriter, rejects.jsonl, report.json) and swaps that folder in as
-DATASET_DIR/prepare/<tag>/ only when it is complete: a rerun replaces a shard's output as a
-whole and a crash leaves every finished shard untouched. `finalize` rebuilds the TFDS files
-from hard links to the staged shards, so it can run again after any shard is redone.
+Each shard job writes everything into DATASET_DIR/prepare/<tag>.partial-<host>-<pid>/
+(ArrayRecord shards through features.ShardWriter, rejects.jsonl, report.json) and swaps that
+folder in as DATASET_DIR/prepare/<tag>/ only when it is complete: a rerun replaces a shard's
+output as a whole and a crash leaves every finished shard untouched.
+
+`finalize` builds the whole new dataset (TFDS files as hard links to the staged shards,
+metadata, rejects.jsonl, and the staging folder moved along) in DATASET_DIR.partial-<host>-<pid>
+and swaps it in with two renames, and only when at least one clip was kept: until then the
+dataset already in DATASET_DIR is untouched and loadable. `clean_stale` undoes a swap killed
+half-way and removes the folders killed jobs left.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 
 import numpy as np
@@ -27,6 +33,66 @@ REJECTS = "rejects.jsonl"
 REJECT_REASONS = ("unreadable", "no_audio", "too_short", "no_face", "caption_missing")
 STAGES = ("decode", "faces", "encode", "text", "write")
 _TAG = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
+_LEFTOVER = re.compile(r"\.(?P<kind>partial|old)-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def _owner_tag() -> str:
+  """Suffix of folders this process writes: host and pid, so that `clean_stale` removes only
+  folders of dead processes on its own host (shard jobs on other hosts share the folder)."""
+  return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def clean_stale(out_dir: str) -> list[str]:
+  """Restores a dataset that a killed finalize had moved aside, then removes the *.partial-*
+  and *.old-* folders of dead processes of this host next to and inside DATASET_DIR/prepare.
+  Returns the removed paths."""
+  out_dir = os.path.abspath(out_dir)
+  parent, name = os.path.split(out_dir)
+  mine = []
+  for folder in (parent, os.path.join(out_dir, STAGING)):
+    if not os.path.isdir(folder):
+      continue
+    for entry in sorted(os.listdir(folder)):
+      match = _LEFTOVER.search(entry)
+      if (match and match["host"] == socket.gethostname() and not _alive(int(match["pid"])) and
+          (folder != parent or entry[:match.start()] == name)):
+        mine.append((match["kind"], os.path.join(folder, entry)))
+  if not os.path.exists(out_dir):
+    moved_aside = [path for kind, path in mine if kind == "old" and os.path.dirname(path) == parent]
+    if moved_aside:  # killed between the two renames of a swap: the old dataset goes back
+      os.replace(moved_aside[-1], out_dir)
+      mine = [(k, p) for k, p in mine if p != moved_aside[-1]]
+  for _, path in mine:
+    shutil.rmtree(path, ignore_errors=True)
+    logging.info("removed %s, left by a killed prepare job", path)
+  return [path for _, path in mine]
+
+
+def check_replace(out_dir: str, prepared_from: dict, overwrite: bool) -> None:
+  """Refuses to replace a dataset prepared from another input or settings unless `overwrite`."""
+  if overwrite or not os.path.exists(os.path.join(out_dir, "metadata.json")):
+    return
+  found = features.read_metadata(out_dir).get("prepared_from")
+  if found == prepared_from:
+    return
+  if found is None:
+    differ = "its metadata.json does not say what it was prepared from"
+  else:
+    differ = "; ".join(f"{key} was {found.get(key)!r}, now {prepared_from.get(key)!r}"
+                       for key in sorted(set(found) | set(prepared_from))
+                       if found.get(key) != prepared_from.get(key))
+  raise features.DatasetError(f"dataset {out_dir} exists and was prepared differently ({differ}); "
+                              f"pass --overwrite to replace it, or choose another --output")
 
 
 def shard_tag(shard_index: int, num_shards: int) -> str:
@@ -139,7 +205,8 @@ class ShardStage:
     self.out_dir = out_dir
     self.tag = shard_tag(shard_index, num_shards)
     self.final_dir = os.path.join(out_dir, STAGING, self.tag)
-    self.dir = f"{self.final_dir}.partial-{os.getpid()}"
+    self.num_shards = num_shards
+    self.dir = f"{self.final_dir}.partial-{_owner_tag()}"
     shutil.rmtree(self.dir, ignore_errors=True)
     os.makedirs(self.dir)
     self.rejects = RejectLog(os.path.join(self.dir, REJECTS))
@@ -161,12 +228,21 @@ class ShardStage:
     self.rejects.close()
     with open(os.path.join(self.dir, REPORT), "w") as f:
       json.dump(report, f, indent=1)
-    old = f"{self.final_dir}.old-{os.getpid()}"
-    if os.path.exists(self.final_dir):
-      os.replace(self.final_dir, old)
-    os.replace(self.dir, self.final_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    _swap_in(self.dir, self.final_dir)
+    for folder in glob.glob(os.path.join(self.out_dir, STAGING, "shard-*")):
+      match = _TAG.match(os.path.basename(folder))
+      if match and int(match[2]) != self.num_shards:  # an earlier run with another --num_shards
+        shutil.rmtree(folder, ignore_errors=True)
     return os.path.join(self.final_dir, REPORT)
+
+
+def _swap_in(new: str, final: str) -> None:
+  """Replaces folder `final` by `new`: two renames; clean_stale undoes a kill between them."""
+  old = f"{final}.old-{_owner_tag()}"
+  if os.path.exists(final):
+    os.replace(final, old)
+  os.replace(new, final)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def read_reports(out_dir: str) -> list[tuple[str, dict]]:
@@ -201,27 +277,45 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copyfile(src, dst)
 
 
+def _merge_rejects(shard_reports: list, path: str) -> None:
+  with open(path + ".tmp", "w") as out:
+    for folder, _ in shard_reports:
+      with open(os.path.join(folder, REJECTS)) as f:
+        shutil.copyfileobj(f, out)
+  os.replace(path + ".tmp", path)
+
+
+def _agreed(out_dir: str, reports: list[dict], key: str):
+  described = {json.dumps(r.get(key), sort_keys=True) for r in reports}
+  if len(described) > 1:
+    raise features.DatasetError(f"dataset {out_dir}: shards disagree on {key}: {sorted(described)}; "
+                                f"rerun the shards that differ")
+  return reports[0].get(key)
+
+
 def finalize(out_dir: str, config) -> dict:
-  """Merges the shard reports into rejects.jsonl and the TFDS dataset; returns the metadata."""
+  """Merges the shard reports into rejects.jsonl and the TFDS dataset, and swaps it in as
+  DATASET_DIR (module docstring); returns the metadata."""
+  out_dir = os.path.abspath(out_dir)
+  clean_stale(out_dir)
   shard_reports = read_reports(out_dir)
   reports = [r for _, r in shard_reports]
-  # Rebuild from the staged shards: drop the TFDS files of any earlier finalize.
-  for path in glob.glob(os.path.join(out_dir, f"{features.DATASET_NAME}-*{features.SHARD_SUFFIX}-*")):
-    os.remove(path)
-  shutil.rmtree(os.path.join(out_dir, features.PENDING_DIR), ignore_errors=True)
+  metadata = features.default_metadata(config)
+  for key in ("video_codec", "audio_codec", "text_encoder", "prepared_from"):
+    metadata[key] = _agreed(out_dir, reports, key)
+  if not any(sum(r["kept"].values()) for r in reports):
+    failed = os.path.join(out_dir, STAGING, REJECTS)
+    _merge_rejects(shard_reports, failed)
+    raise features.DatasetError(f"all {sum(r['clips'] for r in reports)} clips rejected, see "
+                                f"{failed}; {out_dir} is left as it was")
+  new_dir = f"{out_dir}.partial-{_owner_tag()}"
+  shutil.rmtree(new_dir, ignore_errors=True)
   for folder, report in shard_reports:
     for split, shard in report["shards"].items():
-      split_dir = os.path.join(out_dir, features.PENDING_DIR, split)
+      split_dir = os.path.join(new_dir, features.PENDING_DIR, split)
       os.makedirs(split_dir, exist_ok=True)
       _link_or_copy(os.path.join(folder, shard["path"]),
                     os.path.join(split_dir, os.path.basename(shard["path"])))
-
-  metadata = features.default_metadata(config)
-  for key in ("video_codec", "audio_codec", "text_encoder"):
-    described = {json.dumps(r[key], sort_keys=True) for r in reports}
-    if len(described) > 1:
-      raise features.DatasetError(f"dataset {out_dir}: shards disagree on {key}: {sorted(described)}")
-    metadata[key] = reports[0][key]
   stats = [r["latent_stats"] for r in reports]
   video_mean, video_std = LatentStats.mean_std(stats, "video", metadata["video_latent_shape"][-1])
   audio_mean, audio_std = LatentStats.mean_std(stats, "audio", metadata["audio_latent_shape"][-1])
@@ -231,12 +325,13 @@ def finalize(out_dir: str, config) -> dict:
   for r in reports:
     rejects.update(r["rejects"])
   metadata["rejects"] = dict(rejects)
-  features.finalize(out_dir, features.dataset_features(config), metadata)
-
-  merged = os.path.join(out_dir, REJECTS)
-  with open(merged + ".tmp", "w") as out:
-    for folder, _ in shard_reports:
-      with open(os.path.join(folder, REJECTS)) as f:
-        shutil.copyfileobj(f, out)
-  os.replace(merged + ".tmp", merged)
+  features.finalize(new_dir, features.dataset_features(config), metadata)
+  if sum(r["kept"].get("eval", 0) for r in reports) == 0:
+    logging.warning("dataset %s has no 'eval' split (no kept clip hashed into it): training with "
+                    "eval.every_steps > 0 will stop; rerun with a larger --eval_fraction or set "
+                    "eval.every_steps=0", out_dir)
+  _merge_rejects(shard_reports, os.path.join(new_dir, REJECTS))
+  # The staged shards move with the dataset, so that finalize can run again after a shard rerun.
+  os.replace(os.path.join(out_dir, STAGING), os.path.join(new_dir, STAGING))
+  _swap_in(new_dir, out_dir)
   return features.read_metadata(out_dir)

@@ -1,9 +1,12 @@
-"""Reading and writing media with ffmpeg (imageio_ffmpeg's binary) and OpenCV: the sampler's
-inputs (reference image, given speech, given video) and outputs (mp4, wav).
+"""Reading and writing media with ffmpeg (imageio_ffmpeg's binary) and OpenCV.
 
-Every reader returns exactly the shape the model works at (frames at the config's fps and
-size, audio at its sample rate and length) or raises MediaError naming the file and what is
-wrong, e.g. a clip shorter than the model's.
+The one reader and resampler of clips: data_prep (training data), the sampler's given video and
+speech, and eval.sync all decode through read_frames / read_audio, so the same clip becomes the
+same frames and samples everywhere (video: OpenCV, the nearest source frame by timestamp;
+audio: ffmpeg's resampler, time 0 at the clip start). read_video adds the centre crop and
+resize that prepare makes without a face-centred crop. Readers return exactly the shape asked
+for or raise MediaError naming the file and what is wrong; its `reason` is one of prepare's
+reject reasons.
 """
 from __future__ import annotations
 
@@ -22,7 +25,12 @@ from jova_jax.files import finished_file
 
 
 class MediaError(UserError):
-  """A media file that cannot be read as asked; the message names the file."""
+  """A media file that cannot be read as asked; the message names the file, `reason` says
+  which way (unreadable, no_audio, too_short: data_prep's reject reasons)."""
+
+  def __init__(self, message: str, reason: str = "unreadable"):
+    super().__init__(message)
+    self.reason = reason
 
 
 def _ffmpeg() -> str:
@@ -48,7 +56,8 @@ def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
 
 
 def read_audio(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
-  """(num_samples,) float32 mono at sample_rate from any file ffmpeg reads (wav, mp4, ...).
+  """(num_samples,) float32 mono at sample_rate from any file ffmpeg reads (wav, mp4, ...),
+  time 0 at the start of the file (of its first video frame in an mp4).
 
   Up to 2% missing at the end (AAC padding) is zero-filled; a shorter file is an error.
   """
@@ -58,40 +67,112 @@ def read_audio(path: str, sample_rate: int, num_samples: int) -> np.ndarray:
       [_ffmpeg(), "-nostdin", "-v", "error", "-i", path, "-t", f"{seconds + 0.5:.3f}", "-vn",
        "-map", "0:a:0?", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"],
       capture_output=True, check=False)
+  audio = np.frombuffer(result.stdout, "<f4")
+  if "does not contain any stream" in result.stderr.decode(errors="replace"):
+    raise MediaError(f"{path}: no audio stream", "no_audio")
   if result.returncode != 0:
     raise MediaError(f"{path}: ffmpeg cannot read its audio: {_last_line(result.stderr)}")
-  audio = np.frombuffer(result.stdout, "<f4")
   if audio.size == 0:
-    raise MediaError(f"{path}: no audio stream")
+    raise MediaError(f"{path}: the audio stream decodes to no samples", "no_audio")
   if audio.size < 0.98 * num_samples:
-    raise MediaError(f"{path}: {audio.size / sample_rate:.2f} s of audio, the model makes "
-                     f"{seconds:.2f} s clips")
+    raise MediaError(f"{path}: {audio.size / sample_rate:.2f} s of audio, need {seconds:.2f} s",
+                     "too_short")
   return fit_length(audio, num_samples)
 
 
-def _cover_filter(height: int, width: int) -> str:
-  """Scale to cover height x width (keeping the aspect ratio), then centre-crop."""
-  return (f"scale={width}:{height}:force_original_aspect_ratio=increase:flags=area,"
-          f"crop={width}:{height}")
+def read_frames(path: str, fps: float | None = None, frames: int | None = None
+                ) -> tuple[np.ndarray, float]:
+  """(uint8 RGB frames (N, H, W, 3) at the source resolution, their fps).
+
+  fps None: every frame at the source's rate. Else the frames at times k / fps, each the
+  source frame nearest by timestamp: the first `frames` of them (too_short if the clip is
+  shorter), or all up to the clip's end when frames is None.
+  """
+  _require_file(path)
+  capture = cv2.VideoCapture(path)
+  if not capture.isOpened():
+    raise MediaError(f"{path}: OpenCV cannot open it")
+  try:
+    source_fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps or (source_fps if source_fps > 0 else None)
+    if fps is None:
+      raise MediaError(f"{path}: OpenCV finds no frame rate in it")
+    frame_period = 1.0 / source_fps if source_fps > 0 else 1.0 / fps
+    wanted = np.inf if frames is None else frames
+    picked = []
+    previous = None  # (timestamp, image) of the frame before the current one
+    first_ms = None
+    index = 0
+    while len(picked) < wanted and capture.grab():
+      ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+      first_ms = ms if first_ms is None else first_ms
+      stamp = (ms - first_ms) / 1000.0
+      if previous is not None and stamp <= previous[0]:
+        stamp = previous[0] + frame_period  # backends without usable timestamps
+      ok, image = capture.retrieve()
+      if not ok:
+        raise MediaError(f"{path}: OpenCV cannot decode frame {index}")
+      while len(picked) < wanted and stamp >= len(picked) / fps:
+        target = len(picked) / fps
+        use_previous = previous is not None and target - previous[0] < stamp - target
+        picked.append(previous[1] if use_previous else image)
+      previous = (stamp, image)
+      index += 1
+    # Tail: a target still covered by the last frame's display time takes that frame.
+    while previous is not None and len(picked) < wanted and \
+        len(picked) / fps < previous[0] + frame_period:
+      picked.append(previous[1])
+  finally:
+    capture.release()
+  if index == 0:
+    raise MediaError(f"{path}: no decodable video frames")
+  if frames is not None and len(picked) < frames:
+    duration = previous[0] + frame_period
+    raise MediaError(f"{path}: {duration:.2f} s of video ({index} frames), need "
+                     f"{frames / fps:.2f} s ({frames} frames at {fps} fps)", "too_short")
+  return np.stack([cv2.cvtColor(image, cv2.COLOR_BGR2RGB) for image in picked]), float(fps)
+
+
+def crop_box(source_hw: tuple[int, int], out_hw: tuple[int, int], face_box=None,
+             margin: float = 0.5) -> tuple[int, int, int, int]:
+  """(x0, y0, x1, y1) crop with the output's aspect ratio, inside the frame.
+
+  With a face box: centred on the face, `margin` x face size of context on each side (shrunk
+  to fit the frame, then shifted inside it). Without: the largest centred crop.
+  """
+  src_h, src_w = source_hw
+  aspect = out_hw[1] / out_hw[0]  # width / height
+  full_h = min(src_h, src_w / aspect)
+  if face_box is None:
+    crop_h, center_x, center_y = full_h, src_w / 2, src_h / 2
+  else:
+    x0, y0, x1, y1 = face_box
+    crop_h = min(full_h, max(y1 - y0, (x1 - x0) / aspect) * (1 + 2 * margin))
+    center_x, center_y = (x0 + x1) / 2, (y0 + y1) / 2
+  crop_w = crop_h * aspect
+  left = float(np.clip(center_x - crop_w / 2, 0, src_w - crop_w))
+  top = float(np.clip(center_y - crop_h / 2, 0, src_h - crop_h))
+  x0, y0 = int(round(left)), int(round(top))
+  x1 = min(src_w, x0 + max(1, int(round(crop_w))))
+  y1 = min(src_h, y0 + max(1, int(round(crop_h))))
+  return x0, y0, x1, y1
+
+
+def crop_and_resize(frames: np.ndarray, box, out_hw: tuple[int, int]) -> np.ndarray:
+  """frames[:, y0:y1, x0:x1] resized to out_hw (area filter shrinking, bicubic enlarging)."""
+  x0, y0, x1, y1 = box
+  height, width = out_hw
+  shrinking = (y1 - y0) > height
+  interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC
+  return np.stack([cv2.resize(frame[y0:y1, x0:x1], (width, height), interpolation=interpolation)
+                   for frame in frames])
 
 
 def read_video(path: str, fps: float, frames: int, height: int, width: int) -> np.ndarray:
-  """(frames, height, width, 3) uint8 RGB: resampled to fps, scaled to cover, centre-cropped."""
-  _require_file(path)
-  result = subprocess.run(
-      [_ffmpeg(), "-nostdin", "-v", "error", "-i", path, "-map", "0:v:0?",
-       "-vf", f"fps={fps},{_cover_filter(height, width)}", "-frames:v", str(frames),
-       "-f", "rawvideo", "-pix_fmt", "rgb24", "-"], capture_output=True, check=False)
-  if result.returncode != 0:
-    raise MediaError(f"{path}: ffmpeg cannot read its video: {_last_line(result.stderr)}")
-  frame_bytes = height * width * 3
-  got = len(result.stdout) // frame_bytes
-  if got == 0:
-    raise MediaError(f"{path}: no video stream")
-  if got < frames:
-    raise MediaError(f"{path}: {got} frames at {fps} fps, the model makes {frames}-frame clips")
-  return np.frombuffer(result.stdout[:frames * frame_bytes], np.uint8).reshape(
-      frames, height, width, 3)
+  """(frames, height, width, 3) uint8 RGB: read_frames, then the largest centred crop with the
+  output's aspect resized to height x width (as prepare without a face-centred crop)."""
+  source, _ = read_frames(path, fps, frames)
+  return crop_and_resize(source, crop_box(source.shape[1:3], (height, width)), (height, width))
 
 
 def read_image(path: str, height: int, width: int) -> np.ndarray:

@@ -165,10 +165,10 @@ def make_eval_step(program: Program):
   key = jax.random.key(int(config.train.seed) + 1)
 
   def eval_step(params, batch):
-    b = batch["video"].shape[0]
-    out = {}
+    valid = batch["example_valid"]  # padding rows sit at sigma 0: input only, out of the losses
+    out = {"eval_examples": jnp.sum(valid)}
     for i, sigma in enumerate(sigmas):
-      s = jnp.full((b,), sigma, jnp.float32)
+      s = jnp.where(valid, sigma, 0.0).astype(jnp.float32)
       _, m = objective.loss_at(graphdef, params, batch, jax.random.fold_in(key, i), s, s, config)
       for name in ("loss", "loss_video", "loss_audio", "loss_mouth"):
         out[f"eval_{name}_s{sigma:g}"] = m[name]
@@ -192,7 +192,10 @@ def compile_eval_step(program: Program):
   step = jax.jit(make_eval_step(program),
                  in_shardings=(program.state_shardings["params"], program.batch_sharding))
   with jax.set_mesh(program.mesh):
-    return step.lower(program.abstract_state["params"], program.abstract_batch()).compile()
+    batch = program.abstract_batch()
+    batch["example_valid"] = jax.ShapeDtypeStruct(batch["drop_text"].shape, jnp.bool_,
+                                                  sharding=program.batch_sharding)
+    return step.lower(program.abstract_state["params"], batch).compile()
 
 
 def _log_compiled(compiled, program: Program) -> None:
@@ -349,14 +352,17 @@ def _write_config(workdir: str, config, step: int) -> None:
 
 
 def run_eval(eval_step, params, eval_batches, mesh) -> dict:
-  """Mean of the fixed-sigma losses over the eval split, plus their means over sigmas."""
+  """Mean of the fixed-sigma losses over the eval split (batches weighted by their real,
+  unpadded examples), plus their means over sigmas."""
   totals, count = {}, 0
   for batch in eval_batches:
     with jax.set_mesh(mesh):
-      out = jax.device_get(eval_step(params, model_inputs(batch)))
+      out = jax.device_get(eval_step(params, {**model_inputs(batch),
+                                              "example_valid": batch["example_valid"]}))
+    examples = int(out.pop("eval_examples"))
     for k, v in out.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    count += 1
+      totals[k] = totals.get(k, 0.0) + float(v) * examples
+    count += examples
   result = {k: v / max(count, 1) for k, v in totals.items()}
   for name in ("loss", "loss_video", "loss_audio", "loss_mouth"):
     vals = [v for k, v in result.items() if k.startswith(f"eval_{name}_s")]

@@ -193,12 +193,15 @@ def test_process_slices_are_disjoint_and_cover(dataset):
     per_process.append(np.concatenate([b["record_index"] for b in batches]))
   assert not set(per_process[0]) & set(per_process[1])
   assert sorted(np.concatenate(per_process)) == list(range(NUM_TRAIN))
-  # Eval: whole global batches only (16 of 10 -> 8), split between the processes.
+  # Eval: 10 examples padded to 2 global batches (16 rows), split between the processes; the
+  # padding rows (real ones marked example_valid False) repeat records 0..5.
   eval_source = PL.open_source(config, "eval")
-  eval_rows = [np.concatenate([b["record_index"] for b in
-                               PL.eval_dataset(config, eval_source, process_index=i, process_count=2)])
-               for i in range(2)]
-  assert [list(r) for r in eval_rows] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+  evals = [list(PL.eval_dataset(config, eval_source, process_index=i, process_count=2))
+           for i in range(2)]
+  rows = [list(np.concatenate([b["record_index"] for b in batches])) for batches in evals]
+  assert rows == [[0, 2, 4, 6, 8, 0, 2, 4], [1, 3, 5, 7, 9, 1, 3, 5]]
+  valid = [list(np.concatenate([b["example_valid"] for b in batches])) for batches in evals]
+  assert valid == [[True] * 5 + [False] * 3] * 2
 
 
 def test_drop_frequencies(dataset):
@@ -228,9 +231,12 @@ def test_eval_iterator_one_ordered_pass(dataset):
   config = tiny_config(directory)
   config.data.update(p_uncond=1.0, p_i2v=1.0)
   batches = list(PL.make_eval_iterator(config, make_mesh(config)))
-  assert len(batches) == NUM_EVAL // 8 == 1
+  assert len(batches) == 2  # 10 examples: 8, then 2 and 6 padding rows that repeat 0..5
   batch = batches[0]
   np.testing.assert_array_equal(np.asarray(batch["record_index"]), np.arange(8))
+  np.testing.assert_array_equal(np.asarray(batches[1]["record_index"]), [8, 9, 0, 1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(np.asarray(batches[1]["example_valid"]), np.arange(8) < 2)
+  assert np.asarray(batch["example_valid"]).all()
   assert not np.asarray(batch["drop_text"]).any() and not np.asarray(batch["use_first_frame"]).any()
   np.testing.assert_array_equal(np.asarray(batch["audio"][5]),
                                 expected_row(examples["eval"][5], 8)["audio"])
@@ -270,10 +276,6 @@ def test_errors_name_the_path_and_key(dataset, tmp_path):
     PL.make_train_iterator(tiny_config(empty), mesh)
   with pytest.raises(F.DatasetError, match=r"no split 'valid'; it has \['eval', 'train'\]"):
     PL.make_train_iterator(tiny_config(directory), mesh, split="valid")
-  big_batch = tiny_config(directory)
-  big_batch.train.batch_size = 16
-  with pytest.raises(F.DatasetError, match=r"split 'eval' has 10 examples, fewer than one global batch"):
-    PL.make_eval_iterator(big_batch, mesh)
   wrong_shape = tiny_config(directory)
   wrong_shape.video.latent_channels = 96
   with pytest.raises(F.DatasetError, match=r"video_latent_shape is \[5,4,4,48\] but config "

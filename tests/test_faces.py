@@ -119,3 +119,96 @@ def test_transformed_mask_matches_tracking_the_resized_frames(tracker):
   mapped = faces.transform_boxes(tracker.track(source).mouth_boxes, crop, scale)
   direct = tracker.track(resized).mouth_boxes
   assert np.abs(mapped - direct).max() <= 3
+
+
+# ------------------------------------------------------------------ real footage: small faces, crowds
+
+@pytest.fixture(scope="module")
+def talking_face(tracker):
+  """The astronaut photo with a MouthWarp whose mouth opens and closes (a talking face)."""
+  from data_prep.make_demo_corpus import MouthWarp
+  photo = np.ascontiguousarray(skimage.data.astronaut()[0:300, 80:370])  # face ~87 px wide
+  return MouthWarp(photo, tracker.track(photo[None]).landmarks[0])
+
+
+def _talking_frames(warp, face_px, num_frames):
+  """Frames of the talking face scaled so that dlib's face box is about `face_px` wide."""
+  scale = face_px / 87
+  amounts = 0.5 + 0.5 * np.sin(1.3 * np.arange(num_frames))
+  return [cv2.resize(warp.render(a), None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+          for a in amounts]
+
+
+def _small_face_clip(warp, num_frames=17, face_px=46):
+  """176 x 144 frames around a talking face that drifts by a couple of pixels; dlib's box of
+  the face is 53 px wide (its boxes come in pyramid-level steps)."""
+  scale = face_px / 87
+  cx, cy = (224 - 80) * scale, 130 * scale  # the face centre in the scaled photo
+  out = []
+  for t, image in enumerate(_talking_frames(warp, face_px, num_frames)):
+    padded = cv2.copyMakeBorder(image, 100, 100, 100, 100, cv2.BORDER_REFLECT)
+    x0 = int(cx - 88 + 2 * np.sin(t / 3)) + 100
+    y0 = int(cy - 72 + 1.5 * np.cos(t / 4)) + 100
+    out.append(padded[y0:y0 + 144, x0:x0 + 176])
+  return np.stack(out)
+
+
+def test_small_face_in_a_low_resolution_clip_is_kept(talking_face, tmp_path):
+  import dlib
+  from data_prep import clips
+  from jova_jax import codecs, media
+  from tests.conftest import load
+  frames = _small_face_clip(talking_face)
+  # Without upsampling dlib misses this face in every frame (the clip used to be rejected).
+  detector = dlib.get_frontal_face_detector()
+  assert not any(detector(f, 0) for f in frames)
+  path = str(tmp_path / "small.mp4")
+  media.write_mp4(path, frames, 8.0, 0.1 * np.sin(np.arange(40000) / 10.0), 16000)
+  config = load("tiny")
+  config.video.update(frames=17, height=64, width=64)
+  options = clips.ClipOptions(fps=8.0, frames=17, height=64, width=64, sample_rate=16000,
+                              num_samples=17 * 2000, face_centered_crop=True, min_face_frac=0.5,
+                              crop_margin=0.5, detect_every=4)
+  clip = clips.prepare_clip(path, options)
+  assert clip.face_frac >= 0.9
+  latent = codecs.get_video_codec(config).pixel_mask_to_latent(clip.mouth_mask)
+  t, h, w = latent.shape
+  mouth_sized = 0
+  for frame in latent:
+    ys, xs = np.nonzero(frame)
+    # A mouth: the face is about half the face-centred crop, the mouth at most a third of the
+    # frame wide and a quarter high, and below the eyes (the upper third).
+    mouth_sized += (bool(len(ys)) and np.ptp(xs) + 1 <= w / 3 and np.ptp(ys) + 1 <= h / 4
+                    and ys.min() >= h / 3)
+  assert mouth_sized >= 0.9 * t, [np.nonzero(f) for f in latent]
+
+
+def test_the_speaker_is_the_talking_face_among_larger_still_ones(talking_face, tracker):
+  num_frames = 17
+  still = cv2.resize(talking_face.image, None, fx=105 / 87, fy=105 / 87, interpolation=cv2.INTER_AREA)
+  talking = _talking_frames(talking_face, 50, num_frames)
+  scene = np.full((num_frames, 270, 400, 3), 90, np.uint8)
+  scene[:, 0:200, 0:170] = still[30:230, 40:210]             # ~105 px faces, mouths still
+  scene[:, 0:200, 230:400] = still[30:230, 40:210][:, ::-1]
+  for frame, image in zip(scene, talking):
+    frame[150:270, 150:270] = image[20:140, 20:140]             # ~50 px, talking
+  track = tracker.track(scene)
+  assert track.face_frac == 1.0 and "most mouth motion of 3 faces" in track.detail
+  x0, y0, x1, y1 = np.median(track.face_boxes, axis=0)
+  assert 150 <= x0 < x1 <= 270 and 150 <= y0 < y1 <= 270 and x1 - x0 < 80
+  # With every mouth still the largest face is the speaker.
+  track = tracker.track(np.stack([scene[0]] * 4))
+  assert "the largest of 3 faces" in track.detail and track.face_boxes[0, 2] - track.face_boxes[0, 0] > 80
+
+
+def test_missed_detections_between_hits_are_bridged():
+  frames = _astronaut_frames(17)
+  covered = frames.copy()
+  covered[4:12, 40:75] = 0  # a bar over the eyes: the detector misses frames 4 and 8
+  tracker = faces.MouthTracker(detect_every=4, max_missed=2)
+  track = tracker.track(covered)
+  assert track.face_frac == 1.0 and "3 of 5 detections hit, 8 frames bridged" in track.detail
+  # The bridged mouths sit where tracking the uncovered frames puts them.
+  assert np.abs(track.mouth_boxes[4:12] - tracker.track(frames).mouth_boxes[4:12]).max() <= 4
+  strict = faces.MouthTracker(detect_every=4, max_missed=1).track(covered)
+  assert strict.face_frac == 9 / 17 and (strict.mouth_boxes[4:12] == -1).all()

@@ -1,9 +1,14 @@
 """data_prep.prepare: clip decoding, rejects, sharding, and the dataset the trainer reads."""
+import glob
 import hashlib
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import cv2
 import imageio_ffmpeg
@@ -11,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_prep import clips, job, manifest, shards
-from jova_jax import config_lib
+from jova_jax import config_lib, media
 from jova_jax.data import features
 from tests.conftest import REPO, load
 
@@ -43,13 +48,19 @@ def test_resampling_picks_the_nearest_frame_by_timestamp(tmp_path):
   levels = 5 * np.arange(40, dtype=np.uint8)
   path = str(tmp_path / "ramp.mkv")
   _encode_raw(path, np.broadcast_to(levels[:, None, None], (40, 8, 8)).copy(), 25)
-  got = clips.read_resampled_frames(path, fps=8.0, frames=12)
-  assert got.shape == (12, 8, 8, 3)
+  got, fps = media.read_frames(path, fps=8.0, frames=12)
+  assert got.shape == (12, 8, 8, 3) and fps == 8.0
   want = 5 * np.floor(np.arange(12) * 25 / 8 + 0.5)
   np.testing.assert_array_equal(got[:, 0, 0, 0], want)
-  with pytest.raises(clips.ClipRejected) as e:  # 40 frames at 25 fps = 1.6 s < 14 / 8 s
-    clips.read_resampled_frames(path, fps=8.0, frames=14)
+  with pytest.raises(media.MediaError) as e:  # 40 frames at 25 fps = 1.6 s < 14 / 8 s
+    media.read_frames(path, fps=8.0, frames=14)
   assert e.value.reason == "too_short"
+  # Without fps: every source frame at the source rate (eval.sync); without frames: to the end.
+  every, fps = media.read_frames(path)
+  np.testing.assert_array_equal(every[:, 0, 0, 0], levels)
+  assert fps == 25.0
+  whole, _ = media.read_frames(path, fps=8.0)
+  assert len(whole) == 13  # 1.6 s: times 0 .. 12/8 s
 
 
 def test_audio_is_cut_from_the_clip_start(tmp_path):
@@ -58,28 +69,28 @@ def test_audio_is_cut_from_the_clip_start(tmp_path):
   wave = (0.5 * np.sin(2 * np.pi * (200 + 300 * t) * t) * 32767).astype(np.int16)
   path = str(tmp_path / "tone.mkv")
   _encode_raw(path, np.zeros((25, 8, 8), np.uint8), 25, audio=wave, sample_rate=rate)
-  got = clips.read_audio(path, rate, 12345)
+  got = media.read_audio(path, rate, 12345)
   assert got.shape == (12345,) and got.dtype == np.float32
   np.testing.assert_allclose(got, wave[:12345] / 32768.0, atol=1e-4)
-  with pytest.raises(clips.ClipRejected) as e:
-    clips.read_audio(path, rate, 2 * rate)
+  with pytest.raises(media.MediaError) as e:
+    media.read_audio(path, rate, 2 * rate)
   assert e.value.reason == "too_short"
   silent = str(tmp_path / "silent.mkv")
   _encode_raw(silent, np.zeros((25, 8, 8), np.uint8), 25)
-  with pytest.raises(clips.ClipRejected) as e:
-    clips.read_audio(silent, rate, 100)
+  with pytest.raises(media.MediaError) as e:
+    media.read_audio(silent, rate, 100)
   assert e.value.reason == "no_audio"
 
 
 def test_crop_box():
   # No face: the largest centred crop with the output aspect.
-  assert clips.crop_box((72, 96), (64, 64)) == (12, 0, 84, 72)
-  assert clips.crop_box((72, 96), (32, 64)) == (0, 12, 96, 60)
+  assert media.crop_box((72, 96), (64, 64)) == (12, 0, 84, 72)
+  assert media.crop_box((72, 96), (32, 64)) == (0, 12, 96, 60)
   # Face 20x30 at (40,20): side 30 * (1 + 2*0.5) = 60 around the centre (50, 35), shifted inside.
-  assert clips.crop_box((72, 96), (64, 64), (40, 20, 60, 50), margin=0.5) == (20, 5, 80, 65)
-  assert clips.crop_box((72, 96), (64, 64), (0, 0, 20, 30), margin=0.5) == (0, 0, 60, 60)
+  assert media.crop_box((72, 96), (64, 64), (40, 20, 60, 50), margin=0.5) == (20, 5, 80, 65)
+  assert media.crop_box((72, 96), (64, 64), (0, 0, 20, 30), margin=0.5) == (0, 0, 60, 60)
   # A face larger than the frame allows: the crop shrinks to the frame height.
-  assert clips.crop_box((72, 96), (64, 64), (30, 0, 90, 70), margin=0.5) == (24, 0, 96, 72)
+  assert media.crop_box((72, 96), (64, 64), (30, 0, 90, 70), margin=0.5) == (24, 0, 96, 72)
 
 
 def test_splits_are_a_hash_of_the_clip_id():
@@ -232,7 +243,9 @@ def test_two_shards_and_finalize_equal_one_shard(prepared, corpus, tmp_path):
     shards.finalize(out, config)
 
 
-def test_centre_crop_clip_matches_an_opencv_reference(corpus):
+def test_one_reader_prepare_sampler_and_sync_get_the_same_frames(corpus):
+  """A centre-cropped prepared clip equals an OpenCV reference and what media.read_video /
+  read_audio (the sampler's given media) and eval.sync read from the same file."""
   config = _tiny()
   config.video.face_centered_crop = False
   options = job.clip_options(config, min_face_frac=0.5, crop_margin=0.5, detect_every=4)
@@ -252,6 +265,14 @@ def test_centre_crop_clip_matches_an_opencv_reference(corpus):
   want = np.stack([cv2.resize(frames[i][top:top + side, left:left + side], (16, 16),
                               interpolation=cv2.INTER_AREA) for i in picks])
   np.testing.assert_array_equal(clip.frames, want)
+  # One reader: the sampler's given video and audio are these very frames and samples.
+  np.testing.assert_array_equal(media.read_video(path, config.video.fps, FRAMES, 16, 16), clip.frames)
+  np.testing.assert_array_equal(
+      media.read_audio(path, config.audio.sample_rate, config_lib.audio_num_samples(config)), clip.audio)
+  from jova_jax.eval import sync
+  every, fps = sync.read_frames(path)
+  assert fps == source_fps
+  np.testing.assert_array_equal(every, np.stack(frames))
   assert clip.audio.shape == (config_lib.audio_num_samples(config),)
   assert clip.mouth_mask.shape == (FRAMES, 16, 16) and clip.mouth_mask.any()
 
@@ -290,3 +311,105 @@ def test_a_worker_crash_rejects_only_its_clip():
       assert isinstance(result, clips.ClipRejected) and result.reason == "unreadable"
     else:
       assert result == clip_id.upper()
+
+
+# ------------------------------------------------------------------ an existing dataset is never lost
+
+def _copy_of(dataset_dir, tmp_path):
+  out = str(tmp_path / "dataset")
+  shutil.copytree(dataset_dir, out)
+  return out
+
+
+def _assert_same_dataset(out, reference):
+  counts = features.read_metadata(reference)["counts"]
+  assert features.read_metadata(out)["counts"] == counts
+  for split in counts:
+    got, want = _records(out, split), _records(reference, split)
+    assert sorted(got) == sorted(want)
+    for clip_id in want:
+      np.testing.assert_array_equal(got[clip_id]["video_latent"], want[clip_id]["video_latent"])
+
+
+def _clips_named(corpus, tmp_path, name, suffixes):
+  folder = tmp_path / name
+  folder.mkdir()
+  for file in os.listdir(corpus):
+    if any(file.endswith(s) for s in suffixes):
+      shutil.copy(os.path.join(corpus, file), folder / file)
+  return str(folder)
+
+
+def test_an_empty_or_all_rejected_input_leaves_the_dataset(prepared, corpus, tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(manifest.ManifestError, match=f"^0 clips found in {empty};"):
+    job.run_shard(_tiny(), str(empty), out)
+  _assert_same_dataset(out, single)
+  bad = _clips_named(corpus, tmp_path, "bad", ("_faceless.mp4", "_faceless.json",
+                                               "_corrupt.mp4", "_corrupt.json"))
+  with pytest.raises(features.DatasetError, match="input was .*--overwrite"):  # another input
+    job.run_shard(_tiny(), bad, out)
+  job.run_shard(_tiny(), bad, out, overwrite=True)
+  failed = os.path.join(out, shards.STAGING, shards.REJECTS)
+  with pytest.raises(features.DatasetError, match=f"^all 2 clips rejected, see {failed};"):
+    shards.finalize(out, _tiny())
+  with open(failed) as f:
+    assert sorted(json.loads(line)["reason"] for line in f) == ["no_face", "unreadable"]
+  _assert_same_dataset(out, single)
+  with open(os.path.join(out, shards.REJECTS)) as a, open(os.path.join(single, shards.REJECTS)) as b:
+    assert a.read() == b.read()
+
+
+def test_another_config_needs_overwrite(prepared, corpus, tmp_path, caplog):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  with pytest.raises(features.DatasetError, match="min_face_frac was 0.5, now 0.6.*--overwrite"):
+    job.run_shard(_tiny(), corpus, out, min_face_frac=0.6)
+  _assert_same_dataset(out, single)
+  two = _clips_named(corpus, tmp_path, "two", ("_00000.mp4", "_00000.json", "_00001.mp4", "_00001.json"))
+  job.run_shard(_tiny(), two, out, overwrite=True, eval_fraction=0.0)
+  metadata = shards.finalize(out, _tiny())
+  assert metadata["counts"] == {"train": 2} and metadata["prepared_from"]["input"] == two
+  assert "has no 'eval' split" in caplog.text
+  assert sorted(_records(out, "train")) == ["clip_00000", "clip_00001"]
+  assert os.path.getsize(os.path.join(out, shards.REJECTS)) == 0  # it exists with no rejects
+  assert not glob.glob(f"{out}.*") and not glob.glob(os.path.join(out, shards.STAGING, "*.*-*"))
+
+
+def test_kill_9_during_prepare_leaves_the_dataset_and_the_next_run_cleans_up(prepared, corpus,
+                                                                             tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  job_process = subprocess.Popen(
+      [sys.executable, "-m", "data_prep.prepare", f"--input={corpus}", f"--output={out}",
+       f"--config={REPO}/configs/tiny.py", f"--config.video.frames={FRAMES}"],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  partial = os.path.join(out, shards.STAGING, shards.shard_tag(0, 1) + ".partial-*")
+  deadline = time.time() + 120
+  while not glob.glob(partial) and job_process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.2)  # into the clips
+  job_process.send_signal(signal.SIGKILL)
+  job_process.wait()
+  assert glob.glob(partial), "the job ended before it was killed"
+  _assert_same_dataset(out, single)
+  job.run_shard(_tiny(), corpus, out)
+  shards.finalize(out, _tiny())
+  _assert_same_dataset(out, single)
+  assert not glob.glob(f"{out}.*") and not glob.glob(os.path.join(out, shards.STAGING, "*.*-*"))
+
+
+def test_a_swap_killed_between_its_renames_is_undone(prepared, tmp_path):
+  single, _ = prepared
+  out = _copy_of(single, tmp_path)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  tag = f"{socket.gethostname()}-{dead.pid}"
+  os.replace(out, f"{out}.old-{tag}")  # the old dataset moved aside, the new one not yet in
+  os.makedirs(f"{out}.partial-{tag}")
+  removed = shards.clean_stale(out)
+  assert removed == [f"{out}.partial-{tag}"]
+  _assert_same_dataset(out, single)

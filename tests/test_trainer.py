@@ -243,3 +243,33 @@ def test_demo_config_overfits_a_small_dataset(tmp_path):
   first, last = np.mean(losses[:10]), np.mean(losses[-10:])
   print(f"demo overfit: first-10 mean {first:.3f}, last-10 mean {last:.3f}")
   assert last < 0.8 * first
+
+
+def test_a_split_smaller_than_the_batch_trains_and_evaluates(tmp_path):
+  # 2 train and 3 eval examples, global batch 8: training repeats the split within a batch;
+  # eval pads its one batch with 5 repeats that do not count.
+  config = tiny(write_random_dataset(tmp_path / "ds", load("tiny"), 2, 3))
+  mesh = mesh_lib.make_mesh(config)
+  batch = next(iter(pipeline.make_train_iterator(config, mesh)))
+  _, counts = np.unique(np.asarray(batch["video"]).reshape(8, -1), axis=0, return_counts=True)
+  np.testing.assert_array_equal(counts, [4, 4])
+  (padded,) = list(pipeline.make_eval_iterator(config, mesh))
+  np.testing.assert_array_equal(np.asarray(padded["example_valid"]), [1, 1, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(padded["record_index"]), [0, 1, 2, 0, 1, 2, 0, 1])
+  program = trainer.build_program(config, mesh)
+  params = trainer.init_state(program)["params"]
+  eval_step = trainer.compile_eval_step(program)
+  got = trainer.run_eval(eval_step, params, [padded], mesh)
+  rows = {k: np.asarray(v) for k, v in padded.items()}
+  # The padding rows changed to anything leave the losses as they are...
+  garbage = dict(rows, video=np.where(rows["example_valid"][:, None, None, None, None],
+                                      rows["video"], 1e3).astype(np.float32))
+  assert trainer.run_eval(eval_step, params, [pipeline.to_global(garbage, mesh)], mesh) == got
+  # ...and the loss is the mean of the 3 real examples' own losses.
+  singles = []
+  for i in range(3):
+    one = {k: np.stack([v[i]] * 8) for k, v in rows.items()}
+    one["example_valid"] = np.arange(8) == i  # row i: the same fixed noise as in `padded`
+    singles.append(trainer.run_eval(eval_step, params, [pipeline.to_global(one, mesh)],
+                                    mesh)["eval_loss_video"])
+  assert got["eval_loss_video"] == pytest.approx(np.mean(singles), rel=1e-4)

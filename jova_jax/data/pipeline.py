@@ -2,7 +2,10 @@
 
 train: source -> shuffle(seed) -> repeat -> this process's slice -> decode -> random drops
 (per-example RNG from (seed, index): exact resume) -> batch(B / processes) -> iter (+mp_prefetch)
--> jax.make_array_from_process_local_data, batch sharded over ("data", "fsdp").
+-> jax.make_array_from_process_local_data, batch sharded over ("data", "fsdp"). Repeating before
+batching lets a split smaller than one global batch train (its examples recur within a batch).
+eval: one in-order pass, the last batch filled with repeats marked example_valid=False, which
+the eval step leaves out of its losses.
 """
 from __future__ import annotations
 
@@ -151,15 +154,40 @@ def train_dataset(config, source, *, seed: int, process_index: int | None = None
   return _to_iter(ds, config)
 
 
+class _Cycled:
+  """A source read round and round up to `length` records (eval's padding)."""
+
+  def __init__(self, source, length: int):
+    self._source, self._length = source, length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict:
+    return self._source[index % len(self._source)]
+
+
+def _mark_padding(example: dict, *, num_real: int) -> dict:
+  index = int(example["record_index"])
+  return {**example, "record_index": np.int32(index % num_real),
+          "example_valid": np.bool_(index < num_real)}
+
+
+def _eval_batch_count(num_examples: int, global_batch: int) -> int:
+  return -(-num_examples // global_batch)
+
+
 def eval_dataset(config, source, *, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
-  """One in-order pass of whole global batches; every process yields the same number of batches."""
+  """One in-order pass in whole global batches, the last one padded with repeats of the first
+  records (example_valid False); every process yields the same number of batches."""
   process_index, process_count = _process(process_index, process_count)
   global_batch = int(config.train.batch_size)
-  ds = grain.MapDataset.source(source).map_with_index(_with_index)
-  ds = ds[:len(ds) // global_batch * global_batch]
+  padded = _eval_batch_count(len(source), global_batch) * global_batch
+  ds = grain.MapDataset.source(_Cycled(source, padded)).map_with_index(_with_index)
   ds = process_slice(ds, process_index, process_count)
   ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length))).map(_no_drops)
+  ds = ds.map(functools.partial(_mark_padding, num_real=len(source)))
   ds = ds.batch(_local_batch_size(config, process_count), drop_remainder=True)
   return _to_iter(ds, config)
 
@@ -231,7 +259,7 @@ class EvalBatches:
 
 def make_eval_iterator(config, mesh, *, split: str | None = None, process_index: int | None = None,
                        process_count: int | None = None):
-  """Eval batches: no shuffle, no text drop, no first-frame condition, last partial batch dropped."""
+  """Eval batches: no shuffle, no text drop, no first-frame condition, last batch padded."""
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
     synthetic = SyntheticIterator(config, seed=int(config.train.seed) + 1, process_index=pi,
@@ -240,13 +268,11 @@ def make_eval_iterator(config, mesh, *, split: str | None = None, process_index:
     return EvalBatches(batches, len(batches), mesh)
   split = split or config.data.eval_split
   source = open_source(config, split)
-  if len(source) < int(config.train.batch_size):
-    raise DatasetError(f"dataset {config.data.dir}: split {split!r} has {len(source)} examples, fewer "
-                       f"than one global batch (train.batch_size={config.train.batch_size})")
   ds = eval_dataset(config, source, process_index=process_index, process_count=process_count)
-  return EvalBatches(ds, len(source) // int(config.train.batch_size), mesh)
+  return EvalBatches(ds, _eval_batch_count(len(source), int(config.train.batch_size)), mesh)
 
 
 def _no_drops_batch(batch: dict) -> dict:
   return {**batch, "drop_text": np.zeros_like(batch["drop_text"]),
-          "use_first_frame": np.zeros_like(batch["use_first_frame"])}
+          "use_first_frame": np.zeros_like(batch["use_first_frame"]),
+          "example_valid": np.ones_like(batch["drop_text"])}

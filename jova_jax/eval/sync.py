@@ -43,21 +43,8 @@ class SyncScore:
 
 
 def read_frames(path: str) -> tuple[np.ndarray, float]:
-  """(uint8 RGB frames (T,H,W,3), fps) of a video file."""
-  if not os.path.isfile(path):
-    raise media.MediaError(f"{path}: no such file")
-  capture = cv2.VideoCapture(path)
-  fps = capture.get(cv2.CAP_PROP_FPS)
-  frames = []
-  while True:
-    ok, frame = capture.read()
-    if not ok:
-      break
-    frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-  capture.release()
-  if not frames or not fps > 0:
-    raise media.MediaError(f"{path}: OpenCV reads no video frames from it")
-  return np.stack(frames), float(fps)
+  """(uint8 RGB frames (T,H,W,3), fps) of a video file, every frame (media.read_frames)."""
+  return media.read_frames(path)
 
 
 def audio_envelope(wave: np.ndarray, sample_rate: int, fps: float, num_frames: int) -> np.ndarray:
