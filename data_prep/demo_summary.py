@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
+from jova_jax import media
 from jova_jax.eval import contact_sheet, sync
 
 _SAMPLES = flags.DEFINE_string("samples", "demo/samples", "Folder of generated mp4s.")
@@ -41,7 +42,7 @@ def face_fraction(frames: np.ndarray, size: int, tracker) -> float:
 def faces_report(paths: list[str], size: int) -> dict[str, float]:
   from jova_jax import faces
   tracker = faces.MouthTracker(detect_every=1)
-  return {p: face_fraction(sync.read_frames(p)[0], size, tracker) for p in paths}
+  return {p: face_fraction(media.read_frames(p)[0], size, tracker) for p in paths}
 
 
 def _sync_means(paths: list[str]) -> tuple[dict, int]:

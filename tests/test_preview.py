@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from jova_jax import trainer
-from jova_jax.eval import contact_sheet, sync
+from jova_jax import media, trainer
+from jova_jax.eval import contact_sheet
 from tests.conftest import load
 from tests.datasets import write_random_dataset
 
@@ -49,7 +49,7 @@ def test_samples_are_written_at_each_interval_and_at_the_end(previewed_run):
     folder = os.path.join(workdir, "samples", step)
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.mp4")))
     assert names == ["i2v_0.mp4", "i2v_1.mp4", "text_0.mp4", "text_1.mp4"]
-    frames, fps = sync.read_frames(os.path.join(folder, "i2v_0.mp4"))
+    frames, fps = media.read_frames(os.path.join(folder, "i2v_0.mp4"))
     assert frames.shape == (config.video.frames, config.video.height, config.video.width, 3)
     assert fps == pytest.approx(config.video.fps)
     sheet = cv2.imread(os.path.join(folder, "contact_sheet.png"))

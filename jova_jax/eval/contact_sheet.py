@@ -14,7 +14,6 @@ import cv2
 import numpy as np
 
 from jova_jax import media
-from jova_jax.eval import sync
 
 LABEL_HEIGHT = 16
 MEL_HEIGHT = 56
@@ -34,12 +33,12 @@ class SheetEntry:
 def read_entry(path: str, name: str | None = None, reference: str | None = None,
                sample_rate: int = 16000) -> SheetEntry:
   """A sheet entry from an mp4 with audio; reference: an mp4 or an image file."""
-  frames, fps = sync.read_frames(path)
+  frames, fps = media.read_frames(path)
   wave = media.read_audio(path, sample_rate, int(round(len(frames) / fps * sample_rate)))
   ref = None
   if reference:
     if reference.endswith(".mp4"):
-      ref, _ = sync.read_frames(reference)
+      ref, _ = media.read_frames(reference)
     else:
       image = cv2.imread(reference, cv2.IMREAD_COLOR)
       if image is None:
