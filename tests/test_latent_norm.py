@@ -131,6 +131,9 @@ def test_codecs_with_published_constants_and_old_datasets_get_the_identity(tmp_p
   with pytest.raises(features.DatasetError, match=r"metadata.json\): latent_norm.video needs .* "
                                                   r"48 finite floats"):
     latent_norm.LatentNorm.from_json(bad["latent_norm"], config, "dataset /x (metadata.json)")
+  with pytest.raises(features.DatasetError, match=r"latent_norm.audio needs .* found source None"):
+    latent_norm.LatentNorm.from_json({"video": latent_norm.Stream.identity(channels).to_json()},
+                                     config, "dataset /x")
 
 
 def test_an_old_run_without_statistics_samples_with_the_identity():

@@ -93,13 +93,14 @@ class LatentNorm:
   @classmethod
   def from_json(cls, value, config, where: str, error=DatasetError) -> "LatentNorm":
     """The statistics in a metadata.json or config value; identity when there are none (None,
-    or the flat pre-contract layout). Raises `error` naming `where` for malformed ones."""
+    or the flat pre-contract layout). Raises `error` naming `where` for malformed ones (a
+    modality missing among them, a wrong channel count, a std <= 0)."""
     value = value.to_dict() if hasattr(value, "to_dict") else value  # a ConfigDict
-    if not isinstance(value, dict) or not all(m in value for m in MODALITIES):
+    if not isinstance(value, dict) or not any(m in value for m in MODALITIES):
       return cls.identity(config)
     streams = {}
     for m in MODALITIES:
-      entry, channels = value[m], int(config[m].latent_channels)
+      entry, channels = value.get(m), int(config[m].latent_channels)
       entry = entry if isinstance(entry, dict) else {}
       mean = np.asarray(entry.get("mean", ()), np.float32).reshape(-1)
       std = np.asarray(entry.get("std", ()), np.float32).reshape(-1)
