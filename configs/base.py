@@ -86,6 +86,10 @@ def get_config():
       read_threads=4,
       p_uncond=0.1,            # text replaced by the learned null embedding (CFG)
       p_i2v=0.5,               # first-frame latent given as condition (I2V)
+      # Per-channel latent statistics the run normalises with (jova_jax/data/latent_norm.py):
+      # set by the trainer from the dataset's metadata.json and saved with the run's config and
+      # checkpoints, so the sampler finds them without the dataset. Not a setting: leave None.
+      latent_norm=None,
   ))
 
   # ---------------------------------------------------------------- training

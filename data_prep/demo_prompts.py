@@ -4,6 +4,8 @@ reference, then the text-only prompts of configs/demo_prompts.jsonl.
   python -m data_prep.demo_prompts --dataset=demo/dataset --out=demo/prompts.jsonl --config=configs/demo.py
 
 The reference frame is decoded from the prepared latents, so it is framed exactly as in training.
+Stored records are in codec space (data/latent_norm.py): the codecs decode them as they are, with
+no statistics to undo.
 With --references=DIR the same held-out clips are also written whole (video and audio decoded
 from their latents, muxed to mp4): the lip-sync score's ground truth at the samples' resolution
 and through the same codecs, so generated and real clips are compared like for like.

@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from data_prep import clips, encode, manifest, shards
 from jova_jax import config_lib
-from jova_jax.data import features
+from jova_jax.data import features, latent_norm
 
 
 def clip_options(config, min_face_frac: float, crop_margin: float, detect_every: int):
@@ -96,7 +96,9 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
   dataset_features = features.dataset_features(config)
   stage = shards.ShardStage(out_dir, shard_index, num_shards)
   clock = shards.StageClock(options.frames)
-  stats = shards.LatentStats()
+  stats = shards.LatentStats()  # of the train split, for the codecs that do not normalise
+  norm_sources = {"video": latent_norm.source_for(encoders.video),
+                  "audio": latent_norm.source_for(encoders.audio)}
   kept = collections.Counter()
 
   def write_batch(batch):
@@ -109,9 +111,9 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
     embedded = time.perf_counter()
     for i, (entry, clip) in enumerate(batch):
       split = splits[entry.clip_id]
-      if split == "train":
-        stats.add("video", video[i])
-        stats.add("audio", audio[i])
+      for name, latents in (("video", video[i]), ("audio", audio[i])):
+        if split == "train" and norm_sources[name] == latent_norm.MEASURED:
+          stats.add(name, latents)
       stage.writer(split, dataset_features).write({
           "video_latent": video[i], "audio_latent": audio[i], "mouth_mask": mouth[i],
           "text_emb": text_emb[i], "caption": prompts[i], "clip_id": entry.clip_id,
@@ -148,6 +150,7 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
 
   report = {"shard_index": shard_index, "num_shards": num_shards, "input": input_path,
             "clips": len(mine), "kept": dict(kept), **encoders.metadata(), "prepared_from": source,
-            "latent_stats": stats.to_json(), "timings": clock.to_json()}
+            "latent_norm_sources": norm_sources, "latent_stats": stats.to_json(),
+            "timings": clock.to_json()}
   stage.commit(report)
   return report

@@ -14,6 +14,7 @@ half-way and removes the folders killed jobs left.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import json
 import logging
@@ -25,7 +26,7 @@ import time
 
 import numpy as np
 
-from jova_jax.data import features
+from jova_jax.data import features, latent_norm
 
 STAGING = "prepare"
 REPORT = "report.json"
@@ -152,6 +153,20 @@ class LatentStats:
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
     return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+
+def measured_norm(sources: dict, stats: list[dict], config) -> latent_norm.LatentNorm:
+  """The dataset's latent_norm: the merged measured statistics of each modality whose source is
+  MEASURED, the identity for the others (and for shard reports from before the contract)."""
+  norm = latent_norm.LatentNorm.identity(config)
+  streams = {}
+  for name in latent_norm.MODALITIES:
+    if sources.get(name) == latent_norm.MEASURED:
+      channels = int(config[name].latent_channels)
+      mean, std = LatentStats.mean_std(stats, name, channels)
+      streams[name] = latent_norm.Stream(latent_norm.MEASURED, np.asarray(mean, np.float32),
+                                         np.asarray(std, np.float32))
+  return dataclasses.replace(norm, **streams)
 
 
 class StageClock:
@@ -316,11 +331,9 @@ def finalize(out_dir: str, config) -> dict:
       os.makedirs(split_dir, exist_ok=True)
       _link_or_copy(os.path.join(folder, shard["path"]),
                     os.path.join(split_dir, os.path.basename(shard["path"])))
-  stats = [r["latent_stats"] for r in reports]
-  video_mean, video_std = LatentStats.mean_std(stats, "video", metadata["video_latent_shape"][-1])
-  audio_mean, audio_std = LatentStats.mean_std(stats, "audio", metadata["audio_latent_shape"][-1])
-  metadata["latent_norm"] = {"video_mean": video_mean, "video_std": video_std,
-                             "audio_mean": audio_mean, "audio_std": audio_std}
+  metadata["latent_norm"] = measured_norm(
+      _agreed(out_dir, reports, "latent_norm_sources") or {},
+      [r["latent_stats"] for r in reports], config).to_json()
   rejects = collections.Counter()
   for r in reports:
     rejects.update(r["rejects"])

@@ -6,7 +6,9 @@ sampled twice, image-to-video (its first frame given) and text-only, with their 
 embeddings (no text encoder in the trainer). Every preview samples them with the EMA weights
 and the config's sampler settings and writes <workdir>/samples/<step>/: one mp4 per sample and
 contact_sheet.png (frames, mel spectrogram, the held-out clip under each sample); TensorBoard
-gets the sheet as an image and each sample's audio.
+gets the sheet as an image and each sample's audio. Examples come through the training pipeline
+(model-space latents); outputs and references are denormalised with the dataset's statistics
+before the codecs decode them (data/latent_norm.py).
 """
 from __future__ import annotations
 
@@ -38,11 +40,13 @@ class TrainingPreview:
     self.audio_codec = codecs.get_audio_codec(config)
     self.shapes = config_lib.latent_shapes(config)
     source = pipeline.open_source(config, _preview_split(config))
+    self.norm = source.latent_norm
     count = min(int(config.eval.sample_prompts), len(source))
-    examples = [pipeline.decode(i, source[i], max_length=self.shapes.text_tokens)
+    examples = [pipeline.decode(i, source[i], max_length=self.shapes.text_tokens, norm=self.norm)
                 for i in range(count)]
     self.names = [f"i2v_{i}" for i in range(count)] + [f"text_{i}" for i in range(count)]
-    self.references = [self.video_codec.decode(e["video"][None])[0] for e in examples] * 2
+    self.references = [self.video_codec.decode(self.norm.video.denormalize(e["video"][None]))[0]
+                       for e in examples] * 2
     self.cond = self._conditions(examples)
     self.seeds = np.arange(len(self.names), dtype=np.uint32) + int(config.train.seed)
 
@@ -70,8 +74,8 @@ class TrainingPreview:
       return None
     outdir = os.path.join(self.workdir, "samples", str(step))
     os.makedirs(outdir, exist_ok=True)
-    frames = self.video_codec.decode(video[:len(self.names)])
-    waves = self.audio_codec.decode(audio[:len(self.names)])
+    frames = self.video_codec.decode(self.norm.video.denormalize(video[:len(self.names)]))
+    waves = self.audio_codec.decode(self.norm.audio.denormalize(audio[:len(self.names)]))
     v, a = self.config.video, self.config.audio
     entries = []
     for name, clip, wave, reference in zip(self.names, frames, waves, self.references):

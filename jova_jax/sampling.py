@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax import checkpoint, codecs, config_lib, files, flow, media, text
+from jova_jax.data import latent_norm
 from jova_jax.errors import UserError
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
@@ -348,7 +349,7 @@ class Media:
   frames: np.ndarray | None = None       # given video (T,H,W,3) uint8
   wave: np.ndarray | None = None         # given audio (S,) float32
   first_frame: np.ndarray | None = None  # I2V latent (H',W',Cv)
-  video_latent: np.ndarray | None = None
+  video_latent: np.ndarray | None = None  # latents in model space (normalised, as in training)
   audio_latent: np.ndarray | None = None
 
 
@@ -365,7 +366,9 @@ def text_conditions(text, text_mask, shapes) -> dict:
 
 
 class Pipeline:
-  """Prompts -> conditions (text encoder, codecs) -> latents -> mp4 / wav / json files."""
+  """Prompts -> conditions (text encoder, codecs) -> latents -> mp4 / wav / json files.
+  Latents are normalised after encoding and denormalised before decoding with the run's
+  statistics (data/latent_norm.py: data.latent_norm of the checkpoint's config)."""
 
   def __init__(self, sampler: LatentSampler, text_encoder=None):
     self.sampler = sampler
@@ -374,6 +377,7 @@ class Pipeline:
     self.text_encoder = text_encoder if text_encoder is not None else text_encoder_for(config)
     self.video_codec = codecs.get_video_codec(config)
     self.audio_codec = codecs.get_audio_codec(config)
+    self.norm = latent_norm.of_run(config)
     self.shapes = sampler.shapes
 
   def media(self, prompt: Prompt) -> Media:
@@ -383,16 +387,21 @@ class Pipeline:
     try:
       if prompt.image:
         image = media.read_image(prompt.image, v.height, v.width)
-        out.first_frame = np.asarray(self.video_codec.encode(image[None, None]))[0, 0]
+        out.first_frame = self._encode_video(image[None])[0]
       if prompt.video:
         out.frames = media.read_video(prompt.video, v.fps, v.frames, v.height, v.width)
-        out.video_latent = np.asarray(self.video_codec.encode(out.frames[None]))[0]
+        out.video_latent = self._encode_video(out.frames)
       if prompt.audio:
         out.wave = media.read_audio(prompt.audio, a.sample_rate, self.shapes.num_samples)
-        out.audio_latent = np.asarray(self.audio_codec.encode(out.wave[None]))[0]
+        out.audio_latent = np.asarray(
+            self.norm.audio.normalize(self.audio_codec.encode(out.wave[None])[0]))
     except media.MediaError as e:
       raise PromptError(f"line {prompt.line}: {e}") from e
     return out
+
+  def _encode_video(self, frames: np.ndarray) -> np.ndarray:
+    """(T,H,W,3) uint8 -> model-space latents (T',H',W',Cv)."""
+    return np.asarray(self.norm.video.normalize(self.video_codec.encode(frames[None])[0]))
 
   def conditions(self, prompts: list[Prompt], given: list[Media]) -> dict:
     """Numpy batch of the model's conditions (keys: text, text_mask, first_frame,
@@ -417,8 +426,9 @@ class Pipeline:
     start = time.perf_counter()
     v, a = self.config.video, self.config.audio
     frames = given.frames if given.frames is not None else \
-        self.video_codec.decode(video_latent[None])[0]
-    wave = given.wave if given.wave is not None else self.audio_codec.decode(audio_latent[None])[0]
+        self.video_codec.decode(self.norm.video.denormalize(video_latent[None]))[0]
+    wave = given.wave if given.wave is not None else \
+        self.audio_codec.decode(self.norm.audio.denormalize(audio_latent[None]))[0]
     wave = media.fit_length(wave, self.shapes.num_samples)
     stem = os.path.join(outdir, prompt.name)
     media.write_wav(stem + ".wav", wave, a.sample_rate)

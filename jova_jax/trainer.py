@@ -233,6 +233,9 @@ def train(config, workdir: str, *, init_from: str | None = None,
   train_iter = pipeline.make_train_iterator(config, mesh)
   eval_batches = (pipeline.make_eval_iterator(config, mesh)
                   if config.eval.every_steps else None)
+  # The run keeps the statistics its batches are normalised with, in the config saved with it
+  # and with every checkpoint: the sampler undoes them (data/latent_norm.py).
+  config.data.latent_norm = train_iter.latent_norm.to_json()
 
   # ---------------------------------------------------------------- state: resume or init
   ckpt_dir = os.path.join(workdir, "checkpoints")

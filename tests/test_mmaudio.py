@@ -113,6 +113,8 @@ def test_latent_stats_normalise_and_restore(ref, tmp_path):
   np.testing.assert_allclose(np.asarray(scaled.decode_mel((latents - mean) / std)),
                              np.asarray(plain.decode_mel(latents)), atol=1e-4)
   assert scaled.config()["latent_std"] == pytest.approx(std.tolist())
+  # Without latent_stats.json the latents stay raw and prepare measures them (data/latent_norm.py).
+  assert scaled.normalises and not plain.normalises
   (folder / "latent_stats.json").write_text(json.dumps(dict(mean=[0.0] * 3, std=[1.0] * 3)))
   with pytest.raises(ValueError, match="latent_stats.json.*20"):
     _codec(ref, "mmaudio16k", tmp_path)

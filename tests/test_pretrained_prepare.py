@@ -131,6 +131,25 @@ def test_prepared_dataset_holds_the_pretrained_latents(prepared, weights):
   np.testing.assert_allclose(record["text_emb"].astype(np.float32), want, atol=2e-3, rtol=2e-3)
 
 
+def test_mmaudio_without_published_statistics_is_normalised_by_the_pipeline(prepared, weights):
+  """mmaudio16k without latent_stats.json: prepare measures its statistics and the pipeline's
+  batches come out zero-mean, unit-std per channel; Wan2.1's published constants: identity."""
+  from jova_jax.data import latent_norm, pipeline
+  config = _config(weights, prepared)
+  norm = features.read_metadata(prepared)["latent_norm"]
+  assert norm["video"] == {"source": "codec", "mean": [0.0] * 16, "std": [1.0] * 16}
+  assert norm["audio"]["source"] == "measured"
+  source = pipeline.open_source(config, "train")
+  batches = list(pipeline.eval_dataset(config, source, process_index=0, process_count=1))
+  audio = np.concatenate([b["audio"][b["example_valid"]] for b in batches]).reshape(-1, 20)
+  np.testing.assert_allclose(audio.mean(0), 0.0, atol=1e-2)
+  np.testing.assert_allclose(audio.std(0), 1.0, atol=1e-2)
+  video = np.concatenate([b["video"][b["example_valid"]] for b in batches])
+  stored = np.stack([np.asarray(source[i]["video_latent"], np.float32) for i in range(len(source))])
+  np.testing.assert_array_equal(video, stored)
+  assert latent_norm.source_for(codecs.get_audio_codec(config)) == latent_norm.MEASURED
+
+
 def test_trainer_runs_two_steps_on_it(prepared, weights, tmp_path):
   config = _config(weights, prepared)
   workdir = str(tmp_path / "work")

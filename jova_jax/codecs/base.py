@@ -1,7 +1,8 @@
 """The codec interfaces (DESIGN 5) and helpers shared by every codec.
 
-A video codec maps uint8 frames (B,T,H,W,3) to normalised float latents (B,T',H',W',C) and
-back; an audio codec maps a float wave (B,S) to (B,La,C) and back. Built-in codecs and the
+A video codec maps uint8 frames (B,T,H,W,3) to float latents (B,T',H',W',C) and back; an
+audio codec maps a float wave (B,S) to (B,La,C) and back. Latents are "codec space": normalised
+by the codec itself when `normalises`, else by data/latent_norm.py. Built-in codecs and the
 pretrained ports (Wan2.1 VAE, MMAudio VAE) implement the same classes, so data_prep, faces.py
 and the sampler never look at which one they hold.
 """
@@ -47,11 +48,14 @@ def pixel_mask_to_latent(mask, temporal_factor: int, spatial_factor: int) -> np.
 
 
 class VideoCodec(abc.ABC):
-  """uint8 frames (B,T,H,W,3) <-> normalised float32 latents (B,T',H',W',C)."""
+  """uint8 frames (B,T,H,W,3) <-> float32 latents (B,T',H',W',C)."""
   name: str
   temporal_factor: int
   spatial_factor: int
   latent_channels: int
+  # encode normalises by itself (published constants or a fixed scaling); False: prepare
+  # measures per-channel statistics and the pipeline applies them (data/latent_norm.py).
+  normalises: bool = True
 
   @abc.abstractmethod
   def encode(self, frames) -> jax.Array:
@@ -83,11 +87,12 @@ class VideoCodec(abc.ABC):
 
 
 class AudioCodec(abc.ABC):
-  """float32 wave (B,S) in [-1,1] <-> normalised float32 latents (B,La,C)."""
+  """float32 wave (B,S) in [-1,1] <-> float32 latents (B,La,C)."""
   name: str
   sample_rate: int
   latents_per_second: float
   latent_channels: int
+  normalises: bool = True  # as VideoCodec.normalises
 
   @abc.abstractmethod
   def encode(self, wave) -> jax.Array:

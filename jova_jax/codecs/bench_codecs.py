@@ -20,5 +20,4 @@ def random_mmaudio_codec(variant: str, seed: int = 0) -> mmaudio.MMAudioCodec:
   return mmaudio.MMAudioCodec(
       variant, mmaudio.vae_params_from_tensors(vae, v, v.vae_hidden, "random"),
       bigvgan.params_from_tensors(vocoder, v.vocoder, "random", "BigVGAN"), v.vocoder,
-      v.vae_hidden, np.zeros(v.latent_channels, np.float32), np.ones(v.latent_channels,
-                                                                     np.float32))
+      v.vae_hidden)

@@ -21,7 +21,9 @@ preferred when present):
               nvidia/bigvgan_v2_44khz_128band_512x
   config.json (optional, either): the vocoder's BigVGAN hparams (absent = the published ones)
   latent_stats.json (optional, either): {"mean": [C floats], "std": [C floats]}, e.g. the
-              latent_mean / latent_std MMAudio's flow networks hold; absent = mean 0, std 1.
+              latent_mean / latent_std MMAudio's flow networks hold. Absent, encode returns the
+              raw posterior mean (normalises False) and prepare measures the dataset's
+              per-channel statistics instead (data/latent_norm.py).
 """
 from __future__ import annotations
 
@@ -251,7 +253,7 @@ def _find(folder: str, stem: str, suffixes: tuple, what: str) -> str:
 def _latent_stats(folder: str, channels: int, name: str):
   path = os.path.join(folder, "latent_stats.json")
   if not os.path.isfile(path):
-    return np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    return None, None
   with open(path) as f:
     stats = json.load(f)
   mean = np.asarray(stats.get("mean", []), np.float32).reshape(-1)
@@ -275,7 +277,7 @@ class MMAudioCodec(base.AudioCodec):
 
   def __init__(self, variant: str, vae_params: dict, vocoder_params: dict,
                vocoder_config: bigvgan.BigVGANConfig, vae_hidden: int,
-               latent_mean: np.ndarray, latent_std: np.ndarray):
+               latent_mean: np.ndarray | None = None, latent_std: np.ndarray | None = None):
     v = VARIANTS[variant]
     if vocoder_config.num_mels != v.n_mels or vocoder_config.hop != v.hop:
       raise ValueError(f"audio codec {v.name!r}: the vocoder must take {v.n_mels} mels at hop "
@@ -286,7 +288,10 @@ class MMAudioCodec(base.AudioCodec):
     self.latents_per_second = v.latents_per_second
     self.vae_params, self.vocoder_params = vae_params, vocoder_params
     self.vocoder_config, self.vae_hidden = vocoder_config, vae_hidden
-    self.latent_mean, self.latent_std = latent_mean, latent_std
+    # Without published statistics (None) the latents stay raw: mean 0, std 1 here.
+    self.normalises = latent_mean is not None
+    self.latent_mean = np.zeros(v.latent_channels, np.float32) if latent_mean is None else latent_mean
+    self.latent_std = np.ones(v.latent_channels, np.float32) if latent_std is None else latent_std
 
   @classmethod
   def from_weights_dir(cls, variant: str, weights_dir: str, *, vae_hidden: int | None = None,

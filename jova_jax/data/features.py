@@ -183,7 +183,8 @@ def finalize(out_dir, features: tfds.features.FeaturesDict, metadata: dict) -> N
 
 
 def default_metadata(config) -> dict:
-  """Metadata of a dataset made for `config` with identity latent normalisation."""
+  """Metadata of a dataset made for `config`; no "latent_norm", which means identity
+  normalisation (data/latent_norm.py)."""
   v, a, t = config.video, config.audio, config.text
   shapes = latent_shapes(config)
   return {
@@ -194,8 +195,6 @@ def default_metadata(config) -> dict:
           "sample_rate": int(a.sample_rate), "latent_channels": int(a.latent_channels),
           "latents_per_second": float(a.latents_per_second)}},
       "text_encoder": {"name": t.encoder, "width": int(t.width)},
-      "latent_norm": {"video_mean": [0.0] * shapes.video[-1], "video_std": [1.0] * shapes.video[-1],
-                      "audio_mean": [0.0] * shapes.audio[-1], "audio_std": [1.0] * shapes.audio[-1]},
       "fps": float(v.fps), "frames": int(v.frames), "height": int(v.height), "width": int(v.width),
       "sample_rate": int(a.sample_rate),
       "video_latent_shape": list(shapes.video), "audio_latent_shape": list(shapes.audio),

@@ -1,6 +1,7 @@
 """Grain input pipeline: prepared dataset (DESIGN 4) -> global jax batches on the mesh.
 
-train: source -> shuffle(seed) -> repeat -> this process's slice -> decode -> random drops
+train: source -> shuffle(seed) -> repeat -> this process's slice -> decode (float32, latents
+normalised with the dataset's statistics, data/latent_norm.py) -> random drops
 (per-example RNG from (seed, index): exact resume) -> batch(B / processes) -> iter (+mp_prefetch)
 -> jax.make_array_from_process_local_data, batch sharded over ("data", "fsdp"). Repeating before
 batching lets a split smaller than one global batch train (its examples recur within a batch).
@@ -21,6 +22,7 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax.data.features import DatasetError, check_features, check_metadata, read_metadata
+from jova_jax.data.latent_norm import LatentNorm
 from jova_jax.data.synthetic import SyntheticIterator
 
 BATCH_AXES = ("data", "fsdp")
@@ -28,10 +30,11 @@ _DROPS_SEED_OFFSET = 0x5EED  # the random drops draw from a stream apart from th
 
 
 class CheckedSource:
-  """A TFDS ArrayRecord data source whose read errors name the split, shard file and record."""
+  """A TFDS ArrayRecord data source whose read errors name the split, shard file and record;
+  `latent_norm` holds the dataset's latent statistics."""
 
-  def __init__(self, builder, dataset_dir: str, split: str):
-    self.dataset_dir, self.split = dataset_dir, split
+  def __init__(self, builder, dataset_dir: str, split: str, latent_norm: LatentNorm):
+    self.dataset_dir, self.split, self.latent_norm = dataset_dir, split, latent_norm
     info = builder.info.splits[split]
     self._files = [os.fspath(f) for f in info.filepaths]
     self._starts = list(np.cumsum([0] + list(info.shard_lengths))[:-1])
@@ -62,23 +65,27 @@ def open_source(config, split: str) -> CheckedSource:
   if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
     raise DatasetError(f"dataset {dataset_dir} (data.dir) has no dataset_info.json: not a finalized "
                        f"prepared dataset (run data_prep.prepare, or features.finalize)")
-  check_metadata(read_metadata(dataset_dir), config, dataset_dir)
+  metadata = read_metadata(dataset_dir)
+  check_metadata(metadata, config, dataset_dir)
+  norm = LatentNorm.from_json(metadata.get("latent_norm"), config,
+                              f"dataset {dataset_dir} (metadata.json)")
   builder = tfds.builder_from_directory(dataset_dir)
   check_features(builder.info.features, config, dataset_dir)
   if split not in builder.info.splits:
     raise DatasetError(f"dataset {dataset_dir} has no split {split!r}; it has "
                        f"{sorted(builder.info.splits.keys())}")
-  return CheckedSource(builder, dataset_dir, split)
+  return CheckedSource(builder, dataset_dir, split, norm)
 
 
-def decode(index: int, record: dict, *, max_length: int) -> dict[str, np.ndarray]:
-  """A stored record -> float32 model inputs, text padded or cut to max_length with its mask."""
+def decode(index: int, record: dict, *, max_length: int, norm: LatentNorm) -> dict[str, np.ndarray]:
+  """A stored record -> float32 model inputs: latents normalised by `norm` (codec space -> model
+  space), text padded or cut to max_length with its mask."""
   emb = np.asarray(record["text_emb"], np.float32)[:max_length]
   text = np.zeros((max_length, emb.shape[-1]), np.float32)
   text[:len(emb)] = emb
   return {
-      "video": np.asarray(record["video_latent"], np.float32),
-      "audio": np.asarray(record["audio_latent"], np.float32),
+      "video": norm.video.normalize(np.asarray(record["video_latent"], np.float32)),
+      "audio": norm.audio.normalize(np.asarray(record["audio_latent"], np.float32)),
       "mouth_mask": (np.asarray(record["mouth_mask"]) > 0).astype(np.float32),
       "text": text,
       "text_mask": np.arange(max_length) < len(emb),
@@ -90,8 +97,8 @@ def _with_index(index: int, record: dict) -> tuple[int, dict]:
   return index, record
 
 
-def _decode_pair(pair, *, max_length: int) -> dict[str, np.ndarray]:
-  return decode(*pair, max_length=max_length)
+def _decode_pair(pair, *, max_length: int, norm: LatentNorm) -> dict[str, np.ndarray]:
+  return decode(*pair, max_length=max_length, norm=norm)
 
 
 def add_random_drops(example: dict, rng: np.random.Generator, *, p_uncond: float,
@@ -147,7 +154,8 @@ def train_dataset(config, source, *, seed: int, process_index: int | None = None
   ds = grain.MapDataset.source(source).map_with_index(_with_index)
   ds = ds.shuffle(seed=seed).repeat()
   ds = process_slice(ds, process_index, process_count)
-  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length)))
+  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length),
+                                norm=source.latent_norm))
   ds = ds.random_map(functools.partial(add_random_drops, p_uncond=float(config.data.p_uncond),
                                        p_i2v=p_i2v), seed=seed + _DROPS_SEED_OFFSET)
   ds = ds.batch(_local_batch_size(config, process_count), drop_remainder=True)
@@ -186,7 +194,8 @@ def eval_dataset(config, source, *, process_index: int | None = None,
   padded = _eval_batch_count(len(source), global_batch) * global_batch
   ds = grain.MapDataset.source(_Cycled(source, padded)).map_with_index(_with_index)
   ds = process_slice(ds, process_index, process_count)
-  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length))).map(_no_drops)
+  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length),
+                                norm=source.latent_norm)).map(_no_drops)
   ds = ds.map(functools.partial(_mark_padding, num_real=len(source)))
   ds = ds.batch(_local_batch_size(config, process_count), drop_remainder=True)
   return _to_iter(ds, config)
@@ -199,9 +208,11 @@ def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 class DataIterator:
-  """Global training batches; get_state() is JSON-able and set_state() resumes exactly."""
+  """Global training batches; get_state() is JSON-able and set_state() resumes exactly.
+  `latent_norm`: the statistics its latents are normalised with (identity for synthetic data)."""
 
-  def __init__(self, local_iterator, mesh, source_name: str, seed: int):
+  def __init__(self, local_iterator, mesh, source_name: str, seed: int, latent_norm: LatentNorm):
+    self.latent_norm = latent_norm
     self._local = local_iterator
     self._mesh = mesh
     self._source_name = source_name
@@ -234,13 +245,13 @@ def make_train_iterator(config, mesh, *, split: str | None = None, seed: int | N
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
     return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc),
-                        mesh, "synthetic", seed)
+                        mesh, "synthetic", seed, LatentNorm.identity(config))
   if config.data.source != "tfds":
     raise ValueError(f"data.source={config.data.source!r}: expected 'tfds' or 'synthetic'")
   source = open_source(config, split or config.data.train_split)
   ds = train_dataset(config, source, seed=seed, process_index=process_index,
                      process_count=process_count)
-  return DataIterator(iter(ds), mesh, "tfds", seed)
+  return DataIterator(iter(ds), mesh, "tfds", seed, source.latent_norm)
 
 
 class EvalBatches:
