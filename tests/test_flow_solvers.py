@@ -5,11 +5,13 @@ N((1-t) mu, (1-t)^2 s^2 + t^2), the exact velocity field is
   v(x, t) = -mu + (x - (1-t) mu) * (t - (1-t) s^2) / ((1-t)^2 s^2 + t^2),
 and the ODE keeps the standardised coordinate z fixed, so it maps noise eps to mu + s*eps.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jova_jax import flow
+from tests.conftest import load
 
 MU, STD = 0.7, 1.0
 TOLERANCE = 0.05  # max abs error over 2000 coordinates, noise ~ N(0, 1)
@@ -88,3 +90,25 @@ def test_guidance():
   np.testing.assert_array_equal(flow.guided(cond, uncond, 1.0), cond)
   np.testing.assert_array_equal(flow.guided(cond, uncond, 0.0), uncond)
   np.testing.assert_allclose(flow.guided(cond, uncond, 3.0), [2.0, -8.0])
+
+
+def _seen_in_training(flow_cfg, sampler_sigmas, window=0.025) -> np.ndarray:
+  """Share of training sigmas within +-window of each sampler sigma."""
+  s = np.asarray(flow.sample_sigma(jax.random.key(0), (200000,), flow_cfg))
+  return np.array([np.mean(np.abs(s - x) < window) for x in sampler_sigmas])
+
+
+@pytest.mark.parametrize("name", ["demo", "jova_24b"])
+def test_sampler_walks_the_sigmas_the_model_trained_on(name):
+  """Unset, sample.shift is the training flow.shift, so the sampler's first, noisiest steps
+  land where training put weight; a sampler shifted away from training does not."""
+  from jova_jax import sampling
+  config = load(name)
+  settings = sampling.Settings.from_config(config)
+  assert settings.shift == config.flow.shift
+  first_steps = flow.timesteps(settings.steps, settings.shift)[1:4]
+  assert _seen_in_training(config.flow, first_steps).min() > 0.01
+  config.flow.shift = 1.0  # trained without the shift the sampler uses
+  assert _seen_in_training(config.flow, first_steps).min() < 0.005
+  config.sample.shift = 2.0  # an explicit sampler shift still wins
+  assert sampling.Settings.from_config(config).shift == 2.0
