@@ -55,6 +55,10 @@ def get_config():
       param_dtype="float32",   # parameters are kept in float32
       compute_dtype="float32",  # 'bfloat16' on accelerators; float32 on CPU
       remat="none",            # 'none' | 'full' | 'save_dots' | 'offload_dots' (see parallel/remat.py)
+      # Blocks per iteration of the scanned block loop; >= the block count unrolls it fully,
+      # which on CPU saves the loop's stacking of residuals (docs/performance.md) but
+      # compiles every block apart.
+      scan_unroll=1,
   ))
 
   # ---------------------------------------------------------------- flow matching

@@ -2,6 +2,7 @@
 
   python -m jova_jax.bench model  --config=configs/demo.py   # forward+backward of the model
   python -m jova_jax.bench train  --config=configs/demo.py   # the real compiled train step
+  python -m jova_jax.bench train  --config=configs/demo.py --breakdown --profile=/tmp/trace
   python -m jova_jax.bench sample --config=configs/demo.py   # seconds per sample / ODE step
   python -m jova_jax.bench codecs --config=configs/jova_24b.py
 
@@ -23,17 +24,29 @@ from jova_jax.parallel import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", False, "train: also time the forward, the forward+backward and the whole step "
+    "apart (interleaved, medians), giving backward and optimizer+EMA by difference.")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "train: write a jax.profiler trace of the timed steps here (TensorBoard).")
+
+
+def _timed_interleaved(fns: dict, steps: int) -> dict:
+  """Median seconds per call of each fn, after one warm-up call each (compilation). The fns
+  take turns every round, so a machine busy with other work slows them all alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(steps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def _timed(fn, steps: int) -> float:
-  """Median seconds per call, after one warm-up call (compilation)."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  return _timed_interleaved({"fn": fn}, steps)["fn"]
 
 
 def _report(config, seconds: float, what: str) -> None:
@@ -93,12 +106,53 @@ def bench_train(config) -> None:
     holder["i"] += 1
     return metrics["loss"]
 
-  seconds = _timed(one_step, _STEPS.value)
-  _report(config, seconds, "train step")
+  fns = {"step": one_step}
+  if _BREAKDOWN.value:
+    fns.update(_forward_and_grad(config, program, batches[0]))
+  if _PROFILE.value:
+    jax.profiler.start_trace(_PROFILE.value)
+  try:
+    seconds = _timed_interleaved(fns, _STEPS.value)
+  finally:
+    if _PROFILE.value:
+      jax.profiler.stop_trace()
+      print(f"profiler trace written to {_PROFILE.value} (tensorboard --logdir={_PROFILE.value})")
+  _report(config, seconds["step"], "train step")
+  if _BREAKDOWN.value:
+    _print_breakdown(config, seconds)
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
           f"{mem.output_size_in_bytes / 2**20:.1f} MiB")
+
+
+def _forward_and_grad(config, program, batch) -> dict:
+  """Timed calls of the training loss alone and with its gradient, on the step's params
+  (a copy: the step donates its state) and the same sharded batch."""
+  params = trainer.init_state(program)["params"]
+  key = jax.random.key(0)
+  loss = lambda p, b: objective.training_loss(program.graphdef, p, b, key, config)  # noqa: E731
+  forward, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  def call(fn):
+    def run():
+      with jax.set_mesh(program.mesh):
+        return fn(params, batch)
+    return run
+  return {"forward": call(forward), "forward+backward": call(grad)}
+
+
+def _print_breakdown(config, seconds: dict) -> None:
+  """Backward = (forward+backward) - forward; optimizer+EMA = step - (forward+backward)."""
+  forward_flops = summary.forward_flops(config, int(config.train.batch_size))
+  fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
+  rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
+          ("optimizer+EMA", step - grad, None), ("step", step, 3 * forward_flops)]
+  print(f"{'part':<14} {'ms':>8} {'% step':>7} {'GFLOP/s':>8}")
+  for name, t, flops in rows:
+    rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
+    print(f"{name:<14} {t * 1e3:8.1f} {100 * t / step:7.1f} {rate}")
+  print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
 
 
 def bench_sample(config) -> None:

@@ -124,6 +124,7 @@ RULES = {
     "model.rope_theta": _above(0), "model.norm_eps": _above(0),
     "model.param_dtype": _DTYPES, "model.compute_dtype": _DTYPES,
     "model.remat": _one_of("none", "full", "save_dots", "offload_dots"),
+    "model.scan_unroll": _at_least(1),
     "flow.density": _one_of("logit_normal", "uniform", "mode"), "flow.logit_std": _above(0),
     "flow.shift": _above(0), "flow.p_clean_audio": _fraction(), "flow.p_clean_video": _fraction(),
     "flow.prediction": _one_of("velocity", "x0"), "flow.x0_min_sigma": _above(0),

@@ -36,19 +36,21 @@ def _grads(config, params, batch):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_remat_policies_give_the_same_gradients():
+def test_remat_policies_and_unrolling_give_the_same_gradients():
   config = load("tiny")
+  config.model.dual_blocks = 2  # a loop of two blocks, so unrolling it changes the program
   params = _randomized_params(config)
   batch = trainer.model_inputs(SyntheticIterator(config, seed=0).batch(0))
   loss_ref, grads_ref = _grads(config, params, batch)
-  for policy in ("full", "save_dots"):
-    config.model.remat = policy
+  for policy, unroll in (("full", 1), ("save_dots", 1), ("none", 2)):
+    config.model.remat, config.model.scan_unroll = policy, unroll
     loss, grads = _grads(config, params, batch)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
     for (path, g), g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
                                 jax.tree.leaves(grads_ref)):
       np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6,
-                                 err_msg=f"remat={policy} {jax.tree_util.keystr(path)}")
+                                 err_msg=f"remat={policy} scan_unroll={unroll} "
+                                         f"{jax.tree_util.keystr(path)}")
 
 
 # ============================================================================ compiled memory

@@ -71,6 +71,7 @@ class JoVA(nnx.Module):
     self.rope_theta = float(m.rope_theta)
     self.per_video_frame = config_lib.audio_positions_per_video_frame(config)
     self.remat = m.remat
+    self.scan_unroll = int(m.scan_unroll)
     remat.policy(m.remat)  # fail at construction on an unknown policy
     hidden, eps = m.hidden, m.norm_eps
     t, h, w, cv = self.shapes.video
@@ -161,7 +162,8 @@ class JoVA(nnx.Module):
 
     if use_remat:
       body = nnx.remat(body, policy=policy, prevent_cse=False)
-    xs, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(xs, blocks)
+    xs, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                     unroll=self.scan_unroll)(xs, blocks)
     return xs
 
 
