@@ -19,6 +19,7 @@ import sys
 from absl import app, flags, logging
 
 from jova_jax import cli
+from jova_jax.parallel import mesh as mesh_lib  # --distributed, --num_processes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
@@ -45,14 +46,13 @@ flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VA
 def main(argv):
   del argv
   from jova_jax import metrics, sampling
-  from jova_jax.parallel import mesh as mesh_lib
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:
     raise app.UsageError("--prompts and --outdir are required")
   sampling.check_outdir(FLAGS.outdir)  # before the model loads: a bad folder fails at once
   metrics.quiet_library_logs()
-  mesh_lib.maybe_initialize_distributed()
+  mesh_lib.initialize_distributed()
   try:
     config, mesh, graphdef, params = sampling.load_run(
         FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights)

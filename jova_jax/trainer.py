@@ -224,7 +224,7 @@ def train(config, workdir: str, *, init_from: str | None = None,
   config_lib.validate(config)  # ranges and enums, before the mesh divides by them
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir}: expected a folder, found a file")
-  mesh_lib.maybe_initialize_distributed()
+  mesh_lib.initialize_distributed()
   mesh = mesh_lib.make_mesh(config)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
   program = build_program(config, mesh)

@@ -1,0 +1,122 @@
+"""Multi-host start-up: each detection path (faked environments and TPU metadata), a real
+2-process gloo start, and the refusal to train alone when the job expects several processes."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jova_jax.errors import UserError
+from jova_jax.parallel import mesh as mesh_lib
+from tests.conftest import REPO
+
+
+def _no_metadata(key):
+  return None
+
+
+def _tpu_vm(answers):
+  """A fake metadata reader answering like the TPU VM metadata server."""
+  return answers.get
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"JOVA_COORDINATOR": "10.0.0.1:8476", "JOVA_NUM_PROCESSES": "4", "JOVA_PROCESS_ID": "3"},
+     mesh_lib.Startup("env", 4, 3, "10.0.0.1:8476", "JOVA_NUM_PROCESSES=4")),
+    ({"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     mesh_lib.Startup("env", 2, 1, "h0:1234", "JAX_NUM_PROCESSES=2")),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"},
+     mesh_lib.Startup("slurm", 8, 5, None, "SLURM_NTASKS=8")),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3", "TPU_WORKER_ID": "2"},
+     mesh_lib.Startup("gke", 4, 2, None, "TPU_WORKER_HOSTNAMES lists 4 hosts x 1 slices")),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1", "TPU_WORKER_ID": "1", "MEGASCALE_NUM_SLICES": "2",
+      "MEGASCALE_SLICE_ID": "1"},
+     mesh_lib.Startup("gke", 4, 3, None, "TPU_WORKER_HOSTNAMES lists 2 hosts x 2 slices")),
+    ({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"}, mesh_lib.Startup("none")),
+    ({}, mesh_lib.Startup("none")),
+])
+def test_auto_detects_env_slurm_gke(env, expected):
+  assert mesh_lib.detect_startup("auto", env=env, metadata=_no_metadata) == expected
+
+
+def test_auto_detects_a_tpu_vm_from_its_metadata():
+  """A plain TPU VM pod slice (no TPU_WORKER_HOSTNAMES): the metadata server lists the workers;
+  a multi-slice job's tpu-env gives the slice."""
+  metadata = _tpu_vm({"worker-network-endpoints": "a:0:10.0.0.2,b:1:10.0.0.3,c:2:10.0.0.4,"
+                                                   "d:3:10.0.0.5",
+                      "agent-worker-number": "1",
+                      "tpu-env": "MEGASCALE_NUM_SLICES: '2'\nMEGASCALE_SLICE_ID: '1'\n"})
+  assert mesh_lib.detect_startup("auto", env={}, metadata=metadata) == mesh_lib.Startup(
+      "tpu", 8, 5, None, "the TPU metadata lists 4 workers x 2 slices")
+  single = _tpu_vm({"worker-network-endpoints": "a:0:10.0.0.2", "agent-worker-number": "0"})
+  assert mesh_lib.detect_startup("auto", env={}, metadata=single).method == "none"
+  assert mesh_lib.detect_startup("tpu", env={}, metadata=single).num_processes == 1
+
+
+def test_explicit_method_needs_its_environment():
+  with pytest.raises(UserError, match=r"--distributed=slurm: the environment shows no slurm job "
+                                      r"\(expected SLURM_NTASKS\)"):
+    mesh_lib.detect_startup("slurm", env={}, metadata=_no_metadata)
+  with pytest.raises(UserError, match="JOVA_COORDINATOR is set but JOVA_PROCESS_ID not"):
+    mesh_lib.detect_startup("env", env={"JOVA_COORDINATOR": "h:1", "JOVA_NUM_PROCESSES": "2"})
+  # An explicit method wins over what auto would pick first.
+  env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "TPU_WORKER_HOSTNAMES": "a,b,c"}
+  assert mesh_lib.detect_startup("gke", env=env, metadata=_no_metadata).num_processes == 3
+
+
+@pytest.mark.parametrize("env, method, num_processes, message", [
+    ({"SLURM_NTASKS": "4"}, "none", None,
+     r"--distributed=none: expected 4 processes \(SLURM_NTASKS=4\), found 1"),
+    ({}, "auto", 2, r"--distributed=auto: expected 2 processes \(--num_processes=2\), found 1"),
+])
+def test_a_job_that_expects_several_processes_refuses_to_run_alone(monkeypatch, env, method,
+                                                                   num_processes, message):
+  monkeypatch.setattr(mesh_lib, "_started", None)
+  for key in ("SLURM_NTASKS", "JOVA_COORDINATOR", "JAX_COORDINATOR_ADDRESS",
+              "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  with pytest.raises(UserError, match=message):
+    mesh_lib.initialize_distributed(method, num_processes, metadata=_no_metadata)
+
+
+_START = ("from absl import logging; logging.set_verbosity(logging.INFO); import jax; "
+          "from jova_jax.parallel import mesh; s = mesh.initialize_distributed(); "
+          "print('started', s.method, jax.process_index(), jax.process_count(), "
+          "jax.local_device_count(), jax.device_count(), flush=True)")
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_two_processes_start_through_the_env_path():
+  """The JAX_* env form, detected by auto: both processes join, see 2 x 2 devices, log once."""
+  port = 21000 + os.getpid() % 20000
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(pid))
+    for key in ("JOVA_COORDINATOR", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
+      env.pop(key, None)
+    procs.append(subprocess.Popen([sys.executable, "-c", _START], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for pid, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f"started env {pid} 2 2 4" in out, out[-3000:]
+    assert out.count("start-up env: process") == 1, out[-3000:]
+
+
+def test_train_cli_refuses_to_train_alone(tmp_path):
+  """--num_processes=2 on a lone process: one `error:` line, exit 2, nothing written."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JOVA_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                      "TPU_WORKER_HOSTNAMES")}
+  workdir = tmp_path / "run"
+  out = subprocess.run([sys.executable, "-m", "jova_jax.train", "--config=configs/tiny.py",
+                        f"--workdir={workdir}", "--num_processes=2"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert ("error: --distributed=auto: expected 2 processes (--num_processes=2), found 1"
+          in out.stderr), out.stderr[-3000:]
+  assert not workdir.exists()
