@@ -106,6 +106,8 @@ def get_config():
       ema_decay=0.999,         # EMA of params used by the sampler (0 = off)
       log_every=10,
       max_nonfinite=5,         # stop after this many non-finite steps in a row
+      stop_check_every=10,     # steps between the cross-host checks for a signal / preemption
+                               # (all hosts stop at the same step; a lone process checks every step)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,           # 0 = no periodic eval

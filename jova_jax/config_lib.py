@@ -139,7 +139,7 @@ RULES = {
     "train.b2": _fraction(upper_open=True), "train.eps": _above(0),
     "train.clip_norm": _at_least(0), "train.grad_accum": _at_least(1),
     "train.ema_decay": _fraction(upper_open=True), "train.log_every": _at_least(1),
-    "train.max_nonfinite": _at_least(1),
+    "train.max_nonfinite": _at_least(1), "train.stop_check_every": _at_least(1),
     "eval.every_steps": _at_least(0), "eval.batches": _at_least(1), "eval.sigmas": _fraction(),
     "eval.sample_every_steps": _at_least(0), "eval.sample_prompts": _at_least(1),
     "eval.sample_steps": _at_least(0),

@@ -274,7 +274,7 @@ def train(config, workdir: str, *, init_from: str | None = None,
   sample_every = int(config.eval.get("sample_every_steps", 0))
   samples = (preview.TrainingPreview(config, mesh, program.graphdef, workdir, writer.tensorboard)
              if sample_every else None)
-  watcher = PreemptionWatcher()
+  watcher = PreemptionWatcher(check_every=int(config.train.stop_check_every))
   step = int(state["step"])
   stopped_by = None  # the signal (SIGTERM for a preemption notice) that stopped the run
   pending = None  # metrics of the step before: read after the next one is dispatched

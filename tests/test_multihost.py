@@ -1,14 +1,20 @@
-"""Multi-host start-up: each detection path (faked environments and TPU metadata), a real
-2-process gloo start, and the refusal to train alone when the job expects several processes."""
+"""Multi-host: start-up through each detection path (faked environments and TPU metadata), a
+real 2-process gloo start, the refusal to train alone when the job expects several processes,
+and the every-N-steps stop check."""
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+from jova_jax import checkpoint
 from jova_jax.errors import UserError
 from jova_jax.parallel import mesh as mesh_lib
-from tests.conftest import REPO
+from tests.conftest import REPO, load
+from tests.datasets import write_random_dataset
 
 
 def _no_metadata(key):
@@ -120,3 +126,62 @@ def test_train_cli_refuses_to_train_alone(tmp_path):
   assert ("error: --distributed=auto: expected 2 processes (--num_processes=2), found 1"
           in out.stderr), out.stderr[-3000:]
   assert not workdir.exists()
+
+
+# ------------------------------------------------------------------ two-process runs
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  return write_random_dataset(tmp_path_factory.mktemp("ds"), load("tiny"), 24, 8)
+
+
+def _two_processes(cmd, port):
+  """Starts cmd as process 0 and 1 of a 2-process job (env start-up, 2 CPU devices each)."""
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JOVA_COORDINATOR=f"127.0.0.1:{port}", JOVA_NUM_PROCESSES="2",
+               JOVA_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _train_cmd(overrides, workdir):
+  return [sys.executable, "-m", "jova_jax.train", "--config=configs/tiny.py",
+          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_sigterm_on_one_host_stops_all_at_a_checked_step_and_resumes(dataset, tmp_path):
+  """train.stop_check_every=3: a SIGTERM that reaches process 1 only stops both processes at
+  the same multiple of 3, after saving; the same command resumes, each step once."""
+  workdir = tmp_path / "run"
+  overrides = {"data.dir": dataset, "data.read_threads": 1, "train.steps": 400,
+               "train.log_every": 1, "train.stop_check_every": 3, "checkpoint.every_steps": 1000,
+               "mesh.fsdp": -1}
+  port = 22000 + os.getpid() % 20000
+  procs = _two_processes(_train_cmd(overrides, workdir), port)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      break
+    time.sleep(0.5)
+  assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 143 and "stopped: SIGTERM: saved step" in out, out[-3000:]
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", every_steps=1, keep=1, read_only=True)
+  stopped_at = ckpt.latest_step()
+  ckpt.close()
+  assert stopped_at is not None and stopped_at % 3 == 0 and 3 <= stopped_at < 400, stopped_at
+  assert all(f"saved step {stopped_at} " in out for out in outs)
+  overrides["train.steps"] = stopped_at + 2
+  procs = _two_processes(_train_cmd(overrides, workdir), port + 1)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps == list(range(1, stopped_at + 3))
