@@ -16,6 +16,7 @@ when it is about the output folder. Unset flags take the run's config.sample.* v
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from jova_jax import cli
@@ -72,7 +73,7 @@ def main(argv):
   pipeline = sampling.Pipeline(sampler)
   records, skipped = sampling.run(pipeline, prompts, FLAGS.outdir, settings, batch_size,
                                   log=lambda msg: print(msg, file=sys.stderr))
-  if FLAGS.contact_sheet and records:
+  if FLAGS.contact_sheet and records and jax.process_index() == 0:  # its own samples
     from jova_jax.eval import contact_sheet
     entries = [contact_sheet.read_entry(os.path.join(FLAGS.outdir, r["name"] + ".mp4"),
                                         reference=r["image"], sample_rate=config.audio.sample_rate)

@@ -1,6 +1,6 @@
 """Multi-host: start-up through each detection path (faked environments and TPU metadata), a
 real 2-process gloo start, the refusal to train alone when the job expects several processes,
-and the every-N-steps stop check."""
+the every-N-steps stop check and multi-host sampling."""
 import json
 import os
 import signal
@@ -8,13 +8,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from jova_jax import checkpoint
+from jova_jax import checkpoint, media, sampling
 from jova_jax.errors import UserError
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import REPO, load
 from tests.datasets import write_random_dataset
+from tests.test_sample import CAPTIONS, pipeline, run_dir  # noqa: F401 (fixtures)
 
 
 def _no_metadata(key):
@@ -185,3 +187,34 @@ def test_sigterm_on_one_host_stops_all_at_a_checked_step_and_resumes(dataset, tm
     assert p.returncode == 0, out[-3000:]
   steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps == list(range(1, stopped_at + 3))
+
+
+@pytest.mark.xdist_group("multiprocess")
+def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
+  """5 prompts in global batches of 4 over 2 processes x 2 devices: each process writes the
+  prompts of its batch rows (3 + 2), every prompt exactly once, the same audio as one process.
+  """
+  names = [f"p{i}" for i in range(5)]
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("".join(json.dumps(dict(CAPTIONS, name=n, seed=i)) + "\n"
+                             for i, n in enumerate(names)))
+  out = tmp_path / "out"
+  cmd = [sys.executable, "-m", "jova_jax.sample", f"--workdir={run_dir[0]}",
+         f"--prompts={prompts}", f"--outdir={out}", "--steps=2", "--batch_size=4",
+         "--set=mesh.tensor=1"]
+  procs = _two_processes(cmd, 23000 + os.getpid() % 20000)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, text in zip(procs, outs):
+    assert p.returncode == 0, text[-3000:]
+  assert "wrote 3 samples" in outs[0] and "wrote 2 samples" in outs[1], outs
+  assert sorted(os.listdir(out)) == sorted(f"{n}.{ext}" for n in names
+                                           for ext in ("json", "mp4", "wav"))
+  single = tmp_path / "single"
+  prompt_list, _ = sampling.read_prompts(str(prompts), default_seed=0, config=pipeline.config)
+  sampling.run(pipeline, prompt_list, str(single),
+               sampling.Settings.from_config(pipeline.config, steps=2), 4, log=lambda msg: None)
+  # The same audio up to float reordering (mesh tensor 1 there, 2 here), far from any other prompt's.
+  wave = {(d, n): media.read_wav(str(d / f"{n}.wav"))[0] for d in (out, single) for n in names}
+  for n in names:
+    gaps = {m: float(np.abs(wave[out, n] - wave[single, m]).max()) for m in names}
+    assert gaps[n] < 1e-2 and min(g for m, g in gaps.items() if m != n) > 5e-2, (n, gaps)
