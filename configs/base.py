@@ -129,7 +129,8 @@ def get_config():
       fsdp=-1,                 # data parallel with params/optimizer sharded; -1 = the rest
       context=1,               # video tokens sharded (context parallel attention)
       tensor=1,                # heads / mlp sharded
-      dcn_data=1,              # across slices / nodes (multiplies 'data')
+      dcn_data=1,              # slices / nodes (DCN) the data axis spans: data x dcn_data in all
+      dcn_fsdp=1,              # slices / nodes the fsdp axis spans; the sizes above are per slice
   ))
   c.parallel = ml_collections.ConfigDict(dict(
       context_strategy="none",  # 'none' | 'all_gather' | 'ulysses' | 'ring'

@@ -145,7 +145,7 @@ RULES = {
     "eval.sample_steps": _at_least(0),
     "checkpoint.every_steps": _at_least(0), "checkpoint.keep": _at_least(0),
     "mesh.data": _MESH_SIZE, "mesh.fsdp": _MESH_SIZE, "mesh.context": _MESH_SIZE,
-    "mesh.tensor": _MESH_SIZE, "mesh.dcn_data": _at_least(1),
+    "mesh.tensor": _MESH_SIZE, "mesh.dcn_data": _at_least(1), "mesh.dcn_fsdp": _at_least(1),
     "parallel.context_strategy": _one_of("none", "all_gather", "ulysses", "ring"),
     "parallel.attention_kernel": _one_of("auto", "xla", "chunked", "cudnn", "splash"),
     "parallel.attention_chunk": _at_least(1),

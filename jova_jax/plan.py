@@ -288,9 +288,9 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def resolve_mesh(config, mesh_flag: str, devices: int | None) -> dict[str, int]:
   """The flag's sizes over config.mesh; a -1 axis needs --devices."""
-  config.mesh.update({**parse_mesh(mesh_flag), "dcn_data": 1} if mesh_flag else {})
-  sizes = {a: int(config.mesh[a]) * (int(config.mesh.dcn_data) if a == "data" else 1)
-           for a in rules.MESH_AXES}
+  config.mesh.update({**parse_mesh(mesh_flag), "dcn_data": 1, "dcn_fsdp": 1} if mesh_flag else {})
+  dcn = mesh_lib.dcn_shape(config)
+  sizes = {a: int(config.mesh[a]) * dcn[a] for a in rules.MESH_AXES}
   if devices is None:
     if -1 in sizes.values():
       raise ValueError(f"mesh {sizes} has a -1 axis: pass --devices=N or give every size in --mesh")

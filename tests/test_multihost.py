@@ -1,6 +1,6 @@
 """Multi-host: start-up through each detection path (faked environments and TPU metadata), a
 real 2-process gloo start, the refusal to train alone when the job expects several processes,
-the every-N-steps stop check and multi-host sampling."""
+the every-N-steps stop check, multi-host sampling and hybrid (multi-slice) meshes."""
 import json
 import os
 import signal
@@ -8,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, media, sampling
+from jova_jax import checkpoint, media, sampling, trainer
+from jova_jax.data import pipeline as data_pipeline
 from jova_jax.errors import UserError
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import REPO, load
@@ -217,4 +219,48 @@ def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
   wave = {(d, n): media.read_wav(str(d / f"{n}.wav"))[0] for d in (out, single) for n in names}
   for n in names:
     gaps = {m: float(np.abs(wave[out, n] - wave[single, m]).max()) for m in names}
-    assert gaps[n] < 1e-2 and min(g for m, g in gaps.items() if m != n) > 5e-2, (n, gaps)
+    others = min(g for m, g in gaps.items() if m != n)
+    assert gaps[n] < 1e-2 and others > 5e-2, (n, gaps)
+
+
+# ------------------------------------------------------------------ hybrid ICI x DCN meshes
+
+def _losses(config, mesh, steps=3):
+  program = trainer.build_program(config, mesh)
+  state, step = trainer.init_state(program), trainer.compile_train_step(program)
+  batches = data_pipeline.make_train_iterator(config, mesh)
+  losses = []
+  for _ in range(steps):
+    with jax.set_mesh(mesh):
+      state, metrics = step(state, trainer.model_inputs(next(batches)))
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+def test_two_slice_hybrid_mesh_trains_like_one_device():
+  """mesh.dcn_data=2 over 8 fake devices: 2 "slices" (contiguous device groups, or an injected
+  grouping) of fsdp=2 x tensor=2 each; the training losses equal the single-device run's."""
+  config = load("tiny")
+  config.data.source = "synthetic"
+  config.mesh.update(dict(data=1, fsdp=2, context=1, tensor=2, dcn_data=2))
+  assert mesh_lib.mesh_shape(config, 8) == dict(data=2, fsdp=2, context=1, tensor=2)
+  mesh = mesh_lib.make_mesh(config)
+  devices = jax.devices()
+  assert {d.id for d in mesh.devices[0].flat} == {d.id for d in devices[:4]}  # slice 0
+  odd_even = mesh_lib.make_mesh(config, slice_of=lambda d: d.id % 2)
+  assert {d.id % 2 for d in odd_even.devices[1].flat} == {1}
+  hybrid = _losses(config, mesh)
+
+  single = config.copy_and_resolve_references()
+  single.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1, dcn_data=1))
+  reference = _losses(single, mesh_lib.make_mesh(single, devices=devices[:1]))
+  np.testing.assert_allclose(hybrid, reference, rtol=1e-5)
+
+
+def test_dcn_axes_multiply_the_per_slice_sizes():
+  config = load("tiny")
+  config.mesh.update(dict(data=1, fsdp=-1, context=1, tensor=2, dcn_fsdp=2))
+  assert mesh_lib.mesh_shape(config, 8) == dict(data=1, fsdp=4, context=1, tensor=2)
+  config.mesh.update(dcn_data=3, dcn_fsdp=1)
+  with pytest.raises(UserError, match="3 slices cannot split 8 devices"):
+    mesh_lib.mesh_shape(config, 8)

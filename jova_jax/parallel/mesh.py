@@ -9,6 +9,7 @@ import urllib.request
 import jax
 import numpy as np
 from absl import flags, logging
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
 from jova_jax.config_lib import ConfigError
@@ -16,33 +17,76 @@ from jova_jax.errors import UserError
 from jova_jax.parallel.rules import MESH_AXES
 
 
+DCN_AXES = ("data", "fsdp")  # the axes that may span slices (mesh.dcn_<axis>)
+
+
+def dcn_shape(config) -> dict[str, int]:
+  """Slices (DCN) per mesh axis: config.mesh.dcn_data and dcn_fsdp, 1 for the other axes."""
+  return {a: int(config.mesh.get(f"dcn_{a}", 1)) if a in DCN_AXES else 1 for a in MESH_AXES}
+
+
 def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
-  """Resolves the config's mesh sizes (one may be -1) against the device count."""
+  """The whole mesh's sizes: config.mesh's per-slice sizes (one may be -1: the rest of a
+  slice) times mesh.dcn_* slices, resolved against the device count."""
   n = num_devices or jax.device_count()
+  dcn = dcn_shape(config)
+  slices = int(np.prod(list(dcn.values())))
   sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
-  sizes["data"] *= int(config.mesh.get("dcn_data", 1))
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise ConfigError(f"only one mesh axis may be -1, found {fill} (config.mesh)")
+  if n % slices:
+    raise ConfigError(f"config.mesh.dcn_* = {slices} slices cannot split {n} devices")
   known = int(np.prod([s for s in sizes.values() if s != -1]))
   if fill:
-    if n % known:
-      raise ConfigError(f"config.mesh {sizes} cannot fill {n} devices: {n} is not divisible by "
-                        f"{known}")
-    sizes[fill[0]] = n // known
+    if (n // slices) % known:
+      raise ConfigError(f"config.mesh {sizes} cannot fill {n // slices} devices per slice: "
+                        f"{n // slices} is not divisible by {known}")
+    sizes[fill[0]] = n // slices // known
+  sizes = {a: s * dcn[a] for a, s in sizes.items()}
   if int(np.prod(list(sizes.values()))) != n:
     raise ConfigError(f"config.mesh {sizes} has {int(np.prod(list(sizes.values())))} devices but "
                      f"there are {n}")
   return sizes
 
 
-def make_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """A mesh with Auto axes (jax.make_mesh defaults to Explicit, which the logical rules need not)."""
-  devices = devices if devices is not None else jax.devices()
-  sizes = mesh_shape(config, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+class _InSlice:
+  """A device with the slice index of its group (CPU and GPU devices carry none)."""
+
+  def __init__(self, device, slice_index: int):
+    self.device, self.slice_index = device, slice_index
+
+  def __getattr__(self, name):
+    return getattr(self.device, name)
+
+
+def make_mesh(config, devices=None, slice_of=None) -> jax.sharding.Mesh:
+  """A mesh with Auto axes (jax.make_mesh defaults to Explicit, which the logical rules need not).
+
+  With mesh.dcn_* > 1 the device array comes from mesh_utils.create_hybrid_device_mesh: the
+  dcn axes across slices, each slice an ICI mesh of config.mesh's sizes. Slices: slice_of(device)
+  if given, else the devices' slice_index (multi-slice TPU), else their process (one per
+  slice: multi-node GPU), else contiguous groups of the device list (fake CPU devices).
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  sizes, dcn = mesh_shape(config, len(devices)), dcn_shape(config)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = int(np.prod(list(dcn.values())))
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=axis_types,
+                         devices=devices)
+  if slice_of is None and not hasattr(devices[0], "slice_index"):
+    if len({d.process_index for d in devices}) == slices:
+      slice_of = lambda d: d.process_index  # noqa: E731
+    else:
+      slice_of = {d: i * slices // len(devices) for i, d in enumerate(devices)}.get
+  grouped = devices if slice_of is None else [_InSlice(d, slice_of(d)) for d in devices]
+  array = mesh_utils.create_hybrid_device_mesh(
+      [sizes[a] // dcn[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], grouped,
+      allow_split_physical_axes=True)
+  if slice_of is not None:
+    array = np.vectorize(lambda d: d.device, otypes=[object])(array)
+  return jax.sharding.Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def barrier(name: str, timeout_s: int = 1800) -> None:
