@@ -264,3 +264,40 @@ def test_dcn_axes_multiply_the_per_slice_sizes():
   config.mesh.update(dcn_data=3, dcn_fsdp=1)
   with pytest.raises(UserError, match="3 slices cannot split 8 devices"):
     mesh_lib.mesh_shape(config, 8)
+
+
+# ------------------------------------------------------------------ launchers
+
+def _dry_run(script, args, **env):
+  env = dict({k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_FLAGS"))},
+             DRY_RUN="1", **env)
+  out = subprocess.run(["bash", script] + args, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  return out.stdout
+
+
+def test_slurm_dry_run_prints_each_task_environment_and_command():
+  out = _dry_run("launch/gpu_slurm.sbatch", ["--config=configs/jova_24b.py", "--workdir=/s/x"],
+                 SLURM_JOB_NODELIST="gpu01,gpu02", SLURM_NTASKS="4", SLURM_SUBMIT_DIR=REPO)
+  tasks = out.split("# task ")[1:]
+  assert [t.splitlines()[0] for t in tasks] == ["0 on gpu01", "1 on gpu01", "2 on gpu02",
+                                                "3 on gpu02"]
+  for i, task in enumerate(tasks):
+    lines = task.splitlines()
+    assert "export JOVA_COORDINATOR=gpu01:8476" in lines and "export JOVA_NUM_PROCESSES=4" in lines
+    assert f"export JOVA_PROCESS_ID={i}" in lines
+    assert any(line.startswith("export XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true")
+               for line in lines)
+    assert lines[-1].strip() == ("python -m jova_jax.train --config=configs/jova_24b.py "
+                                 "--workdir=/s/x")
+
+
+def test_tpu_pod_dry_run_prints_the_gcloud_commands():
+  out = _dry_run("launch/tpu_pod.sh", ["run", "--", "python", "-m", "jova_jax.train",
+                                        "--workdir=gs://b/x"], TPU_NAME="pod", ZONE="z")
+  lines = out.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all --command=")
+  assert "python\\ -m\\ jova_jax.train\\ --workdir=gs://b/x" in lines[0]
+  assert "LIBTPU_INIT_ARGS" in lines[0]
