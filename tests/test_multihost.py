@@ -91,6 +91,32 @@ def test_a_job_that_expects_several_processes_refuses_to_run_alone(monkeypatch, 
     mesh_lib.initialize_distributed(method, num_processes, metadata=_no_metadata)
 
 
+@pytest.mark.parametrize("env, metadata, expected", [
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, {}, {"cluster_detection_method": "slurm"}),
+    ({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}, {}, {"cluster_detection_method": "gketpu"}),
+    ({}, {"worker-network-endpoints": "a,b,c,d", "agent-worker-number": "3"},
+     {"cluster_detection_method": "gcetpu"}),
+    ({"JOVA_COORDINATOR": "h:1", "JOVA_NUM_PROCESSES": "4", "JOVA_PROCESS_ID": "1"}, {},
+     {"args": ("h:1", 4, 1)}),
+])
+def test_each_method_starts_jax_distributed_its_way(monkeypatch, env, metadata, expected):
+  """What jax.distributed.initialize is given (a fake: no peers here) for each method."""
+  calls = []
+  monkeypatch.setattr(mesh_lib, "_started", None)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda *args, **kw: calls.append(dict(kw, args=args) if args else kw))
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  monkeypatch.setattr(jax.config, "update", lambda *args: None)  # keep this process's collectives
+  for key in ("SLURM_NTASKS", "JOVA_COORDINATOR", "JAX_COORDINATOR_ADDRESS",
+              "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in env.items():
+    monkeypatch.setenv(key, value)
+  startup = mesh_lib.initialize_distributed("auto", metadata=_tpu_vm(metadata))
+  assert calls == [expected] and startup.num_processes == 4
+
+
 _START = ("from absl import logging; logging.set_verbosity(logging.INFO); import jax; "
           "from jova_jax.parallel import mesh; s = mesh.initialize_distributed(); "
           "print('started', s.method, jax.process_index(), jax.process_count(), "
