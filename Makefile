@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 DEMO := demo
 
 LIBTPU := .libtpu
-LIBTPU_PIN := libtpu==0.0.42.1  # the libtpu of jax[tpu]==0.10.2 (requirements-tpu.txt)
+# The libtpu of jax[tpu]==0.10.2 (requirements-tpu.txt).
+LIBTPU_PIN := libtpu==0.0.42.1
 
 .PHONY: venv demo test clean-demo plan-tpu
 
