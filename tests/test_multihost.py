@@ -16,9 +16,9 @@ from jova_jax import checkpoint, media, sampling, trainer
 from jova_jax.data import pipeline as data_pipeline
 from jova_jax.errors import UserError
 from jova_jax.parallel import mesh as mesh_lib
-from tests.conftest import REPO, load
-from tests.datasets import write_random_dataset
+from tests.conftest import REPO, load, two_processes
 from tests.test_sample import CAPTIONS, pipeline, run_dir  # noqa: F401 (fixtures)
+from tests.test_trainer import _train_cmd, dataset  # noqa: F401 (a fixture)
 
 
 def _no_metadata(key):
@@ -126,16 +126,8 @@ _START = ("from absl import logging; logging.set_verbosity(logging.INFO); import
 @pytest.mark.xdist_group("multiprocess")
 def test_two_processes_start_through_the_env_path():
   """The JAX_* env form, detected by auto: both processes join, see 2 x 2 devices, log once."""
-  port = 21000 + os.getpid() % 20000
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    for key in ("JOVA_COORDINATOR", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"):
-      env.pop(key, None)
-    procs.append(subprocess.Popen([sys.executable, "-c", _START], cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  procs = two_processes([sys.executable, "-c", _START], 21000 + os.getpid() % 20000,
+                        keys=("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for pid, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, out[-3000:]
@@ -160,28 +152,6 @@ def test_train_cli_refuses_to_train_alone(tmp_path):
 
 # ------------------------------------------------------------------ two-process runs
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  return write_random_dataset(tmp_path_factory.mktemp("ds"), load("tiny"), 24, 8)
-
-
-def _two_processes(cmd, port):
-  """Starts cmd as process 0 and 1 of a 2-process job (env start-up, 2 CPU devices each)."""
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JOVA_COORDINATOR=f"127.0.0.1:{port}", JOVA_NUM_PROCESSES="2",
-               JOVA_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
-  return procs
-
-
-def _train_cmd(overrides, workdir):
-  return [sys.executable, "-m", "jova_jax.train", "--config=configs/tiny.py",
-          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
-
-
 @pytest.mark.xdist_group("multiprocess")
 def test_sigterm_on_one_host_stops_all_at_a_checked_step_and_resumes(dataset, tmp_path):
   """train.stop_check_every=3: a SIGTERM that reaches process 1 only stops both processes at
@@ -191,7 +161,7 @@ def test_sigterm_on_one_host_stops_all_at_a_checked_step_and_resumes(dataset, tm
                "train.log_every": 1, "train.stop_check_every": 3, "checkpoint.every_steps": 1000,
                "mesh.fsdp": -1}
   port = 22000 + os.getpid() % 20000
-  procs = _two_processes(_train_cmd(overrides, workdir), port)
+  procs = two_processes(_train_cmd(overrides, workdir), port)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and all(p.poll() is None for p in procs):
@@ -209,7 +179,7 @@ def test_sigterm_on_one_host_stops_all_at_a_checked_step_and_resumes(dataset, tm
   assert stopped_at is not None and stopped_at % 3 == 0 and 3 <= stopped_at < 400, stopped_at
   assert all(f"saved step {stopped_at} " in out for out in outs)
   overrides["train.steps"] = stopped_at + 2
-  procs = _two_processes(_train_cmd(overrides, workdir), port + 1)
+  procs = two_processes(_train_cmd(overrides, workdir), port + 1)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
@@ -230,7 +200,7 @@ def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
   cmd = [sys.executable, "-m", "jova_jax.sample", f"--workdir={run_dir[0]}",
          f"--prompts={prompts}", f"--outdir={out}", "--steps=2", "--batch_size=4",
          "--set=mesh.tensor=1"]
-  procs = _two_processes(cmd, 23000 + os.getpid() % 20000)
+  procs = two_processes(cmd, 23000 + os.getpid() % 20000)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, text in zip(procs, outs):
     assert p.returncode == 0, text[-3000:]

@@ -114,6 +114,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "fails instead of training alone (default: the count the start-up method reports).")
 _ENV_KEYS = (("JOVA_COORDINATOR", "JOVA_NUM_PROCESSES", "JOVA_PROCESS_ID"),
              ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+_WHAT_EACH_NEEDS = {
+    "env": "expected JOVA_COORDINATOR or JAX_COORDINATOR_ADDRESS, with the process count and id",
+    "slurm": "expected SLURM_NTASKS", "gke": "expected TPU_WORKER_HOSTNAMES",
+    "tpu": "expected the TPU metadata server to list worker-network-endpoints"}
+_JAX_CLUSTER = {"slurm": "slurm", "gke": "gketpu", "tpu": "gcetpu"}
 _started: "Startup | None" = None  # the start-up of this process, once done
 _METADATA_URL = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
 
@@ -204,13 +209,6 @@ def detect_startup(method: str = "auto", env=None, metadata=tpu_metadata) -> Sta
     if found is not None and (found.num_processes > 1 or name == "env"):
       return found
   return Startup("none")
-
-
-_WHAT_EACH_NEEDS = {
-    "env": "expected JOVA_COORDINATOR or JAX_COORDINATOR_ADDRESS, with the process count and id",
-    "slurm": "expected SLURM_NTASKS", "gke": "expected TPU_WORKER_HOSTNAMES",
-    "tpu": "expected the TPU metadata server to list worker-network-endpoints"}
-_JAX_CLUSTER = {"slurm": "slurm", "gke": "gketpu", "tpu": "gcetpu"}
 
 
 def initialize_distributed(method: str | None = None, num_processes: int | None = None,
