@@ -114,6 +114,8 @@ def get_config():
       ema_decay=0.999,         # EMA of params used by the sampler (0 = off)
       log_every=10,
       max_nonfinite=5,         # stop after this many non-finite steps in a row
+      stop_check_every=10,     # steps between the cross-host checks for a signal / preemption
+                               # (all hosts stop at the same step; a lone process checks every step)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,           # 0 = no periodic eval
@@ -135,7 +137,8 @@ def get_config():
       fsdp=-1,                 # data parallel with params/optimizer sharded; -1 = the rest
       context=1,               # video tokens sharded (context parallel attention)
       tensor=1,                # heads / mlp sharded
-      dcn_data=1,              # across slices / nodes (multiplies 'data')
+      dcn_data=1,              # slices / nodes (DCN) the data axis spans: data x dcn_data in all
+      dcn_fsdp=1,              # slices / nodes the fsdp axis spans; the sizes above are per slice
   ))
   c.parallel = ml_collections.ConfigDict(dict(
       context_strategy="none",  # 'none' | 'all_gather' | 'ulysses' | 'ring'

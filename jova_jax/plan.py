@@ -103,6 +103,26 @@ def state_bytes(config, mesh_shape: dict) -> dict[str, int]:
   return rows
 
 
+# ============================================================================ DCN traffic
+def dcn_bytes(config, mesh_shape: dict) -> dict[str, float]:
+  """Bytes one device sends across slices (DCN) per optimizer step, ring collectives, by
+  cause (empty with one slice). dcn_data slices: the float32 gradient all-reduce of its
+  shard, once per step. dcn_fsdp slices: per micro-batch, the params gathered for the forward
+  and again for the backward (compute dtype) and the gradients reduce-scattered (float32),
+  each a (slices - 1) x its-shard exchange over DCN."""
+  dcn = mesh_lib.dcn_shape(config)
+  _, shard = param_counts(config, mesh_shape)
+  grad = shard * _DTYPE_BYTES[config.model.param_dtype]
+  rows = {}
+  if dcn["data"] > 1:
+    rows["gradient all-reduce"] = 2 * (dcn["data"] - 1) / dcn["data"] * grad
+  if dcn["fsdp"] > 1:
+    accum, s = int(config.train.grad_accum), dcn["fsdp"] - 1
+    rows["fsdp param gathers"] = 2 * accum * s * shard * _DTYPE_BYTES[config.model.compute_dtype]
+    rows["fsdp gradient reduce-scatters"] = accum * s * grad
+  return rows
+
+
 # ============================================================================ activations
 def _bytes_per_token_layer(config, tensor: int) -> dict[str, float]:
   """What one block keeps per token for the backward pass, by remat policy.
@@ -232,6 +252,12 @@ def format_plan(plan: Plan, config) -> str:
   lines.append(f"FLOPs per step: {f['model']:.3e} model, {f['hardware']:.3e} with remat "
                f"recompute; step time {plan.step_seconds:.2f} s at {plan.mfu:.0%} MFU "
                f"({chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak per device)")
+  dcn = dcn_bytes(config, plan.mesh_shape)
+  if dcn:
+    total = sum(dcn.values())
+    lines.append(f"DCN per step, sent by each device: {total / GIB:.2f} GiB ("
+                 + ", ".join(f"{k} {v / GIB:.2f}" for k, v in dcn.items())
+                 + f"), {total / plan.step_seconds / 1e9:.2f} GB/s over the step time")
   return "\n".join(lines)
 
 
@@ -245,8 +271,9 @@ def topology_name(chip: str, devices: int) -> str:
   return f"{gen}:{shapes[devices]}"
 
 
-def compile_for_tpu(config, topology: str):
-  """Compiles the trainer's train step for a TPU topology with no TPU attached.
+def compile_for_tpu(config, topology: str, num_slices: int = 1):
+  """Compiles the trainer's train step for num_slices TPU slices of `topology` with no TPU
+  attached (several: the mesh.dcn_* axes span them, mesh_lib.make_mesh).
 
   Returns the compiled executable (for memory_analysis()). The attention kernel is
   pinned to splash: 'auto' would resolve on this host's backend and pick the L x L XLA kernel.
@@ -256,7 +283,8 @@ def compile_for_tpu(config, topology: str):
 
   from jova_jax import trainer  # heavy (orbax, grain); only needed here
 
-  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+  topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
+                                      **({"num_slices": num_slices} if num_slices > 1 else {}))
   config = config.copy_and_resolve_references()
   if config.parallel.attention_kernel == "auto":
     config.parallel.attention_kernel = "splash"
@@ -287,10 +315,11 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def resolve_mesh(config, mesh_flag: str, devices: int | None) -> dict[str, int]:
-  """The flag's sizes over config.mesh; a -1 axis needs --devices."""
-  config.mesh.update({**parse_mesh(mesh_flag), "dcn_data": 1} if mesh_flag else {})
-  sizes = {a: int(config.mesh[a]) * (int(config.mesh.dcn_data) if a == "data" else 1)
-           for a in rules.MESH_AXES}
+  """The flag's sizes over config.mesh (per slice, times mesh.dcn_*); a -1 axis needs
+  --devices."""
+  config.mesh.update(parse_mesh(mesh_flag) if mesh_flag else {})
+  dcn = mesh_lib.dcn_shape(config)
+  sizes = {a: int(config.mesh[a]) * dcn[a] for a in rules.MESH_AXES}
   if devices is None:
     if -1 in sizes.values():
       raise ValueError(f"mesh {sizes} has a -1 axis: pass --devices=N or give every size in --mesh")
@@ -310,8 +339,9 @@ def main():
   compile_flag = flags.DEFINE_enum("compile", "auto", ["auto", "yes", "no"],
                                    "AOT-compile the train step for a TPU topology (auto: when "
                                    "libtpu is importable and --chip is a TPU).")
-  topology_flag = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:4x4x8 "
-                                      "(default: from --chip and the device count).")
+  topology_flag = flags.DEFINE_string("topology", None, "TPU topology of one slice, e.g. "
+                                      "v5p:4x4x8 (default: from --chip and the device count); "
+                                      "--config.mesh.dcn_data=N compiles for N such slices.")
 
   def run(argv):
     if len(argv) > 1:
@@ -339,9 +369,10 @@ def main():
              f"{chip_flag.value} is not a TPU" if not is_tpu else "libtpu is not installed")
       print(f"AOT compile skipped ({why}): figures above are the analytic accounting only.")
       return
-    topology = topology_flag.value or topology_name(chip_flag.value, plan.devices)
-    print(f"compiling the train step for {topology} ...", flush=True)
-    compiled = compile_for_tpu(config, topology)
+    slices = int(np.prod(list(mesh_lib.dcn_shape(config).values())))
+    topology = topology_flag.value or topology_name(chip_flag.value, plan.devices // slices)
+    print(f"compiling the train step for {slices} x {topology} ...", flush=True)
+    compiled = compile_for_tpu(config, topology, slices)
     print(format_memory_analysis(compiled.memory_analysis()))
 
   cli.run(run)

@@ -15,13 +15,14 @@ class PreemptionWatcher:
 
   The signal handler only sets a flag, so a signal never interrupts a step or a save; the
   trainer asks `should_stop(step)` once per step, saves, and exits. In multi-process jobs
-  every process must call `should_stop` at the same steps: the flag is OR-ed across
-  processes (a signal may reach only some hosts), so all of them stop at the same step.
+  every process must call `should_stop` at the same steps: every check_every-th step the flag
+  is OR-ed across processes (a signal may reach only some hosts), so all of them stop at the
+  same step; the steps between cost no host sync. A lone process reads its flag every step.
   A second SIGINT falls back to the previous handler (Ctrl-C twice still interrupts).
   """
 
   def __init__(self, *, signals=(signal.SIGTERM, signal.SIGINT), check_every: int = 1):
-    """check_every: steps between cross-process checks (each is a tiny all-gather)."""
+    """check_every: steps between cross-process checks (each is a tiny blocking all-gather)."""
     self._flag = threading.Event()
     self.signum = None  # the first signal received, for the exit status (128 + signum)
     self._check_every = max(1, int(check_every))
@@ -61,13 +62,12 @@ class PreemptionWatcher:
   def should_stop(self, step: int) -> bool:
     """True on every process at the same step once any process was signalled or preempted."""
     stop = self._reached_sync_point(step)
+    if jax.process_count() == 1:
+      return stop or self._flag.is_set()
     if step % self._check_every:
       return stop
-    flag = self._flag.is_set()
-    if jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
-      flag = bool(np.any(flags))
-    return stop or flag
+    flags = multihost_utils.process_allgather(np.asarray(self._flag.is_set(), np.int32))
+    return stop or bool(np.any(flags))
 
   def close(self) -> None:
     """Puts the previous signal handlers back."""

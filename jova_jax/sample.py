@@ -16,9 +16,11 @@ when it is about the output folder. Unset flags take the run's config.sample.* v
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from jova_jax import cli
+from jova_jax.parallel import mesh as mesh_lib  # --distributed, --num_processes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training run directory (its latest checkpoint).")
@@ -45,14 +47,13 @@ flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VA
 def main(argv):
   del argv
   from jova_jax import metrics, sampling
-  from jova_jax.parallel import mesh as mesh_lib
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:
     raise app.UsageError("--prompts and --outdir are required")
   sampling.check_outdir(FLAGS.outdir)  # before the model loads: a bad folder fails at once
   metrics.quiet_library_logs()
-  mesh_lib.maybe_initialize_distributed()
+  mesh_lib.initialize_distributed()
   try:
     config, mesh, graphdef, params = sampling.load_run(
         FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights)
@@ -72,7 +73,7 @@ def main(argv):
   pipeline = sampling.Pipeline(sampler)
   records, skipped = sampling.run(pipeline, prompts, FLAGS.outdir, settings, batch_size,
                                   log=lambda msg: print(msg, file=sys.stderr))
-  if FLAGS.contact_sheet and records:
+  if FLAGS.contact_sheet and records and jax.process_index() == 0:  # its own samples
     from jova_jax.eval import contact_sheet
     entries = [contact_sheet.read_entry(os.path.join(FLAGS.outdir, r["name"] + ".mp4"),
                                         reference=r["image"], sample_rate=config.audio.sample_rate)

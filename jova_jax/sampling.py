@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax import checkpoint, codecs, config_lib, files, flow, media, text
@@ -304,10 +305,20 @@ class LatentSampler:
   def _shard(self, tree):
     return jax.tree.map(lambda x: jax.device_put(np.asarray(x), self._batch_sharding), tree)
 
+  def own_rows(self, batch_size: int) -> list[int]:
+    """The rows of a batch this process writes: each row is written once in the job, by the
+    lowest-numbered process whose devices hold it (all rows with one process)."""
+    owner = {}
+    for device, index in self._batch_sharding.devices_indices_map((batch_size,)).items():
+      for row in range(batch_size)[index[0]]:
+        owner[row] = min(owner.get(row, device.process_index), device.process_index)
+    return [row for row in range(batch_size) if owner[row] == jax.process_index()]
+
   def sample(self, cond: dict, seeds, settings: Settings, progress=None):
     """cond: numpy arrays with a leading batch axis (see conditions()); seeds (B,) uint32.
 
-    Returns (video latents (B,T',H',W',Cv), audio latents (B,La,Ca), seconds per step).
+    Returns (video latents (B,T',H',W',Cv), audio latents (B,La,Ca), seconds per step), the
+    whole batch on every process (gathered from the others in a multi-host job).
     """
     b = len(seeds)
     if b % self.batch_shards:
@@ -337,8 +348,14 @@ class LatentSampler:
         times.append(time.perf_counter() - start)
         if progress is not None:
           progress(i + 1, plan.steps)
-      return (np.asarray(jax.device_get(state["video"][0])),
-              np.asarray(jax.device_get(state["audio"][0])), times)
+      return _whole(state["video"][0]), _whole(state["audio"][0]), times
+
+
+def _whole(x: jax.Array) -> np.ndarray:
+  """All of a batch-sharded array on this process (gathered from the others if need be)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # ---------------------------------------------------------------- conditions and media
@@ -457,7 +474,9 @@ def run(pipeline: Pipeline, prompts: list[Prompt], outdir: str, settings: Settin
         batch_size: int, log=print) -> tuple[list[dict], list[str]]:
   """Samples every prompt in batches of batch_size (the last padded by repeating a prompt);
   a prompt whose files cannot be read or written is reported and skipped. Returns
-  (records, errors)."""
+  (records, errors). In a multi-host job every process reads every prompt and runs the same
+  global batches, and writes (and returns) only the prompts of its own batch rows
+  (LatentSampler.own_rows): each prompt once in the job; read errors come from process 0."""
   import tqdm
   check_outdir(outdir)
   ready, errors = [], []
@@ -467,6 +486,9 @@ def run(pipeline: Pipeline, prompts: list[Prompt], outdir: str, settings: Settin
       ready.append((prompt, pipeline.media(prompt), time.perf_counter() - start))
     except PromptError as e:
       errors.append(str(e))
+  if jax.process_index():
+    errors = []  # the same on every process: process 0 reports them
+  own = set(pipeline.sampler.own_rows(batch_size))
   records = []
   bar = tqdm.tqdm(total=len(ready) * settings.steps, unit="step", desc="sampling")
   for first in range(0, len(ready), batch_size):
@@ -479,6 +501,8 @@ def run(pipeline: Pipeline, prompts: list[Prompt], outdir: str, settings: Settin
         cond, [p.seed for p, _, _ in padded], settings,
         progress=lambda done, total, n=len(chunk): bar.update(n))
     for i, (prompt, given, media_s) in enumerate(chunk):
+      if i not in own:
+        continue
       timings = {"read_media_s": media_s, "encode_text_s": encode_s, "ode_s": sum(step_times),
                  "ode_step_s": step_times, "batch_size": batch_size, "batch_prompts": len(chunk)}
       try:

@@ -1,8 +1,9 @@
 """Entry point: python -m jova_jax.train --config=configs/demo.py --workdir=runs/demo
 
 Config overrides: --config.train.steps=100 (an unknown key is refused); a variant:
---config=configs/x.py:arg. One process per host; jax.distributed starts when the environment
-says the job has several processes (see jova_jax/parallel/mesh.py).
+--config=configs/x.py:arg. One process per host; --distributed=auto|tpu|gke|slurm|env|none says
+how they find each other (auto: detected) and --num_processes how many there must be (see
+jova_jax/parallel/mesh.py initialize_distributed).
 
 Exit status: 0 trained to train.steps; 2 a user error (one line: config, data, checkpoint,
 workdir); 3 training diverged; 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.

@@ -225,7 +225,7 @@ def train(config, workdir: str, *, init_from: str | None = None,
   config_lib.validate(config)  # ranges and enums, before the mesh divides by them
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir}: expected a folder, found a file")
-  mesh_lib.maybe_initialize_distributed()
+  mesh_lib.initialize_distributed()
   mesh = mesh_lib.make_mesh(config)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
   program = build_program(config, mesh)
@@ -278,7 +278,7 @@ def train(config, workdir: str, *, init_from: str | None = None,
   sample_every = int(config.eval.get("sample_every_steps", 0))
   samples = (preview.TrainingPreview(config, mesh, program.graphdef, workdir, writer.tensorboard)
              if sample_every else None)
-  watcher = PreemptionWatcher()
+  watcher = PreemptionWatcher(check_every=int(config.train.stop_check_every))
   step = int(state["step"])
   stopped_by = None  # the signal (SIGTERM for a preemption notice) that stopped the run
   pending = None  # metrics of the step before: read after the next one is dispatched

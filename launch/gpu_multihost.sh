@@ -24,6 +24,7 @@
 #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95               let XLA take 95% of HBM up front
 # Extra flags: append to XLA_FLAGS before calling. NCCL: set NCCL_SOCKET_IFNAME / NCCL_IB_HCA for
 # your fabric if NCCL picks the wrong interface.
+# DRY_RUN=1: print the environment this script sets and the command, and run nothing.
 set -euo pipefail
 
 [[ "${1:-}" == "--" ]] && shift
@@ -50,5 +51,14 @@ export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true \
 --xla_gpu_reduce_scatter_combine_threshold_bytes=1073741824 \
 ${XLA_FLAGS:-}"
 
+if [[ -n "${DRY_RUN:-}" ]]; then
+  for name in JOVA_COORDINATOR JOVA_NUM_PROCESSES JOVA_PROCESS_ID JAX_COMPILATION_CACHE_DIR \
+      XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS; do
+    echo "export ${name}=$(printf '%q' "${!name}")"
+  done
+  printf '%q ' "$@"
+  echo
+  exit 0
+fi
 echo "$0: process $JOVA_PROCESS_ID of $JOVA_NUM_PROCESSES, coordinator $JOVA_COORDINATOR" >&2
 exec "$@"

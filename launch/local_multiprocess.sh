@@ -7,7 +7,7 @@
 #
 # Each process gets:
 #   JOVA_COORDINATOR=127.0.0.1:$PORT, JOVA_NUM_PROCESSES=N, JOVA_PROCESS_ID=i
-#       read by jova_jax/parallel/mesh.py maybe_initialize_distributed (gloo CPU collectives)
+#       read by jova_jax/parallel/mesh.py initialize_distributed (--distributed=env, gloo on CPU)
 #   JAX_PLATFORMS=cpu
 #   XLA_FLAGS=--xla_force_host_platform_device_count=K    K fake devices per process
 #   JAX_COMPILATION_CACHE_DIR                              persistent compilation cache

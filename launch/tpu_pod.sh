@@ -10,9 +10,13 @@
 #          requirements + jax[tpu] into ~/jova-jax/.venv
 #   run    run the command after -- in ~/jova-jax on every worker (default mode: both)
 #
-# No coordinator variables are needed: on a pod slice jax.distributed.initialize() finds its
-# peers from the TPU metadata (jova_jax/parallel/mesh.py calls it when TPU_WORKER_HOSTNAMES
-# lists several hosts). The workdir must be on storage all workers share (GCS or a filestore).
+# No coordinator variables are needed: on a pod slice each worker's process finds its peers
+# from the TPU VM metadata server (--distributed=auto detects it; jova_jax/parallel/mesh.py
+# initialize_distributed), several slices included (MEGASCALE_* in the metadata's tpu-env).
+# The workdir must be on storage all workers share (GCS or a filestore).
+# DRY_RUN=1: print the exact gcloud commands (each runs its --command on every worker, which
+# all share one environment: a worker's index comes from the metadata server) and run nothing
+# remote; no gcloud or TPU needed.
 # Environment knobs:
 #   TPU_NAME, ZONE (required), PROJECT (default: gcloud's), REMOTE_DIR (default jova-jax),
 #   JAX_TPU_PIN (default jax[tpu]==0.10.2), JAX_COMPILATION_CACHE_DIR (default
@@ -42,15 +46,18 @@ fi
 
 remote_dir=${REMOTE_DIR:-jova-jax}
 where=(--zone="$ZONE" ${PROJECT:+--project="$PROJECT"})
+run() {  # DRY_RUN: print the command instead
+  if [[ -n "${DRY_RUN:-}" ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
 on_all_workers() {
-  gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$1"
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${where[@]}" --worker=all --command="$1"
 }
 
 if [[ "$mode" != run ]]; then
   repo_root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
   archive=$(mktemp -t jova_src.XXXXXX.tar.gz)
   git -C "$repo_root" ls-files -z | tar -C "$repo_root" --null -T - -czf "$archive"
-  gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME":jova_src.tar.gz "${where[@]}" --worker=all
+  run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME":jova_src.tar.gz "${where[@]}" --worker=all
   rm -f "$archive"
   on_all_workers "set -e; mkdir -p ~/$remote_dir && tar -xzf ~/jova_src.tar.gz -C ~/$remote_dir \
     && cd ~/$remote_dir && python3 -m venv .venv && .venv/bin/pip install -q -U pip \

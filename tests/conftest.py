@@ -1,6 +1,7 @@
 """Tests run on CPU with 8 fake devices; the flag must be set before jax is imported."""
 import glob
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -40,3 +41,20 @@ def truncate_array_files(step_dir) -> list[str]:
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 2)
   return paths
+
+
+def two_processes(cmd, port: int, devices: int = 2,
+                  keys=("JOVA_COORDINATOR", "JOVA_NUM_PROCESSES", "JOVA_PROCESS_ID")):
+  """Starts cmd as processes 0 and 1 of one job (env start-up through `keys`: coordinator,
+  count, id; `devices` CPU devices each); returns the Popen objects (stdout has stderr too)."""
+  coordinator, count, index = keys
+  procs = []
+  for pid in range(2):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JOVA_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                        "TPU_WORKER_HOSTNAMES")}
+    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                coordinator: f"127.0.0.1:{port}", count: "2", index: str(pid)})
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs

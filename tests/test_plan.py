@@ -129,3 +129,22 @@ def test_plan_cli_on_jova_24b():
   assert rows["optimizer (mu+nu)"] == pytest.approx(2 * rows["params"], abs=0.011)
   assert "H100" in out.stdout or "h100" in out.stdout
   assert "step time" in out.stdout and "AOT compile skipped" in out.stdout
+
+
+def test_dcn_traffic_per_step():
+  """Over 2 slices: the data axis all-reduces each device's float32 gradient shard once (ring:
+  2 x 1/2 of it); the fsdp axis gathers bf16 params twice and reduce-scatters float32 gradients
+  per micro-batch, one shard each over DCN."""
+  config = load("jova_24b")
+  config.mesh.update(dict(data=1, fsdp=16, context=4, tensor=1, dcn_data=2))
+  config.train.grad_accum = 8
+  shape = mesh_lib.mesh_shape(config, 128)
+  _, shard = plan.param_counts(config, shape)
+  assert plan.dcn_bytes(config, shape) == {"gradient all-reduce": 4 * shard}
+  config.mesh.update(dcn_data=1, dcn_fsdp=2)
+  shape = mesh_lib.mesh_shape(config, 128)
+  _, shard = plan.param_counts(config, shape)
+  assert plan.dcn_bytes(config, shape) == {"fsdp param gathers": 2 * 8 * 2 * shard,
+                                           "fsdp gradient reduce-scatters": 8 * 4 * shard}
+  config.mesh.dcn_fsdp = 1
+  assert plan.dcn_bytes(config, mesh_lib.mesh_shape(config, 64)) == {}

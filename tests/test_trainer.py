@@ -16,7 +16,7 @@ import pytest
 from jova_jax import checkpoint, trainer
 from jova_jax.data import features, pipeline
 from jova_jax.parallel import mesh as mesh_lib
-from tests.conftest import REPO, load, truncate_array_files
+from tests.conftest import REPO, load, truncate_array_files, two_processes
 from tests.datasets import write_random_dataset
 
 
@@ -199,14 +199,7 @@ def test_two_processes_train_on_disjoint_slices(dataset, tmp_path):
   workdir = tmp_path / "mp"
   overrides = {"data.dir": dataset, "data.read_threads": 1, "train.steps": 3,
                "checkpoint.every_steps": 1000, "mesh.fsdp": -1}
-  port = 20000 + os.getpid() % 20000
-  procs = []
-  for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JOVA_COORDINATOR=f"127.0.0.1:{port}", JOVA_NUM_PROCESSES="2",
-               JOVA_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(_train_cmd(overrides, workdir), cwd=REPO, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  procs = two_processes(_train_cmd(overrides, workdir), 20000 + os.getpid() % 20000, devices=4)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
