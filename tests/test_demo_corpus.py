@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jova_jax import faces, media
-from jova_jax.eval import sync
 from tests.conftest import REPO
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -29,7 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def _read_frames(path):
-  return sync.read_frames(str(path))[0]
+  return media.read_frames(str(path))[0]
 
 
 def _read_audio(path):

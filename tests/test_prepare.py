@@ -276,8 +276,7 @@ def test_one_reader_prepare_sampler_and_sync_get_the_same_frames(corpus):
   np.testing.assert_array_equal(media.read_video(path, config.video.fps, FRAMES, 16, 16), clip.frames)
   np.testing.assert_array_equal(
       media.read_audio(path, config.audio.sample_rate, config_lib.audio_num_samples(config)), clip.audio)
-  from jova_jax.eval import sync
-  every, fps = sync.read_frames(path)
+  every, fps = media.read_frames(path)
   assert fps == source_fps
   np.testing.assert_array_equal(every, np.stack(frames))
   assert clip.audio.shape == (config_lib.audio_num_samples(config),)

@@ -42,11 +42,6 @@ class SyncScore:
             "confidence": round(self.confidence, 4), "face_frac": round(self.face_frac, 3)}
 
 
-def read_frames(path: str) -> tuple[np.ndarray, float]:
-  """(uint8 RGB frames (T,H,W,3), fps) of a video file, every frame (media.read_frames)."""
-  return media.read_frames(path)
-
-
 def audio_envelope(wave: np.ndarray, sample_rate: int, fps: float, num_frames: int) -> np.ndarray:
   """(num_frames,) RMS of the audio in a 1/fps window centred on each frame's time."""
   half = 0.5 * sample_rate / fps
@@ -122,7 +117,7 @@ class SyncScorer:
   def mouth(self, path: str) -> tuple[np.ndarray, float, float]:
     """(mouth opening per frame, fps, face fraction) of a video, cached per path."""
     if path not in self._mouths:
-      frames, fps = read_frames(path)
+      frames, fps = media.read_frames(path)
       track = self.tracker.track(upscale_for_landmarks(frames))
       if track.face_frac < MIN_FACE_FRAC:
         raise ValueError(f"{path}: a face in only {track.face_frac:.0%} of the frames (need "
