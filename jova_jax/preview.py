@@ -85,9 +85,9 @@ class TrainingPreview:
       if self.tensorboard is not None:
         self.tensorboard.add_audio(f"samples/{name}", np.clip(wave, -1.0, 1.0), step,
                                    sample_rate=int(a.sample_rate))
-    sheet_path = contact_sheet.write(os.path.join(outdir, "contact_sheet.png"), entries)
+    sheet_path = os.path.join(outdir, "contact_sheet.png")
+    sheet = contact_sheet.write(sheet_path, entries)
     if self.tensorboard is not None:
-      sheet = contact_sheet.render(entries)
       self.tensorboard.add_image("samples/contact_sheet", sheet, step, dataformats="HWC")
     logging.info("samples at step %d: %d videos in %.1f s -> %s", step, len(entries),
                  time.perf_counter() - start, sheet_path)

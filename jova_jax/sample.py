@@ -78,8 +78,9 @@ def main(argv):
     entries = [contact_sheet.read_entry(os.path.join(FLAGS.outdir, r["name"] + ".mp4"),
                                         reference=r["image"], sample_rate=config.audio.sample_rate)
                for r in records]
-    sheet = contact_sheet.write(os.path.join(FLAGS.outdir, "contact_sheet.png"), entries)
-    print(f"contact sheet: {sheet}")
+    sheet_path = os.path.join(FLAGS.outdir, "contact_sheet.png")
+    contact_sheet.write(sheet_path, entries)
+    print(f"contact sheet: {sheet_path}")
   logging.info("wrote %d samples to %s", len(records), FLAGS.outdir)
   print(f"wrote {len(records)} samples to {FLAGS.outdir}; {len(errors) + len(skipped)} skipped")
   return 1 if errors or skipped else 0

@@ -13,7 +13,7 @@ import os
 import cv2
 import numpy as np
 
-from jova_jax import media
+from jova_jax import files, media
 
 LABEL_HEIGHT = 16
 MEL_HEIGHT = 56
@@ -106,11 +106,11 @@ def render(entries: list[SheetEntry], cell: int = 64) -> np.ndarray:
   return np.concatenate(parts, axis=0)
 
 
-def write(path: str, entries: list[SheetEntry], cell: int = 64) -> str:
-  """Renders and writes the PNG (via a temp name, so a crash leaves no half file)."""
+def write(path: str, entries: list[SheetEntry], cell: int = 64) -> np.ndarray:
+  """Renders the sheet, writes it as a PNG (finished or absent, never truncated) and returns
+  the image."""
   sheet = render(entries, cell)
-  tmp = f"{path}.tmp.png"
-  if not cv2.imwrite(tmp, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
-    raise media.MediaError(f"{path}: OpenCV could not write the PNG")
-  os.replace(tmp, path)
-  return path
+  with files.finished_file(path) as partial:
+    if not cv2.imwrite(partial, cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
+      raise media.MediaError(f"{path}: OpenCV could not write the PNG")
+  return sheet
