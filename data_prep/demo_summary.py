@@ -19,9 +19,10 @@ import os
 
 import cv2
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from jova_jax import media
+from jova_jax import cli, media
+from jova_jax.errors import UserError
 from jova_jax.eval import contact_sheet, sync
 
 _SAMPLES = flags.DEFINE_string("samples", "demo/samples", "Folder of generated mp4s.")
@@ -83,7 +84,7 @@ def main(argv):
   samples = sorted(glob.glob(os.path.join(_SAMPLES.value, "*.mp4")))
   references = sorted(glob.glob(os.path.join(_REFERENCES.value, "*.mp4")))
   if not samples:
-    raise SystemExit(f"error: {_SAMPLES.value}: no generated mp4 files in it")
+    raise UserError(f"--samples={_SAMPLES.value}: expected generated mp4 files, found none")
   size = _FACE_SIZE.value
   print(f"faces (dlib on frames enlarged to {size}x{size}; a video counts with a face in "
         f">= {MIN_FACE_FRAMES:.0%} of its frames):")
@@ -109,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

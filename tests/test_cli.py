@@ -111,6 +111,9 @@ CASES = [
     ("demo_prompts_missing_dataset", ["data_prep.demo_prompts", "--dataset={tmp}/none",
                                       "--out={tmp}/prompts.jsonl"],
      "(data.dir) does not exist", lambda p: not os.path.exists(f"{p['tmp']}/prompts.jsonl")),
+    ("demo_summary_no_samples", ["data_prep.demo_summary", "--samples={empty}",
+                                 "--sheet={tmp}/sheet.png"],
+     "expected generated mp4 files, found none", lambda p: not os.path.exists(f"{p['tmp']}/sheet.png")),
 ]
 
 
