@@ -6,8 +6,9 @@ contact sheet.
 
 - Faces: dlib's detector on every frame enlarged to --face_size (128 px: the demo renders
   32x32); a sample counts when a face is found in at least half of its frames.
-- Lip sync: jova_jax.eval.sync's score of each video against its own audio and against the
-  next video's audio (the shuffled-audio control), generated samples and held-out references.
+- Lip sync: jova_jax.eval.sync's score of each video against its own audio and against every
+  other video's audio (the shuffled-audio control, averaged), with the paired margin own minus
+  control and its standard error; generated samples and held-out references.
 - The contact sheet: each sample's frames, the held-out clip under the image-to-video ones
   (sample i2v_<clip> is matched with <references>/<clip>.mp4) and its mel spectrogram.
 """
@@ -59,7 +60,13 @@ def _format_sync(mean: dict, scored: int, total: int) -> str:
   line = (f"own audio peak {own['peak']:.3f} / confidence {own['confidence']:.3f}")
   if control:
     line += (f" vs shuffled-audio control {control['peak']:.3f} / {control['confidence']:.3f}"
-             f" ({'above' if own['peak'] > control['peak'] else 'NOT above'} the control)")
+             f" ({'above' if own['peak'] > control['peak'] else 'NOT above'} the control")
+    margin = mean.get("margin")
+    if margin:
+      spread = margin["peak"] / margin["stderr"] if margin["stderr"] > 0 else float("inf")
+      line += (f": paired margin {margin['peak']:+.3f} +- {margin['stderr']:.3f}, "
+               f"{spread:.1f} standard errors")
+    line += ")"
   return line + f", {scored} of {total} videos scored"
 
 

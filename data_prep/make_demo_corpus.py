@@ -7,7 +7,7 @@ Writes OUT/clip_00000.mp4 (H.264 video + AAC audio) with a sidecar OUT/clip_0000
 
 Each clip is the astronaut photo from scikit-image (a real face, so dlib finds it), cropped,
 scaled, mirrored and lit differently per clip, saying one sentence in an espeak-ng voice with
-its own rate and pitch. Its mouth opens in proportion to the speech's loudness (RMS per video
+its own rate and pitch, pausing once mid-sentence at a place of its own. Its mouth opens in proportion to the speech's loudness (RMS per video
 frame, smoothed): the jaw and lower lip are pushed down with a remap, the upper lip a little up,
 and the gap is painted as a dark mouth interior. So lips and audio agree frame by frame, which
 is what the mouth-weighted loss and the sync metric need to see.
@@ -162,18 +162,33 @@ def mouth_amounts(envelope: np.ndarray) -> np.ndarray:
   return np.clip((smooth / peak - 0.1) / 0.9, 0, 1)
 
 
-def fitted_speech(synth: speech.Synthesizer, text: str, voice: str, rate: int, pitch: int,
-                  num_samples: int, lead: int) -> tuple[np.ndarray, int]:
-  """(wave, words per minute used): `text` spoken after `lead` silent samples, num_samples long.
+def spoken_in_two_parts(text: str, fraction: float) -> tuple[str, str]:
+  """The sentence split at the word boundary nearest `fraction` of its words (both parts
+  non-empty), where the speaker pauses."""
+  words = text.split()
+  cut = min(max(1, int(round(fraction * len(words)))), len(words) - 1)
+  return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def fitted_speech(synth: speech.Synthesizer, parts: tuple[str, ...], voice: str, rate: int,
+                  pitch: int, num_samples: int, lead: int, pause: int) -> tuple[np.ndarray, int]:
+  """(wave, words per minute used): `parts` spoken after `lead` silent samples with `pause`
+  silent samples between them, num_samples long.
 
   Speech too long for the clip is re-synthesised faster (so the transcript stays true); what
   still does not fit is cut with a 20 ms fade.
   """
   room = num_samples - lead - synth.sample_rate // 10
-  said = synth.synthesize(text, voice, rate, pitch)
+
+  def say(rate):
+    gap = np.zeros(pause, np.float32)
+    pieces = [synth.synthesize(part, voice, rate, pitch) for part in parts]
+    return np.concatenate([x for piece in pieces for x in (piece, gap)][:-1])
+
+  said = say(rate)
   if said.size > room:
     rate = min(int(rate * said.size / room) + 1, 400)
-    said = synth.synthesize(text, voice, rate, pitch)
+    said = say(rate)
   said = said[:num_samples - lead].copy()
   fade = min(said.size, synth.sample_rate // 50)
   said[said.size - fade:] *= np.linspace(1, 0, fade, dtype=np.float32)
@@ -249,8 +264,13 @@ class ClipMaker:
     rate, pitch = int(rng.integers(145, 196)), int(rng.integers(30, 71))
     text = SENTENCES[rng.integers(len(SENTENCES))]
     lead = int(rng.uniform(0.05, 0.25) * rate_hz)
-    audio, rate = fitted_speech(self.synth, text, voice[0], rate, pitch,
-                                int(round(seconds * rate_hz)), lead)
+    # A pause mid-sentence, at a place and of a length of its own per clip: the mouth closes
+    # there, an event only this clip's audio shares (speech that merely fills the clip from
+    # start to end gives every clip the same silence-speech-silence shape).
+    parts = spoken_in_two_parts(text, rng.uniform(0.3, 0.7))
+    pause = int(rng.uniform(0.3, 0.5) * rate_hz)
+    audio, rate = fitted_speech(self.synth, parts, voice[0], rate, pitch,
+                                int(round(seconds * rate_hz)), lead, pause)
     amounts = mouth_amounts(speech_envelope(audio, rate_hz, self.fps, num_frames))
     # A slow sway of the head (about a pixel) so that frames differ away from the mouth too.
     phase = rng.uniform(0, 2 * np.pi, size=2)

@@ -78,6 +78,20 @@ def test_lips_follow_the_speech(corpus):
     assert correlation > 0.5, (name, correlation, opening.round(2), loudness.round(3))
     # The mouth really moves: loud frames open it well beyond the quiet ones.
     assert opening.max() - opening.min() > 0.08
+    # The speaker pauses mid-sentence: silent frames between speech, where the lips close.
+    speaking = np.flatnonzero(loudness > 0.05 * loudness.max())
+    inside = np.arange(speaking[0], speaking[-1] + 1)
+    paused = inside[loudness[inside] < 0.05 * loudness.max()]
+    assert paused.size >= 2, (name, loudness.round(3))
+    assert opening[paused].mean() < np.median(opening[speaking]) - 0.05, (name, opening.round(2))
+
+
+def test_sentences_split_at_a_word_boundary_for_the_pause():
+  from data_prep.make_demo_corpus import spoken_in_two_parts
+  assert spoken_in_two_parts("Open the hatch very slowly.", 0.5) == ("Open the", "hatch very slowly.")
+  # Both parts keep at least one word whatever the fraction.
+  assert spoken_in_two_parts("Hello there.", 0.0) == ("Hello", "there.")
+  assert spoken_in_two_parts("Hello there.", 1.0) == ("Hello", "there.")
 
 
 def test_bad_clips_are_bad_in_their_own_way(corpus):

@@ -62,8 +62,15 @@ def test_ground_truth_beats_shuffled_audio(demo_clips):
     assert clip["score"]["offset"] == 0, clip
     assert clip["score"]["peak"] > clip["control"]["peak"], clip
     assert clip["score"]["confidence"] > clip["control"]["confidence"], clip
+    # The control is every other clip's audio.
+    assert len(clip["control"]["audios"]) == 3 and clip["video"] not in clip["control"]["audios"]
   mean = report["mean"]
   assert mean["score"]["confidence"] > mean["control"]["confidence"] + 0.15, mean
+  own_minus_control = [c["score"]["peak"] - c["control"]["peak"] for c in report["clips"]]
+  np.testing.assert_allclose(mean["margin"]["peak"], np.mean(own_minus_control), atol=1e-3)
+  np.testing.assert_allclose(mean["margin"]["stderr"],
+                             np.std(own_minus_control, ddof=1) / 2.0, atol=1e-3)
+  assert mean["margin"]["videos"] == 4
 
 
 def test_cli_and_errors(demo_clips, tmp_path):
@@ -75,7 +82,7 @@ def test_cli_and_errors(demo_clips, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
   assert lines[0]["video"] == clip and lines[0]["score"]["offset"] == 0
-  assert lines[0]["control"]["audio"].endswith("clip_00001.mp4")
+  assert [os.path.basename(a) for a in lines[0]["control"]["audios"]] == ["clip_00001.mp4"]
   with pytest.raises(FileNotFoundError, match="nothing.mp4"):
     sync.video_paths(str(tmp_path / "nothing.mp4"))
   with pytest.raises(ValueError, match="control_audio"):
@@ -86,3 +93,7 @@ def test_cli_and_errors(demo_clips, tmp_path):
   good, bad = sync.score_videos([clip, str(corrupt)], shuffle_control=True)["clips"]
   assert good["score"]["offset"] == 0 and "corrupt.mp4" in good["control_error"]
   assert "corrupt.mp4" in bad["error"] and "score" not in bad
+  # Among several others, a corrupt one is left out of the control's average.
+  other = os.path.join(demo_clips, "clip_00001.mp4")
+  good = sync.score_videos([clip, str(corrupt), other], shuffle_control=True)["clips"][0]
+  assert good["control"]["audios"] == [other] and "control_error" not in good

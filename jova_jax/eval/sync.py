@@ -145,12 +145,40 @@ def video_paths(path: str) -> list[str]:
   return [path]
 
 
+def _control(scorer: SyncScorer, path: str, audios: list[str]) -> dict:
+  """The mean score of path's lips against each of audios; an audio that fails is skipped, and
+  ValueError / MediaError is raised when all of them fail."""
+  scores, used, error = [], [], None
+  for audio in audios:
+    try:
+      scores.append(scorer.score(path, audio))
+      used.append(audio)
+    except (ValueError, media.MediaError) as e:
+      error = e
+  if not scores:
+    raise error
+  return {"peak": round(float(np.mean([s.peak for s in scores])), 4),
+          "confidence": round(float(np.mean([s.confidence for s in scores])), 4),
+          "audios": used}
+
+
+def _paired_margin(clips: list[dict]) -> dict | None:
+  """Own minus control peak per video: mean, standard error and count (None under 2 videos)."""
+  diffs = [c["score"]["peak"] - c["control"]["peak"] for c in clips if "control" in c]
+  if len(diffs) < 2:
+    return None
+  return {"peak": round(float(np.mean(diffs)), 4),
+          "stderr": round(float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))), 4),
+          "videos": len(diffs)}
+
+
 def score_videos(paths: list[str], *, shuffle_control: bool = False, control_audio=None,
                  max_offset_s: float = 0.5) -> dict:
   """{"clips": [{video, score, control? or control_error?} or {video, error}], "mean": {...}}.
 
-  The control pairs video i with the audio of video i+1 (cyclic) or with control_audio; a
-  control that fails (a corrupt neighbour) is reported beside the video's own score.
+  The control scores video i against the audio of every other video (or control_audio) and
+  averages; a corrupt other video is left out of the average, and control_error is reported
+  beside the video's own score only when every control audio fails.
   """
   if shuffle_control and control_audio is None and len(paths) < 2:
     raise UserError("--shuffle_control on one video needs --control_audio (another clip)")
@@ -164,9 +192,9 @@ def score_videos(paths: list[str], *, shuffle_control: bool = False, control_aud
       clips.append({"video": path, "error": str(e)})
       continue
     if shuffle_control:
-      other = control_audio or paths[(i + 1) % len(paths)]
+      others = [control_audio] if control_audio else paths[:i] + paths[i + 1:]
       try:
-        entry["control"] = dict(scorer.score(path, other).to_json(), audio=other)
+        entry["control"] = _control(scorer, path, others)
       except (ValueError, media.MediaError) as e:
         entry["control_error"] = str(e)
     clips.append(entry)
@@ -176,6 +204,9 @@ def score_videos(paths: list[str], *, shuffle_control: bool = False, control_aud
     if scored:
       mean[key] = {m: round(float(np.mean([s[m] for s in scored])), 4)
                    for m in ("peak", "confidence")}
+  margin = _paired_margin(clips)
+  if margin:
+    mean["margin"] = margin
   return {"clips": clips, "mean": mean}
 
 
@@ -196,7 +227,8 @@ if __name__ == "__main__":
 
   from jova_jax import cli
   flags.DEFINE_string("video", None, "An .mp4 file or a folder of them.", required=True)
-  flags.DEFINE_bool("shuffle_control", False, "Also score each video against another clip's audio.")
-  flags.DEFINE_string("control_audio", None, "The control's audio (default: the next video).")
+  flags.DEFINE_bool("shuffle_control", False,
+                    "Also score each video against the other clips' audio (their mean).")
+  flags.DEFINE_string("control_audio", None, "The control's audio (default: every other video).")
   flags.DEFINE_float("max_offset_s", 0.5, "Offsets searched: +- this many seconds of frames.")
   cli.run(main)
