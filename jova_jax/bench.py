@@ -200,6 +200,23 @@ def bench_codecs(config) -> None:
   dec = _timed(lambda: audio.decode(latents), _STEPS.value)
   print(f"audio {audio.name} ({weights}): encode {seconds / enc:.1f} audio s/s, decode "
         f"{seconds / dec:.2f} audio s/s")
+  _bench_prepare_encode(video, audio, frames[0], wave[0])
+
+
+def _bench_prepare_encode(video, audio, frames, wave) -> None:
+  """What data_prep.prepare's encoders sustain: one clip per local device per call, the batch
+  split over the devices (data_prep.encode)."""
+  import numpy as np
+
+  from data_prep import encode
+  devices = jax.local_devices()
+  sharding = encode.batch_sharding(devices)
+  batch = [jax.device_put(np.stack([x] * len(devices)), sharding) for x in (frames, wave)]
+  seconds = _timed(lambda: (video.encode(batch[0]), audio.encode(batch[1])), _STEPS.value)
+  per_device = 1.0 / seconds
+  print(f"prepare encode (video + audio, {len(devices)} clips over {len(devices)} "
+        f"{devices[0].platform} devices per call): {per_device:.3f} clips/s per device, "
+        f"{3600 * per_device * len(devices):.0f} clips/hour per host")
 
 
 COMMANDS = {"model": bench_model, "train": bench_train, "sample": bench_sample,

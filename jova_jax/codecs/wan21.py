@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -291,7 +292,8 @@ class Wan21Codec(base.VideoCodec):
     return cls.from_file(find_weights(weights_dir))
 
   def encode(self, frames):
-    frames = np.asarray(frames)
+    if not isinstance(frames, jax.Array):  # a device array keeps its sharding (data_prep.encode)
+      frames = np.asarray(frames)
     self.check_frames(frames)
     used = 1 + (self.latent_frames(frames.shape[1]) - 1) * self.temporal_factor
     video = frames[:, :used].astype(np.float32) / 127.5 - 1.0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 
+import jax
 import numpy as np
 
 
@@ -11,12 +12,24 @@ class TextEncoder(abc.ABC):
   width: int
 
   @abc.abstractmethod
-  def encode(self, texts: list[str],
-             max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def tokenize(self, texts: list[str], max_length: int | None = None):
+    """(ids (B,L) int32, mask (B,L) bool), right-padded to the longest prompt or max_length."""
+
+  @abc.abstractmethod
+  def embed(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The encoder network: (B,L,width) last hidden states (jitted; follows the ids' sharding)."""
+
+  def encode(self, texts: list[str], max_length: int | None = None,
+             sharding=None) -> tuple[np.ndarray, np.ndarray]:
     """(emb (B,L,width) float32, mask (B,L) bool): token-level last hidden states.
 
     L is the longest prompt's token count, or max_length when given (longer prompts are cut).
+    sharding (a jax Sharding of the batch axis) spreads the prompts over devices, as
+    data_prep.encode does over a host's accelerators; None: the default device.
     """
+    ids, mask = self.tokenize(texts, max_length)
+    placed = [jax.device_put(x, sharding) for x in (ids, mask)]
+    return np.asarray(self.embed(*placed), np.float32), mask
 
   def config(self) -> dict:
     """JSON-able description stored in the dataset metadata."""

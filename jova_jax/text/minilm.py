@@ -167,8 +167,5 @@ class MiniLMEncoder(base.TextEncoder):
     encodings = self.tokenizer.encode_batch(list(texts))
     return base.pad_encodings(encodings, max_length)
 
-  def encode(self, texts: list[str],
-             max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    ids, mask = self.tokenize(texts, max_length)
-    emb = forward(self.params, jnp.asarray(ids), jnp.asarray(mask))
-    return np.asarray(emb, np.float32), mask
+  def embed(self, ids, mask):
+    return forward(self.params, ids, mask)

@@ -321,11 +321,8 @@ class T5Encoder(base.TextEncoder):
     encodings = self.tokenizer.encode_batch(list(texts))
     return base.pad_encodings(encodings, max_length, self.cfg.pad_token_id)
 
-  def encode(self, texts: list[str],
-             max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    ids, mask = self.tokenize(texts, max_length)
-    emb = _forward(self.params, jnp.asarray(ids), jnp.asarray(mask), self.cfg)
-    return np.asarray(emb, np.float32), mask
+  def embed(self, ids, mask):
+    return _forward(self.params, ids, mask, self.cfg)
 
 
 def benchmark(cfg: T5Config = UMT5_XXL, params: dict | None = None, batch_size: int = 8,
