@@ -43,6 +43,12 @@ def test_finds_a_known_delay():
                              atol=1e-3)
 
 
+def test_offsets_searched_stay_a_small_share_of_the_clip():
+  assert sync.max_offset_frames(0.5, fps=8, num_frames=17) == 2    # the demo: not 4 of 17
+  assert sync.max_offset_frames(0.5, fps=25, num_frames=250) == 12  # 10 s: the 0.5 s bound
+  assert sync.max_offset_frames(0.5, fps=8, num_frames=5) == 1
+
+
 def test_envelope_is_rms_per_frame():
   wave = np.zeros(1600, np.float32)
   wave[600:1000] = 0.5
