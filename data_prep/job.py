@@ -15,6 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from data_prep import clips, encode, manifest, shards
 from jova_jax import config_lib
 from jova_jax.data import features, latent_norm
+from jova_jax.text.base import structured_prompt
 
 
 def clip_options(config, min_face_frac: float, crop_margin: float, detect_every: int):
@@ -106,7 +107,7 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
     video, audio, mouth = encoders.media([c.frames for _, c in batch], [c.audio for _, c in batch],
                                          [c.mouth_mask for _, c in batch])
     encoded = time.perf_counter()
-    prompts = [manifest.build_prompt(e.captions) for e, _ in batch]
+    prompts = [structured_prompt(e.captions) for e, _ in batch]
     text_emb = encoders.prompts(prompts)
     embedded = time.perf_counter()
     for i, (entry, clip) in enumerate(batch):

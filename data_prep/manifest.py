@@ -107,13 +107,6 @@ def caption_problem(entry: ClipEntry) -> str:
   return ""
 
 
-def build_prompt(captions: dict) -> str:
-  """The structured prompt both towers read (DESIGN 1)."""
-  return (f"<Video Caption>: {captions['video_caption'].strip()} "
-          f"<Audio Caption>: {captions['audio_caption'].strip()} "
-          f"<Transcript>: {captions['transcript'].strip()}")
-
-
 def _unit_hash(clip_id: str) -> float:
   digest = hashlib.sha256(clip_id.encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax import checkpoint, codecs, config_lib, files, flow, media, text
 from jova_jax.data import latent_norm
+from jova_jax.text import base as text_base
 from jova_jax.errors import UserError
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
@@ -71,13 +72,6 @@ class Prompt:
   video: str | None = None  # given video: video-to-audio
 
 
-def structured_prompt(fields: dict) -> str:
-  """The prompt format of the training captions (data_prep.manifest.build_prompt)."""
-  return (f"<Video Caption>: {fields['video_caption'].strip()} "
-          f"<Audio Caption>: {fields['audio_caption'].strip()} "
-          f"<Transcript>: {fields['transcript'].strip()}")
-
-
 # ---------------------------------------------------------------- prompts
 
 def parse_prompt(record, *, line: int, where: str, default_seed: int, config) -> Prompt:
@@ -97,7 +91,7 @@ def parse_prompt(record, *, line: int, where: str, default_seed: int, config) ->
       raise PromptError(f"{where}: missing {missing} (or give a ready 'prompt')")
     if not all(isinstance(record[k], str) for k in CAPTION_FIELDS):
       raise PromptError(f"{where}: {list(CAPTION_FIELDS)} must be strings")
-    prompt = structured_prompt(record)
+    prompt = text_base.structured_prompt(record)
   if not isinstance(prompt, str) or not prompt.strip():
     raise PromptError(f"{where}: the prompt is empty")
   shapes = {"frames": config.video.frames, "height": config.video.height,

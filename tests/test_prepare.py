@@ -17,6 +17,7 @@ import pytest
 
 from data_prep import clips, job, manifest, shards
 from jova_jax import config_lib, media
+from jova_jax.text.base import structured_prompt
 from jova_jax.data import features
 from tests.conftest import REPO, load
 
@@ -115,7 +116,7 @@ def test_manifest_inputs_and_captions(tmp_path):
   assert manifest.caption_problem(entries[0]) == ""
   assert "audio_caption" in manifest.caption_problem(entries[1])
   assert "no caption sidecar" in manifest.caption_problem(entries[2])
-  assert manifest.build_prompt(entries[0].captions) == (
+  assert structured_prompt(entries[0].captions) == (
       "<Video Caption>: a man talks <Audio Caption>: calm voice <Transcript>: hi")
   jsonl = tmp_path / "m.jsonl"
   jsonl.write_text(json.dumps({"path": "a.mp4", "clip_id": "x1", "video_caption": "v",

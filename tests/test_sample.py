@@ -96,8 +96,8 @@ def test_prompt_lines(tmp_path):
   ], tmp_path)
   assert [p.line for p in prompts] == [1, 2]
   assert prompts[0].seed == 0 and prompts[1].seed == 7
-  from data_prep.manifest import build_prompt
-  assert prompts[0].text == build_prompt(CAPTIONS)
+  from jova_jax.text.base import structured_prompt
+  assert prompts[0].text == structured_prompt(CAPTIONS)
   where = str(tmp_path / "prompts.jsonl")
   assert [e.split(": ")[0] for e in errors] == [f"{where}:{n}" for n in (3, 4, 5, 6, 7)]
   assert "not valid JSON" in errors[0]

@@ -36,6 +36,14 @@ class TextEncoder(abc.ABC):
     return dict(name=self.name, width=self.width)
 
 
+def structured_prompt(captions: dict) -> str:
+  """The structured prompt both towers read (docs/design.md section 1): training captions
+  (data_prep) and sampling prompts (jova_jax.sampling) are written by this one function."""
+  return (f"<Video Caption>: {captions['video_caption'].strip()} "
+          f"<Audio Caption>: {captions['audio_caption'].strip()} "
+          f"<Transcript>: {captions['transcript'].strip()}")
+
+
 def pad_encodings(encodings, max_length: int | None, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """tokenizers Encodings -> (ids (B,L) int32, mask (B,L) bool), L = max_length or the longest."""
   length = max_length or max(len(e.ids) for e in encodings)
