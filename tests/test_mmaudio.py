@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jova_jax import codecs
+from jova_jax import codecs, weights
 from jova_jax.codecs import bigvgan, mmaudio
 from tests.conftest import REPO, load
 
@@ -153,7 +153,7 @@ def test_missing_files_and_unknown_format_are_refused(ref, tmp_path):
   bad = tmp_path / "weights.npz"
   bad.write_bytes(b"not a weights file")
   with pytest.raises(ValueError, match=f"unknown weights format {bad}"):
-    bigvgan.read_tensors(str(bad), "test")
+    weights.read_tensors(str(bad), "test")
 
 
 def test_registry_reads_weights_dir_and_configs_agree(tmp_path):
@@ -187,4 +187,4 @@ def test_pth_without_torch_is_refused_with_a_hint(tmp_path, monkeypatch):
   path = tmp_path / "v1-16.pth"
   path.write_bytes(b"")
   with pytest.raises(ImportError, match=f"reading {path} needs torch.*safetensors"):
-    bigvgan.read_tensors(str(path), "audio codec 'mmaudio16k' VAE")
+    weights.read_tensors(str(path), "audio codec 'mmaudio16k' VAE")

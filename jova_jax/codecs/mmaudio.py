@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import librosa
 import numpy as np
 
+from jova_jax import weights
 from jova_jax.codecs import base, bigvgan
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -146,7 +147,7 @@ def vae_shapes(data_dim: int, embed_dim: int, hidden: int) -> dict[str, tuple]:
 def vae_params_from_tensors(tensors: dict, v: Variant, hidden: int, path: str) -> dict:
   """Checks a VAE state dict; returns conv weights with MMAudio's forced weight normalisation
   (and the output gains) applied, plus data_mean / data_std as (n_mels, 1)."""
-  checker = bigvgan.TensorChecker(tensors, path, f"audio codec {v.name!r} VAE")
+  checker = weights.TensorChecker(tensors, path, f"audio codec {v.name!r} VAE")
   params = {}
   for name, shape in vae_shapes(v.n_mels, v.latent_channels, hidden).items():
     w = checker.get(name, shape).astype(np.float64)
@@ -312,7 +313,7 @@ class MMAudioCodec(base.AudioCodec):
       config_json = os.path.join(folder, "config.json")
       vocoder_config = (bigvgan.BigVGANConfig.from_json(config_json)
                         if os.path.isfile(config_json) else v.vocoder)
-    vae_tensors = bigvgan.read_tensors(vae_path, f"audio codec {v.name!r} VAE")
+    vae_tensors = weights.read_tensors(vae_path, f"audio codec {v.name!r} VAE")
     vae_hidden = vae_hidden or _vae_hidden(vae_tensors, v)
     vae_params = vae_params_from_tensors(vae_tensors, v, vae_hidden, vae_path)
     vocoder_params = bigvgan.load_params(vocoder_path, vocoder_config,

@@ -22,8 +22,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
+from jova_jax import weights
 from jova_jax.codecs import base
 from jova_jax.codecs.wan21_layers import Arch, decode_pixels, encode_mean
 
@@ -179,24 +179,9 @@ def random_params(arch: Arch, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------------------------- reading files
 
-def _read_tensors(path: str) -> dict:
-  if path.endswith(".safetensors"):
-    return safetensors.numpy.load_file(path)
-  if path.endswith(".pth") or path.endswith(".pt"):
-    try:
-      import torch  # only for the original release's pickle-free tensor archive
-    except ImportError as e:
-      raise ImportError(f"video codec 'wan21': reading {path} needs torch (`pip install torch`); "
-                        f"or use the diffusers safetensors of the Wan2.1 VAE instead") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-  raise ValueError(f"video codec 'wan21': unknown weights format {path} "
-                   f"(expected .safetensors or .pth)")
-
-
 def load_params(path: str, arch: Arch = Arch()) -> dict:
   """Reads, checks and converts a diffusers- or original-layout weights file."""
-  tensors = _read_tensors(path)
+  tensors = weights.read_tensors(path, "video codec 'wan21'")
   original = ORIGINAL_LAYOUT_KEY in tensors
   errors = []
 

@@ -16,9 +16,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 import tokenizers
 
+from jova_jax import weights
 from jova_jax.text import base
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, MAX_POSITIONS, TYPES = 30522, 384, 6, 12, 1536, 512, 2
@@ -79,15 +79,10 @@ def find_files(weights_dir: str | None = None) -> tuple[str, str]:
 
 def load_params(path: str) -> dict:
   """Reads and checks the safetensors file; returns the jax.numpy parameter tree."""
-  tensors = safetensors.numpy.load_file(path)
-  errors = []
-  for name, shape in expected_shapes().items():
-    if name not in tensors:
-      errors.append(f"tensor {name!r} is missing (expected shape {shape})")
-    elif tuple(tensors[name].shape) != shape:
-      errors.append(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
-  if errors:
-    raise ValueError(f"text encoder 'minilm': bad weights in {path}:\n  - " + "\n  - ".join(errors))
+  checker = weights.TensorChecker(weights.read_tensors(path, "text encoder 'minilm'"), path,
+                                 "text encoder 'minilm'")
+  tensors = {name: checker.get(name, shape) for name, shape in expected_shapes().items()}
+  checker.check()
 
   def get(name):
     return jnp.asarray(tensors[name], jnp.float32)
