@@ -3,13 +3,20 @@
 read_tensors: one state dict from .safetensors (numpy, no torch) or .pth/.pt (torch.load with
 weights_only=True, only when torch is installed). TensorChecker: takes tensors by name and
 shape and refuses a bad file once, listing every missing or misshapen tensor.
+SafetensorsFolder: a Hugging Face folder (one file or sharded with an index), read one tensor
+at a time so a 10 GB encoder is never held twice.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
+import safetensors
 import safetensors.numpy
+
+# Hugging Face's names: one file, or an index naming the shards of each tensor.
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
 def read_tensors(path: str, what: str) -> dict[str, np.ndarray]:
@@ -71,3 +78,54 @@ class TensorChecker:
     if self.errors:
       raise ValueError(f"{self.what}: bad weights in {self.path}:\n  - " +
                        "\n  - ".join(self.errors))
+
+
+class SafetensorsFolder:
+  """Tensor name -> file for model.safetensors or an index of shards; reads one at a time."""
+
+  def __init__(self, folder: str, what: str):
+    self.what = what
+    self._handles = {}  # path -> open safetensors file
+    single, index = os.path.join(folder, SINGLE_FILE), os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{what}: {index} has no 'weight_map' object")
+      self.files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+      self.origin = index
+    elif os.path.isfile(single):
+      self._handles[single] = self._open(single)
+      self.files = {name: single for name in self._handles[single].keys()}
+      self.origin = single
+    else:
+      found = sorted(os.listdir(folder))
+      raise ValueError(f"{what}: no {SINGLE_FILE} or {INDEX_FILE} in {folder} "
+                       f"(found: {', '.join(found) or 'nothing'}); convert the weights to HF "
+                       f"safetensors")
+
+  def _open(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{self.what}: weights file {path} not found")
+    try:
+      return safetensors.safe_open(path, framework="numpy")
+    except Exception as error:  # the header is not safetensors: another format or a bad file
+      raise ValueError(f"{self.what}: {path} is not a safetensors file ({error})") from None
+
+  def _handle(self, name: str):
+    path = self.files[name]
+    if path not in self._handles:
+      self._handles[path] = self._open(path)
+    return self._handles[path]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.files
+
+  def where(self, name: str) -> str:
+    return self.files[name]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handle(name).get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    return self._handle(name).get_tensor(name)

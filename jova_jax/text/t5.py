@@ -23,15 +23,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import tokenizers
 
+from jova_jax import weights
 from jova_jax.text import base
 
 WIDTH = 4096  # flan-t5-xxl and umt5-xxl
 SUBDIR = "t5"
 CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
-SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+SINGLE_FILE, INDEX_FILE = weights.SINGLE_FILE, weights.INDEX_FILE
 EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # either, tied in HF checkpoints
 _HIGHEST = jax.lax.Precision.HIGHEST  # offline encoding: exact float32 even on TPU/GPU
 
@@ -114,60 +114,9 @@ def expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-class SafetensorsFolder:
-  """Tensor name -> file for model.safetensors or an index of shards; reads one at a time."""
-
-  def __init__(self, folder: str):
-    self._handles = {}  # path -> open safetensors file
-    single, index = os.path.join(folder, SINGLE_FILE), os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"text encoder 't5': {index} has no 'weight_map' object")
-      self.files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
-      self.origin = index
-    elif os.path.isfile(single):
-      self._handles[single] = self._open(single)
-      self.files = {name: single for name in self._handles[single].keys()}
-      self.origin = single
-    else:
-      found = sorted(os.listdir(folder))
-      raise ValueError(f"text encoder 't5': no {SINGLE_FILE} or {INDEX_FILE} in {folder} "
-                       f"(found: {', '.join(found) or 'nothing'}); convert the weights to HF "
-                       f"safetensors")
-
-  @staticmethod
-  def _open(path: str):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"text encoder 't5': weights file {path} not found")
-    try:
-      return safetensors.safe_open(path, framework="numpy")
-    except Exception as error:  # the header is not safetensors: another format or a bad file
-      raise ValueError(f"text encoder 't5': {path} is not a safetensors file ({error})") from None
-
-  def _handle(self, name: str):
-    path = self.files[name]
-    if path not in self._handles:
-      self._handles[path] = self._open(path)
-    return self._handles[path]
-
-  def __contains__(self, name: str) -> bool:
-    return name in self.files
-
-  def where(self, name: str) -> str:
-    return self.files[name]
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handle(name).get_slice(name).get_shape())
-
-  def get(self, name: str) -> np.ndarray:
-    return self._handle(name).get_tensor(name)
-
-
 def load_params(folder: str, cfg: T5Config, compute_dtype=jnp.float32) -> dict:
   """Reads and checks the encoder tensors; returns the jax.numpy parameter tree."""
-  source = SafetensorsFolder(folder)
+  source = weights.SafetensorsFolder(folder, "text encoder 't5'")
   rename = {}  # expected name -> name in the files
   embed = next((k for k in EMBED_KEYS if k in source), None)
   if embed is not None:
