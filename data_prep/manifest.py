@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 
+from jova_jax import files
 from jova_jax.errors import UserError
 
 CAPTION_KEYS = ("video_caption", "audio_caption", "transcript")
@@ -57,19 +58,14 @@ def _read_folder(folder: str) -> list[ClipEntry]:
 def _read_jsonl(manifest: str) -> list[ClipEntry]:
   base = os.path.dirname(os.path.abspath(manifest))
   entries = []
-  with open(manifest) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{manifest}:{number}"
-      try:
-        fields = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ManifestError(f"{where}: not valid JSON ({e})") from e
-      if not isinstance(fields, dict) or not isinstance(fields.get("path"), str):
-        raise ManifestError(f"{where}: expected an object with a string 'path', found {line.strip()!r}")
-      path = fields["path"] if os.path.isabs(fields["path"]) else os.path.join(base, fields["path"])
-      entries.append(_entry_from_fields(fields, path, where))
+  for _, where, fields in files.jsonl_records(manifest):
+    if isinstance(fields, ValueError):
+      raise ManifestError(str(fields))
+    if not isinstance(fields, dict) or not isinstance(fields.get("path"), str):
+      raise ManifestError(f"{where}: expected an object with a string 'path', found "
+                          f"{json.dumps(fields)}")
+    path = fields["path"] if os.path.isabs(fields["path"]) else os.path.join(base, fields["path"])
+    entries.append(_entry_from_fields(fields, path, where))
   return entries
 
 

@@ -126,31 +126,24 @@ def read_prompts(path: str, *, default_seed: int, config) -> tuple[list[Prompt],
     raise FileNotFoundError(f"prompts file {path} does not exist")
   prompts, errors, names = [], [], {}
   base = os.path.dirname(os.path.abspath(path))
-  with open(path) as f:
-    for line, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      where = f"{path}:{line}"
-      try:
-        record = json.loads(raw)
-      except json.JSONDecodeError as e:
-        errors.append(f"{where}: not valid JSON: {e}")
-        continue
-      try:
-        prompt = parse_prompt(record, line=line, where=where, default_seed=default_seed,
-                              config=config)
-      except PromptError as e:
-        errors.append(str(e))
-        continue
-      if prompt.name in names:
-        errors.append(f"{where}: name {prompt.name!r} is already used on line {names[prompt.name]}")
-        continue
-      names[prompt.name] = line
-      for key in ("image", "audio", "video"):  # relative to the prompts file
-        value = getattr(prompt, key)
-        if value and not os.path.isabs(value):
-          setattr(prompt, key, os.path.join(base, value))
-      prompts.append(prompt)
+  for line, where, record in files.jsonl_records(path):
+    try:
+      if isinstance(record, ValueError):
+        raise PromptError(str(record))
+      prompt = parse_prompt(record, line=line, where=where, default_seed=default_seed,
+                            config=config)
+    except PromptError as e:
+      errors.append(str(e))
+      continue
+    if prompt.name in names:
+      errors.append(f"{where}: name {prompt.name!r} is already used on line {names[prompt.name]}")
+      continue
+    names[prompt.name] = line
+    for key in ("image", "audio", "video"):  # relative to the prompts file
+      value = getattr(prompt, key)
+      if value and not os.path.isabs(value):
+        setattr(prompt, key, os.path.join(base, value))
+    prompts.append(prompt)
   return prompts, errors
 
 

@@ -127,6 +127,9 @@ def test_manifest_inputs_and_captions(tmp_path):
   jsonl.write_text('{"video_caption": "no path"}\n')
   with pytest.raises(manifest.ManifestError, match="m.jsonl:1"):
     manifest.read_inputs(str(jsonl))
+  jsonl.write_text('{"path": "a.mp4"}\n\n{"path": \n')
+  with pytest.raises(manifest.ManifestError, match="m.jsonl:3: not valid JSON"):
+    manifest.read_inputs(str(jsonl))
   assert [e.clip_id for e in manifest.shard_entries(entries, 2, 1)] == ["b"]
 
 
