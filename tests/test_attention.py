@@ -98,6 +98,22 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
   assert_matches_reference(fn, make_inputs(batch=2, heads=2))
 
 
+def test_splash_at_context_1_runs_per_shard(monkeypatch):
+  """data=2 x fsdp=2 x tensor=2, context=1: splash sees one sample and one head per device, not the
+  whole gathered batch (a Pallas call left to XLA's partitioner would be)."""
+  shapes = []
+
+  def recording_splash(q, k, v, kv_valid):
+    shapes.append(q.shape)
+    return splash(q, k, v, kv_valid)
+
+  splash = attention_kernels.splash_attention
+  monkeypatch.setattr(attention_kernels, "splash_attention", recording_splash)
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="ring", kernel="splash")
+  assert_matches_reference(fn, make_inputs(batch=4, heads=2), make_mesh((2, 2, 1, 2)))
+  assert shapes and set(shapes) == {(1, 128, 1, 8)}  # 37 tokens padded to one 128 tile
+
+
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])
 def test_splash_kernel_inside_shard_map(strategy):
   # batch 1 on fsdp=2 is replicated: checks the gradients of replicated inputs without the vma check.
