@@ -49,9 +49,12 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   that may not be attended (text and sequence padding). Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
-  kernel (splash and cuDNN in a shard_map over batch and heads whenever there is a mesh). The ring strategy folds each K/V block into its own online softmax: densely for
-  kernel='xla', else in `chunk`-sized pieces (splash and cuDNN expose no log-sum-exp to combine, and
-  whoever picks them wants no L x L logits either).
+  kernel (splash and cuDNN in a shard_map over batch and heads whenever there is a mesh). The
+  sharded strategies split L evenly over 'context' and pad each shard's part where they need
+  padding, so a sequence laid out per shard (model/joint_layout.py) stays in place. The ring
+  strategy folds each K/V block into its own online softmax: densely for kernel='xla', else in
+  `chunk`-sized pieces (splash and cuDNN expose no log-sum-exp to combine, and whoever picks them
+  wants no L x L logits either).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"parallel.context_strategy must be one of {STRATEGIES}, found {strategy!r}")
@@ -65,18 +68,20 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   if strategy == "ring":
     kernel = "xla" if kernel == "xla" else "chunked"
 
+  # Only the sharded strategies split the sequence (evenly); each shard then pads its own part to
+  # what the kernel tiles, so a caller's shard boundaries (model/joint_layout.py) stay where they are.
+  split = shards if strategy != "none" else 1
   length = q.shape[1]
-  padded = _padded_length(length, shards, kernel, chunk, ring=strategy == "ring")
-  if padded != length:
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, kv_valid = pad(q), pad(k), pad(v), pad(kv_valid)  # padded keys: kv_valid False
+  q, k, v, kv_valid = (_pad_sequence(x, _round_up(length, split)) for x in (q, k, v, kv_valid))
+  local = _padded_shard(q.shape[1] // split, split, kernel, chunk, ring=strategy == "ring")
 
   # Pallas and cuDNN calls have no partitioning rule: left to XLA, they would be fed whole gathered
   # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global.
   if strategy == "none" and (mesh.empty or kernel not in _OPAQUE_KERNELS):
-    out = kernels.local_attention(q, k, v, kv_valid, kernel, chunk)
+    out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk), local)(
+        q, k, v, kv_valid)
   else:
-    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk)
+    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local)
   return out[:, :length]
 
 
@@ -84,20 +89,32 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-def _padded_length(length: int, shards: int, kernel: str, chunk: int, ring: bool) -> int:
-  """Smallest joint length >= length that every shard and every kernel call can tile."""
+def _pad_sequence(x, length: int):
+  """x (B, L, ...) padded with zeros (False: invalid keys) to `length` tokens."""
+  return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _padded_shard(local: int, shards: int, kernel: str, chunk: int, ring: bool) -> int:
+  """Smallest length >= local per shard with which every kernel call can tile its keys."""
   if kernel == "splash":  # each shard's queries and the (gathered) keys in 128-wide tiles
-    return _round_up(length, shards * kernels.SPLASH_TILE)
-  padded = _round_up(length, shards)
+    return _round_up(local, kernels.SPLASH_TILE)
   if kernel != "chunked":
-    return padded
+    return local
   if ring:  # each ring step folds one shard's keys in chunks
-    per_shard = padded // shards
-    return shards * _round_up(per_shard, chunk) if per_shard > chunk else padded
-  return _round_up(padded, math.lcm(shards, chunk)) if padded > chunk else padded
+    return _round_up(local, chunk) if local > chunk else local
+  # all_gather / ulysses: the gathered shards * local keys in chunks
+  return _round_up(local, chunk // math.gcd(chunk, shards)) if local * shards > chunk else local
 
 
-def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk):
+def _with_padding(body, length: int):
+  """body over q, k, v, kv_valid padded to `length` tokens with invalid keys; the output cut back."""
+  def padded(q, k, v, kv_valid):
+    out = body(*(_pad_sequence(x, length) for x in (q, k, v, kv_valid)))
+    return out[:, :q.shape[1]]
+  return padded
+
+
+def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local):
   batch, _, heads, _ = q.shape
   batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names)
   # Axes that do not divide the array replicate it instead (e.g. batch 1 on fsdp=2).
@@ -124,7 +141,8 @@ def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk):
   else:
     body = functools.partial(_ring_body, shards=shards, kernel=kernel, chunk=chunk)
   # Pallas and cuDNN calls cannot state how their outputs vary over mesh axes, so skip that check.
-  return jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (valid_spec,), out_specs=qkv_spec,
+  return jax.shard_map(_with_padding(body, local), mesh=mesh, in_specs=(qkv_spec,) * 3 + (valid_spec,),
+                       out_specs=qkv_spec,
                        check_vma=kernel not in _OPAQUE_KERNELS)(q, k, v, kv_valid)
 
 
