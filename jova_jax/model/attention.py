@@ -42,6 +42,12 @@ def attention_flops(batch, length, heads, head_dim) -> float:
   return 4.0 * batch * length * length * heads * head_dim
 
 
+def context_size() -> int:
+  """Size of the 'context' axis of the current mesh (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
+
+
 def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=512):
   """Bidirectional softmax attention over the joint sequence.
 
@@ -62,7 +68,7 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
     raise ValueError(f"parallel.attention_chunk must be >= 1, found {chunk}")
   kernel = kernels.resolve_kernel(kernel, q.dtype)
   mesh = jax.sharding.get_abstract_mesh()
-  shards = dict(mesh.shape).get(CONTEXT, 1) if not mesh.empty else 1
+  shards = context_size()
   if shards == 1:
     strategy = "none"
   if strategy == "ring":

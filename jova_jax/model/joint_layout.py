@@ -17,13 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-CONTEXT = "context"
+from jova_jax.model.attention import CONTEXT, context_size
 
 
 def context_shards(video_tokens: int) -> int:
   """The 'context' size of the current mesh when it divides the video tokens, else 1 (plain order)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  shards = 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
+  shards = context_size()
   return shards if video_tokens % shards == 0 else 1
 
 
