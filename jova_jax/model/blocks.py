@@ -1,11 +1,11 @@
 """Dual-stream and single-stream JoVA blocks: per-stream weights, ONE joint self-attention.
 
 Segments of the joint sequence, in order: audio, text_a (text for the audio tower), text_v
-(text for the video tower), video. A dual-stream block gives each segment its own weights; a
-single-stream block shares weights within [audio ; text_a] and within [text_v ; video]. All
-per-token work (norms, adaLN, QKV, FFN) is the same whether two segments are concatenated or
-run apart with shared weights, so both block kinds run segment by segment and meet only in
-the attention.
+(text for the video tower), video; on a context mesh interleaved per shard (joint_layout.py).
+A dual-stream block gives each segment its own weights; a single-stream block shares weights
+within [audio ; text_a] and within [text_v ; video]. All per-token work (norms, adaLN, QKV, FFN)
+is the same whether two segments are concatenated or run apart with shared weights, so both
+block kinds run segment by segment and meet only in the attention.
 """
 from __future__ import annotations
 
