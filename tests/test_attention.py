@@ -31,12 +31,12 @@ def make_inputs(batch=4, length=LENGTH, heads=8, head_dim=8, seed=0):
 
 def output_and_grads(fn, q, k, v, valid):
   """fn's output and d(weighted sum of output)/d(q, k, v); the weights make every row count differently."""
-  weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+  weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape).astype(q.dtype)
   out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, valid), q, k, v)
   return out, vjp(weights)
 
 
-def assert_matches_reference(fn, inputs, mesh=None):
+def assert_matches_reference(fn, inputs, mesh=None, atol=TOL):
   expected = jax.jit(lambda *a: output_and_grads(reference_attention, *a))(*inputs)
   run = jax.jit(lambda *a: output_and_grads(fn, *a))
   if mesh is None:
@@ -47,7 +47,7 @@ def assert_matches_reference(fn, inputs, mesh=None):
   names = ("output", "dq", "dk", "dv")
   for name, want, got in zip(names, (expected[0], *expected[1]), (found[0], *found[1])):
     assert got.shape == want.shape and got.dtype == want.dtype, name
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL, rtol=0, err_msg=name)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol, rtol=0, err_msg=name)
 
 
 # (mesh shape, batch): context 2 also shards batch over fsdp and heads over tensor; on context 4 the
@@ -69,6 +69,15 @@ def test_strategy_matches_reference(mesh_name, strategy, kernel):
   with jax.set_mesh(mesh):  # the strategy really partitioned (no silent fallback to the local kernel)
     lowered = jax.jit(fn).lower(*inputs).as_text()
   assert COLLECTIVE[strategy] in lowered
+
+
+@pytest.mark.parametrize("strategy", ["none", "ring"])
+def test_chunked_backward_in_bfloat16(strategy):
+  """The custom VJP casts to bfloat16 only as matmul inputs, accumulating in float32 like the forward."""
+  q, k, v, valid = make_inputs(batch=2, heads=2)
+  inputs = (q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), valid)
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy=strategy, kernel="chunked", chunk=4)
+  assert_matches_reference(fn, inputs, make_mesh((1, 2, 4, 1)), atol=0.02)  # ~2 bfloat16 ulps at |x| <= 1.7
 
 
 def test_none_strategy_under_mesh_matches_reference():
@@ -96,6 +105,22 @@ def test_chunked_kernel_rejects_keys_not_tiled_by_chunk():
 def test_splash_kernel_in_interpret_mode_matches_reference():
   fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, kernel="splash")
   assert_matches_reference(fn, make_inputs(batch=2, heads=2))
+
+
+def test_splash_at_context_1_runs_per_shard(monkeypatch):
+  """data=2 x fsdp=2 x tensor=2, context=1: splash sees one sample and one head per device, not the
+  whole gathered batch (a Pallas call left to XLA's partitioner would be)."""
+  shapes = []
+
+  def recording_splash(q, k, v, kv_valid):
+    shapes.append(q.shape)
+    return splash(q, k, v, kv_valid)
+
+  splash = attention_kernels.splash_attention
+  monkeypatch.setattr(attention_kernels, "splash_attention", recording_splash)
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="ring", kernel="splash")
+  assert_matches_reference(fn, make_inputs(batch=4, heads=2), make_mesh((2, 2, 1, 2)))
+  assert shapes and set(shapes) == {(1, 128, 1, 8)}  # 37 tokens padded to one 128 tile
 
 
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses"])

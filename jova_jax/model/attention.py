@@ -2,11 +2,13 @@
 
 Strategies (config parallel.context_strategy), run inside jax.shard_map with the sequence sharded
 over the 'context' mesh axis, batch over ('data', 'fsdp') and heads over 'tensor':
-  none       - one local kernel over the whole sequence; sharding left to XLA.
+  none       - one local kernel over the whole sequence: the XLA kernels (xla, chunked) leave the
+               sharding to XLA; splash and cuDNN still run per batch / head shard.
   all_gather - queries stay sharded; K/V and the key mask are all-gathered over 'context'.
   ulysses    - all-to-all from sequence-sharded to head-sharded, full-sequence attention on
                H/context heads, all-to-all back.
-  ring       - K/V blocks travel around 'context' with ppermute, folded into an online softmax.
+  ring       - K/V blocks travel around 'context' with ppermute, folded into an online softmax;
+               the backward pass sends them round again with their gradients (custom VJP).
 Local kernels (config parallel.attention_kernel) live in attention_kernels.py.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ STRATEGIES = ("none", "all_gather", "ulysses", "ring")
 CONTEXT = "context"
 _BATCH_AXES = ("data", "fsdp")
 _HEAD_AXIS = "tensor"
+_OPAQUE_KERNELS = ("splash", "cudnn")
 
 
 def reference_attention(q, k, v, kv_valid):
@@ -39,6 +42,12 @@ def attention_flops(batch, length, heads, head_dim) -> float:
   return 4.0 * batch * length * length * heads * head_dim
 
 
+def context_size() -> int:
+  """Size of the 'context' axis of the current mesh (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
+
+
 def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=512):
   """Bidirectional softmax attention over the joint sequence.
 
@@ -46,9 +55,12 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   that may not be attended (text and sequence padding). Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
-  kernel. The ring strategy folds each K/V block into its own online softmax: densely for
-  kernel='xla', else in `chunk`-sized pieces (splash and cuDNN expose no log-sum-exp to combine, and
-  whoever picks them wants no L x L logits either).
+  kernel (splash and cuDNN in a shard_map over batch and heads whenever there is a mesh). The
+  sharded strategies split L evenly over 'context' and pad each shard's part where they need
+  padding, so a sequence laid out per shard (model/joint_layout.py) stays in place. The ring
+  strategy folds each K/V block into its own online softmax: densely for kernel='xla', else in
+  `chunk`-sized pieces (splash and cuDNN expose no log-sum-exp to combine, and whoever picks them
+  wants no L x L logits either).
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"parallel.context_strategy must be one of {STRATEGIES}, found {strategy!r}")
@@ -56,22 +68,26 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
     raise ValueError(f"parallel.attention_chunk must be >= 1, found {chunk}")
   kernel = kernels.resolve_kernel(kernel, q.dtype)
   mesh = jax.sharding.get_abstract_mesh()
-  shards = dict(mesh.shape).get(CONTEXT, 1) if not mesh.empty else 1
+  shards = context_size()
   if shards == 1:
     strategy = "none"
   if strategy == "ring":
     kernel = "xla" if kernel == "xla" else "chunked"
 
+  # Only the sharded strategies split the sequence (evenly); each shard then pads its own part to
+  # what the kernel tiles, so a caller's shard boundaries (model/joint_layout.py) stay where they are.
+  split = shards if strategy != "none" else 1
   length = q.shape[1]
-  padded = _padded_length(length, shards, kernel, chunk, ring=strategy == "ring")
-  if padded != length:
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
-    q, k, v, kv_valid = pad(q), pad(k), pad(v), pad(kv_valid)  # padded keys: kv_valid False
+  q, k, v, kv_valid = (_pad_sequence(x, _round_up(length, split)) for x in (q, k, v, kv_valid))
+  local = _padded_shard(q.shape[1] // split, split, kernel, chunk, ring=strategy == "ring")
 
-  if strategy == "none":
-    out = kernels.local_attention(q, k, v, kv_valid, kernel, chunk)
+  # Pallas and cuDNN calls have no partitioning rule: left to XLA, they would be fed whole gathered
+  # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global.
+  if strategy == "none" and (mesh.empty or kernel not in _OPAQUE_KERNELS):
+    out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk), local)(
+        q, k, v, kv_valid)
   else:
-    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk)
+    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local)
   return out[:, :length]
 
 
@@ -79,20 +95,32 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-def _padded_length(length: int, shards: int, kernel: str, chunk: int, ring: bool) -> int:
-  """Smallest joint length >= length that every shard and every kernel call can tile."""
+def _pad_sequence(x, length: int):
+  """x (B, L, ...) padded with zeros (False: invalid keys) to `length` tokens."""
+  return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _padded_shard(local: int, shards: int, kernel: str, chunk: int, ring: bool) -> int:
+  """Smallest length >= local per shard with which every kernel call can tile its keys."""
   if kernel == "splash":  # each shard's queries and the (gathered) keys in 128-wide tiles
-    return _round_up(length, shards * kernels.SPLASH_TILE)
-  padded = _round_up(length, shards)
+    return _round_up(local, kernels.SPLASH_TILE)
   if kernel != "chunked":
-    return padded
+    return local
   if ring:  # each ring step folds one shard's keys in chunks
-    per_shard = padded // shards
-    return shards * _round_up(per_shard, chunk) if per_shard > chunk else padded
-  return _round_up(padded, math.lcm(shards, chunk)) if padded > chunk else padded
+    return _round_up(local, chunk) if local > chunk else local
+  # all_gather / ulysses: the gathered shards * local keys in chunks
+  return _round_up(local, chunk // math.gcd(chunk, shards)) if local * shards > chunk else local
 
 
-def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk):
+def _with_padding(body, length: int):
+  """body over q, k, v, kv_valid padded to `length` tokens with invalid keys; the output cut back."""
+  def padded(q, k, v, kv_valid):
+    out = body(*(_pad_sequence(x, length) for x in (q, k, v, kv_valid)))
+    return out[:, :q.shape[1]]
+  return padded
+
+
+def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local):
   batch, _, heads, _ = q.shape
   batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names)
   # Axes that do not divide the array replicate it instead (e.g. batch 1 on fsdp=2).
@@ -100,10 +128,13 @@ def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk):
     batch_axes = ()
   head_axis = _HEAD_AXIS if _HEAD_AXIS in mesh.axis_names and heads % mesh.shape[_HEAD_AXIS] == 0 else None
   batch_spec = batch_axes or None
-  qkv_spec = P(batch_spec, CONTEXT, head_axis, None)
-  valid_spec = P(batch_spec, CONTEXT)
+  sequence_axis = None if strategy == "none" else CONTEXT  # 'none': every shard sees the whole sequence
+  qkv_spec = P(batch_spec, sequence_axis, head_axis, None)
+  valid_spec = P(batch_spec, sequence_axis)
 
-  if strategy == "all_gather":
+  if strategy == "none":
+    body = functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk)
+  elif strategy == "all_gather":
     body = functools.partial(_all_gather_body, kernel=kernel, chunk=chunk)
   elif strategy == "ulysses":
     local_heads = heads // mesh.shape[head_axis] if head_axis else heads
@@ -115,9 +146,10 @@ def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk):
     body = functools.partial(_ulysses_body, kernel=kernel, chunk=chunk)
   else:
     body = functools.partial(_ring_body, shards=shards, kernel=kernel, chunk=chunk)
-  # Pallas calls (splash) cannot state how their outputs vary over mesh axes, so skip that check.
-  return jax.shard_map(body, mesh=mesh, in_specs=(qkv_spec,) * 3 + (valid_spec,), out_specs=qkv_spec,
-                       check_vma=kernel != "splash")(q, k, v, kv_valid)
+  # Pallas and cuDNN calls cannot state how their outputs vary over mesh axes, so skip that check.
+  return jax.shard_map(_with_padding(body, local), mesh=mesh, in_specs=(qkv_spec,) * 3 + (valid_spec,),
+                       out_specs=qkv_spec,
+                       check_vma=kernel not in _OPAQUE_KERNELS)(q, k, v, kv_valid)
 
 
 def _gather_sequence(x):
@@ -137,16 +169,55 @@ def _ulysses_body(q, k, v, kv_valid, *, kernel, chunk):
 
 
 def _ring_body(q, k, v, kv_valid, *, shards, kernel, chunk):
-  block = chunk if kernel == "chunked" else k.shape[1]
-  to_next = [(i, (i + 1) % shards) for i in range(shards)]
+  return _ring(q, k, v, kv_valid, shards, chunk if kernel == "chunked" else k.shape[1])
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring(q, k, v, kv_valid, shards, block):
+  """Ring attention over this shard's queries, folding `block` keys at a time; a flash-style custom
+  VJP keeps only q, k, v, the output and the row log-sum-exp, and sends the K/V gradients round too."""
+  return _ring_forward(q, k, v, kv_valid, shards, block)[0]
+
+
+def _to_next(x, shards):
+  return jax.lax.ppermute(x, CONTEXT, [(i, (i + 1) % shards) for i in range(shards)])
+
+
+def _ring_forward(q, k, v, kv_valid, shards, block):
   def step(carry, _):
     state, k, v, kv_valid = carry
     # Send the current block on while folding it in: the two are independent, so XLA can overlap them.
-    k_next, v_next, valid_next = (jax.lax.ppermute(x, CONTEXT, to_next) for x in (k, v, kv_valid))
+    k_next, v_next, valid_next = (_to_next(x, shards) for x in (k, v, kv_valid))
     state = kernels.fold_keys(state, q, k, v, kv_valid, block)
     return (state, k_next, v_next, valid_next), None
 
-  (state, k, v, kv_valid), _ = jax.lax.scan(step, (kernels.empty_state(q), k, v, kv_valid), None,
-                                            length=shards - 1)
-  return kernels.finish(kernels.fold_keys(state, q, k, v, kv_valid, block), q.dtype)
+  (state, k_last, v_last, valid_last), _ = jax.lax.scan(
+      step, (kernels.empty_state(q), k, v, kv_valid), None, length=shards - 1)
+  state = kernels.fold_keys(state, q, k_last, v_last, valid_last, block)
+  out = kernels.finish(state, q.dtype)
+  return out, (q, k, v, kv_valid, out, kernels.log_sum_exp(state))
+
+
+def _ring_backward(shards, block, residuals, out_grad):
+  q, k, v, kv_valid, out, lse = residuals
+  delta = kernels.output_delta(out, out_grad)
+
+  def add_block(dq, k, v, kv_valid, dk, dv):
+    block_dq, block_dk, block_dv = kernels.key_gradients(q, k, v, kv_valid, out_grad, lse, delta, block)
+    return dq + block_dq, dk + block_dk, dv + block_dv
+
+  def step(carry, _):
+    dq, k, v, kv_valid, dk, dv = carry
+    k_next, v_next, valid_next = (_to_next(x, shards) for x in (k, v, kv_valid))
+    dq, dk, dv = add_block(dq, k, v, kv_valid, dk, dv)
+    # Each K/V block's gradient travels with it; after `shards` sends it is back on its own shard.
+    return (dq, k_next, v_next, valid_next, _to_next(dk, shards), _to_next(dv, shards)), None
+
+  zeros = lambda x: jnp.zeros_like(x, dtype=jnp.float32)
+  carry, _ = jax.lax.scan(step, (zeros(q), k, v, kv_valid, zeros(k), zeros(v)), None, length=shards - 1)
+  dq, dk, dv = add_block(*carry)
+  dk, dv = _to_next(dk, shards), _to_next(dv, shards)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None  # kv_valid: no gradient
+
+
+_ring.defvjp(_ring_forward, _ring_backward)

@@ -6,6 +6,7 @@ from Lk (all-gather context parallelism keeps queries local).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -65,7 +66,6 @@ def empty_state(q) -> SoftmaxState:
                       row_sum=jnp.zeros_like(q[..., 0], dtype=jnp.float32))
 
 
-@jax.checkpoint  # recompute the block's probabilities in the backward pass instead of storing them
 def _update(state: SoftmaxState, q, k, v, kv_valid) -> SoftmaxState:
   logits = _scores(q, k, kv_valid)
   row_max = jnp.maximum(state.row_max, logits.max(axis=-1))
@@ -76,23 +76,37 @@ def _update(state: SoftmaxState, q, k, v, kv_valid) -> SoftmaxState:
                       row_sum=state.row_sum * correction + probs.sum(axis=-1))
 
 
-def fold_keys(state: SoftmaxState, q, k, v, kv_valid, block: int) -> SoftmaxState:
-  """Adds the keys k/v to the state, `block` keys at a time (one step when block >= Lk)."""
-  length = k.shape[1]
+def _key_blocks(length: int, block: int) -> int:
+  """How many `block`-sized pieces tile `length` keys (1 when block >= length)."""
   if block >= length:
-    return _update(state, q, k, v, kv_valid)
+    return 1
   if length % block:
     raise ValueError(f"chunked attention: key length {length} is not a multiple of the chunk {block} "
                      "(joint_attention pads it; pad before calling the kernel directly)")
-  blocks = length // block
+  return length // block
 
-  def split(x):  # (B, Lk, ...) -> (blocks, B, block, ...)
-    return jnp.moveaxis(x.reshape(x.shape[0], blocks, block, *x.shape[2:]), 1, 0)
+
+def _split(x, blocks: int):
+  """(B, Lk, ...) -> (blocks, B, Lk / blocks, ...): the scan axis first."""
+  return jnp.moveaxis(x.reshape(x.shape[0], blocks, -1, *x.shape[2:]), 1, 0)
+
+
+def _merge(x):
+  """Inverse of _split."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def fold_keys(state: SoftmaxState, q, k, v, kv_valid, block: int) -> SoftmaxState:
+  """Adds the keys k/v to the state, `block` keys at a time (one step when block >= Lk)."""
+  blocks = _key_blocks(k.shape[1], block)
+  if blocks == 1:
+    return _update(state, q, k, v, kv_valid)
 
   def step(carry, key_block):
     return _update(carry, q, *key_block), None
 
-  state, _ = jax.lax.scan(step, state, (split(k), split(v), split(kv_valid)))
+  state, _ = jax.lax.scan(step, state, tuple(_split(x, blocks) for x in (k, v, kv_valid)))
   return state
 
 
@@ -100,9 +114,71 @@ def finish(state: SoftmaxState, dtype):
   return (state.acc / state.row_sum[..., None]).astype(dtype)
 
 
+def log_sum_exp(state: SoftmaxState):
+  """(B, Lq, H) float32 log of each row's softmax denominator: all the backward pass keeps of it."""
+  return state.row_max + jnp.log(state.row_sum)
+
+
+def output_delta(out, out_grad):
+  """D = rowsum(dO * O) (B, Lq, H) float32: the softmax Jacobian's correction term."""
+  return jnp.einsum("bqhd,bqhd->bqh", out, out_grad, preferred_element_type=jnp.float32)
+
+
+def _block_gradients(q, k, v, kv_valid, out_grad, lse, delta):
+  """float32 (dq, dk, dv) of one key block, its probabilities recomputed from the row log-sum-exp."""
+  probs = jnp.where(kv_valid[:, None, None, :], jnp.exp(_scores(q, k, kv_valid) - lse[..., None]), 0.0)
+  dv = jnp.einsum("bqhk,bqhd->bkhd", probs.astype(q.dtype), out_grad, preferred_element_type=jnp.float32)
+  dprobs = jnp.einsum("bqhd,bkhd->bqhk", out_grad, v, preferred_element_type=jnp.float32)
+  dlogits = (probs * (dprobs - delta[..., None]) / math.sqrt(q.shape[-1])).astype(q.dtype)
+  dq = jnp.einsum("bqhk,bkhd->bqhd", dlogits, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bqhk,bqhd->bkhd", dlogits, q, preferred_element_type=jnp.float32)
+  return dq, dk, dv
+
+
+def key_gradients(q, k, v, kv_valid, out_grad, lse, delta, block: int):
+  """float32 (dq, dk, dv) of attention over the keys k/v, `block` keys at a time.
+
+  lse and delta come from the forward pass over ALL keys (log_sum_exp, output_delta), so the keys
+  here may be one part of them: dq is this part's contribution, dk/dv are this part's gradients.
+  """
+  out_grad = out_grad.astype(q.dtype)
+  blocks = _key_blocks(k.shape[1], block)
+  if blocks == 1:
+    return _block_gradients(q, k, v, kv_valid, out_grad, lse, delta)
+
+  def step(dq, key_block):
+    block_dq, dk, dv = _block_gradients(q, *key_block, out_grad, lse, delta)
+    return dq + block_dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(q, dtype=jnp.float32),
+                              tuple(_split(x, blocks) for x in (k, v, kv_valid)))
+  return dq, _merge(dk), _merge(dv)
+
+
 def chunked_attention(q, k, v, kv_valid, chunk: int):
-  """Online softmax over key blocks of `chunk`: memory O(Lq x chunk) per head, never Lq x Lk."""
-  return finish(fold_keys(empty_state(q), q, k, v, kv_valid, chunk), q.dtype)
+  """Online softmax over key blocks of `chunk`: memory O(Lq x chunk) per head, never Lq x Lk,
+  in the backward pass too (a flash-style custom VJP recomputes each block's probabilities)."""
+  return _chunked(q, k, v, kv_valid, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked(q, k, v, kv_valid, chunk):
+  return _chunked_forward(q, k, v, kv_valid, chunk)[0]
+
+
+def _chunked_forward(q, k, v, kv_valid, chunk):
+  state = fold_keys(empty_state(q), q, k, v, kv_valid, chunk)
+  out = finish(state, q.dtype)
+  return out, (q, k, v, kv_valid, out, log_sum_exp(state))
+
+
+def _chunked_backward(chunk, residuals, out_grad):
+  q, k, v, kv_valid, out, lse = residuals
+  grads = key_gradients(q, k, v, kv_valid, out_grad, lse, output_delta(out, out_grad), chunk)
+  return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None)  # kv_valid: no gradient
+
+
+_chunked.defvjp(_chunked_forward, _chunked_backward)
 
 
 def cudnn_attention(q, k, v, kv_valid):

@@ -1,11 +1,11 @@
 """Dual-stream and single-stream JoVA blocks: per-stream weights, ONE joint self-attention.
 
 Segments of the joint sequence, in order: audio, text_a (text for the audio tower), text_v
-(text for the video tower), video. A dual-stream block gives each segment its own weights; a
-single-stream block shares weights within [audio ; text_a] and within [text_v ; video]. All
-per-token work (norms, adaLN, QKV, FFN) is the same whether two segments are concatenated or
-run apart with shared weights, so both block kinds run segment by segment and meet only in
-the attention.
+(text for the video tower), video; on a context mesh interleaved per shard (joint_layout.py).
+A dual-stream block gives each segment its own weights; a single-stream block shares weights
+within [audio ; text_a] and within [text_v ; video]. All per-token work (norms, adaLN, QKV, FFN)
+is the same whether two segments are concatenated or run apart with shared weights, so both
+block kinds run segment by segment and meet only in the attention.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jova_jax.model import attention
+from jova_jax.model import attention, joint_layout
 from jova_jax.model.embeddings import apply_rope
 from jova_jax.model.layers import Dense, RMSNorm, layer_norm, modulate
 from jova_jax.parallel.rules import constrain
@@ -92,22 +92,23 @@ class JointBlock(nnx.Module):
     return getattr(self, TOWER_OF[segment] if self.single else segment)
 
   def __call__(self, xs: dict, cond: dict, angles, kv_valid):
-    """xs: segment -> (B, L_seg, hidden); cond: tower -> (B, hidden); angles: (L, D/2)."""
+    """xs: segment -> (B, L_seg, hidden); cond: tower -> (B, hidden); angles (L, D/2) and kv_valid
+    (B, L) in the joint_layout order of the segments."""
     mods, qs, ks, vs = {}, [], [], []
     for seg in SEGMENTS:
       stream = self.stream(seg)
       mods[seg] = stream.mods(cond[TOWER_OF[seg]])
       q, k, v = stream.project_qkv(xs[seg], mods[seg])
       qs.append(q), ks.append(k), vs.append(v)
-    q = apply_rope(jnp.concatenate(qs, axis=1), angles)
-    k = apply_rope(jnp.concatenate(ks, axis=1), angles)
-    v = jnp.concatenate(vs, axis=1)
+    lengths = [xs[seg].shape[1] for seg in SEGMENTS]
+    shards = joint_layout.context_shards(lengths[-1])
+    q = apply_rope(joint_layout.join(qs, shards), angles)
+    k = apply_rope(joint_layout.join(ks, shards), angles)
+    v = joint_layout.join(vs, shards)
     out = attention.joint_attention(q, k, v, kv_valid, strategy=self.cfg.context_strategy,
                                     kernel=self.cfg.attention_kernel, chunk=self.cfg.attention_chunk)
-    new, start = {}, 0
-    for seg in SEGMENTS:
-      n = xs[seg].shape[1]
-      y = self.stream(seg).finish(xs[seg], out[:, start:start + n], mods[seg])
+    new = {}
+    for seg, seg_out in zip(SEGMENTS, joint_layout.split(out, lengths, shards)):
+      y = self.stream(seg).finish(xs[seg], seg_out, mods[seg])
       new[seg] = constrain(y, _ACT.get(seg, _ACT_OTHER))
-      start += n
     return new

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jova_jax import config_lib
 from jova_jax.model import embeddings as emb
+from jova_jax.model import joint_layout
 from jova_jax.model.blocks import SEGMENTS, BlockConfig, JointBlock
 from jova_jax.model.layers import Dense, layer_norm, modulate
 from jova_jax.parallel import remat
@@ -139,12 +140,16 @@ class JoVA(nnx.Module):
       audio_tokens_valid = jnp.ones(xa.shape[:2], bool)
     else:
       audio_tokens_valid = audio_valid.reshape(b, -1, self.audio_patch).any(-1)
-    kv_valid = jnp.concatenate([audio_tokens_valid, text_mask, text_mask,
-                                jnp.ones(xv.shape[:2], bool)], axis=1)
+    # The joint sequence in the order where each context shard holds its own video tokens.
+    shards = joint_layout.context_shards(xv.shape[1])
+    kv_valid = joint_layout.join([audio_tokens_valid, text_mask, text_mask,
+                                  jnp.ones(xv.shape[:2], bool)], shards)
     angles = emb.joint_rope_angles(
         audio_tokens=xa.shape[1], text_tokens=text.shape[1], video_grid=grid_tokens,
         video_patch=self.video_patch, audio_patch=self.audio_patch,
         per_video_frame=self.per_video_frame, head_dim=self.head_dim, theta=self.rope_theta)
+    angles = joint_layout.from_plain(angles, [xa.shape[1], text.shape[1], text.shape[1], xv.shape[1]],
+                                     shards, axis=0)
 
     xs = self._run_blocks(self.dual_blocks, xs, cond, angles, kv_valid)
     xs = self._run_blocks(self.single_blocks, xs, cond, angles, kv_valid)
