@@ -150,7 +150,7 @@ def load_base(config, frozen_target: dict) -> dict:
     raise UserError(f"model.lora.base.path: expected the base checkpoint {ref['path']} (step "
                     f"{ref['step']}) the adapters were trained on, found no such folder")
   frozen, report = checkpoint.load_params(ref["path"], frozen_target)
-  _require_loaded(report, "model.lora.base")
+  _require_loaded(report, "model.lora.base", frozen)
   found = fingerprint(frozen)
   if found != ref["fingerprint"]:
     raise UserError(f"model.lora.base.fingerprint: expected {ref['fingerprint']} (the base the "
@@ -158,8 +158,10 @@ def load_base(config, frozen_target: dict) -> dict:
   return frozen
 
 
-def _require_loaded(report: dict, what: str) -> None:
-  absent = report["missing"] + [k for k, *_ in report["shape_mismatch"]]
+def _require_loaded(report: dict, what: str, frozen: dict) -> None:
+  """Refuses a base that lacks one of the frozen params (the adapters are not in a base)."""
+  absent = [k for k in report["missing"] + [k for k, *_ in report["shape_mismatch"]]
+            if k in flatten(frozen)]
   if absent:
     raise UserError(f"{what}: expected {report['step_dir']} to hold every frozen param, found "
                     f"{len(absent)} missing or of another shape (first: {absent[0]!r})")
@@ -177,7 +179,7 @@ def init_from(state: dict, path: str, abstract_state: dict, config) -> dict:
   if frozen:
     state["frozen"] = frozen
   if uses_base(config):
-    _require_loaded(report, f"--init_from={path}")
+    _require_loaded(report, f"--init_from={path}", frozen)
     config.model.lora.base = {"path": report["step_dir"],
                               "step": int(os.path.basename(report["step_dir"])),
                               "fingerprint": fingerprint(frozen)}

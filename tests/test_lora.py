@@ -24,6 +24,12 @@ def lora_config(rank=4, targets=("qkv", "out", "mlp", "embedders"), **train):
   return c
 
 
+def config_without_lora(config):
+  c = config.copy_and_resolve_references()
+  c.model.lora.rank = 0
+  return c
+
+
 def _inputs(config, seed=0):
   batch = SyntheticIterator(config, seed=seed).batch(0)
   b = 2
@@ -41,8 +47,8 @@ def _forward(config, params, args, kwargs):
 def _params(config, seed=0):
   """Fresh params, every leaf but the adapters' B moved off its init (the zero-initialised
   adaLN gates and output layers would hide any difference in the outputs)."""
-  flat = finetune.flatten(
-      nnx.to_pure_dict(nnx.state(JoVA(config, rngs=nnx.Rngs(params=seed)), nnx.Param)))
+  flat = finetune.flatten(jax.jit(lambda: nnx.to_pure_dict(
+      nnx.state(JoVA(config, rngs=nnx.Rngs(params=seed)), nnx.Param)))())
   keys = iter(jax.random.split(jax.random.key(seed + 100), len(flat)))
   return finetune.unflatten({k: v if k.endswith("lora/b") else
                              v + 0.05 * jax.random.normal(next(keys), v.shape)
@@ -92,3 +98,122 @@ def test_merged_equals_unmerged():
   for u, m in zip(unmerged_out, merged_out):
     scale = float(jnp.abs(u).max())
     np.testing.assert_allclose(np.asarray(m), np.asarray(u), rtol=0, atol=1e-5 * scale)
+
+
+# ---------------------------------------------------------------- train steps
+
+def _steps(config, devices, steps=2, state=None):
+  """(initial state, state after `steps` train steps) on a mesh over `devices`, numpy."""
+  mesh = mesh_lib.make_mesh(config, devices=devices)
+  program = trainer.build_program(config, mesh)
+  if state is None:  # a fresh state on a base with open gates (see _params)
+    state = jax.device_get(trainer.init_state(program))
+    base = finetune.flatten(_params(config_without_lora(config)))
+    state["frozen"] = finetune.frozen_like(finetune.unflatten(
+        {k: base[k] for k in finetune.flatten(state["frozen"])}), config)
+  state0 = jax.device_put(state, program.state_shardings)
+  step = trainer.compile_train_step(program)
+  data = SyntheticIterator(config, seed=3)
+  out = state0
+  host0 = jax.device_get(state0)
+  for i in range(steps):
+    batch = jax.device_put(trainer.model_inputs(data.batch(i)), program.batch_sharding)
+    with jax.set_mesh(mesh):
+      out, metrics = step(out, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  return host0, jax.device_get(out)
+
+
+def _lora_train_config(**mesh):
+  c = lora_config(rank=4, lr=1e-2, warmup_steps=0, weight_decay=0.0, batch_size=4)
+  c.data.source = "synthetic"
+  c.model.lora.dropout = 0.1
+  c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1), **mesh)
+  return c
+
+
+def test_lora_steps_move_only_adapters_and_optimizer_holds_only_them():
+  config = _lora_train_config(fsdp=4)
+  before, after = _steps(config, jax.devices())
+  trainable = finetune.flatten(after["params"])
+  assert trainable and all(finetune.ADAPTER.search(k) for k in trainable)
+  assert set(finetune.flatten(after["frozen"])) == set(finetune.flatten(_params(load("tiny"))))
+  # Optimizer state: only adapter-shaped leaves (mu and nu per adapter, plus scalar counts).
+  opt_leaves = [x for x in jax.tree.leaves(after["opt_state"]) if np.ndim(x)]
+  assert len(opt_leaves) == 2 * len(trainable)
+  assert sum(x.size for x in opt_leaves) == 2 * sum(x.size for x in trainable.values())
+  for key, value in finetune.flatten(after["frozen"]).items():
+    np.testing.assert_array_equal(value, finetune.flatten(before["frozen"])[key], err_msg=key)
+  moved = [k for k, v in trainable.items()
+           if not np.array_equal(v, finetune.flatten(before["params"])[k])]
+  assert sorted(moved) == sorted(trainable)  # every A and B moved (B off zero)
+
+
+@pytest.mark.slow  # two train-step compiles: ~30 s on an idle 2-core machine
+def test_sharded_lora_steps_equal_single_device():
+  single_cfg = _lora_train_config()
+  start, single = _steps(single_cfg, jax.devices()[:1])
+  sharded_cfg = _lora_train_config(fsdp=4, tensor=2)
+  _, split = _steps(sharded_cfg, jax.devices(), state=start)
+  # Adam divides by the gradient's size, so adapter entries with tiny gradients amplify the
+  # float reordering of the sharded sums: compared to a thousandth of one step (lr).
+  for key, value in finetune.flatten(single["params"]).items():
+    np.testing.assert_allclose(finetune.flatten(split["params"])[key], value, rtol=0,
+                               atol=1e-3 * single_cfg.train.lr, err_msg=key)
+
+
+def test_bfloat16_frozen_base_and_a_frozen_subset_without_lora():
+  config = load("tiny")
+  config.data.source = "synthetic"
+  config.mesh.update(data=1, fsdp=8)
+  config.train.update(trainable="^single_blocks/", frozen_dtype="bfloat16", warmup_steps=0)
+  before, after = _steps(config, jax.devices(), steps=1)
+  assert set(after["params"]) == {"single_blocks"}
+  assert {x.dtype for x in jax.tree.leaves(after["frozen"])} == {jnp.dtype(jnp.bfloat16)}
+  assert "single_blocks" not in after["frozen"] and "dual_blocks" in after["frozen"]
+  for key, value in finetune.flatten(after["frozen"]).items():
+    np.testing.assert_array_equal(value, finetune.flatten(before["frozen"])[key], err_msg=key)
+  assert not np.array_equal(after["params"]["single_blocks"]["video"]["qkv"]["kernel"],
+                            before["params"]["single_blocks"]["video"]["qkv"]["kernel"])
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("train.trainable", "(", "train.trainable='(': expected a regular expression"),
+    ("train.trainable", "^nothing_here", "train.trainable='^nothing_here': expected a pattern "
+     "that matches at least one param path"),
+    ("model.lora.targets", ("qkv", "gate"), "model.lora.targets=('qkv', 'gate'): expected one of "
+     "qkv, out, mlp, embedders"),
+    ("train.frozen_dtype", "int8", "train.frozen_dtype='int8': expected one of float32"),
+])
+def test_bad_fine_tuning_keys_are_refused_by_key_and_value(key, value, expected):
+  config = lora_config()
+  *parents, leaf = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(config)
+    finetune.partition(config, _params(load("tiny")))
+  assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_adapters_are_sharded_like_their_base_weight():
+  axes = finetune.flatten(param_logical_axes(nnx.eval_shape(
+      lambda: JoVA(lora_config(), rngs=nnx.Rngs(0)))), )
+  assert axes["dual_blocks/video/qkv/kernel"] == ("layers", "embed", None, "heads", "kv")
+  assert axes["dual_blocks/video/qkv/lora/a"] == ("layers", "embed", "lora_rank")
+  assert axes["dual_blocks/video/qkv/lora/b"] == ("layers", "lora_rank", None, "heads", "kv")
+  assert axes["single_blocks/audio/fc2/lora/a"] == ("layers", "mlp", "lora_rank")
+  assert axes["video_in/lora/b"] == ("lora_rank", "embed")
+
+
+def test_fingerprint_is_mesh_independent_and_sees_one_changed_value():
+  params = _params(load("tiny"))
+  mesh = mesh_lib.make_mesh(_lora_train_config(fsdp=4, tensor=2), devices=jax.devices())
+  shardings = sharded.param_shardings(load("tiny"), mesh)
+  spread = jax.device_put(params, shardings)
+  assert finetune.fingerprint(spread) == finetune.fingerprint(params)
+  flat = finetune.flatten(params)
+  flat["video_in/kernel"] = flat["video_in/kernel"].at[3, 5].add(1e-6)
+  assert finetune.fingerprint(finetune.unflatten(flat)) != finetune.fingerprint(params)
