@@ -28,10 +28,10 @@ _SCALE = flags.DEFINE_float("lora_scale", 1.0, "How many times the adapters coun
 
 def merged_config(config) -> ml_collections.ConfigDict:
   """The run's config as a plain run: no adapters, nothing frozen, no base."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.lora.update(rank=0, base=None)
-  config.train.trainable = ""
-  return config
+  values = config.to_dict()
+  values["model"]["lora"].update(rank=0, base=None)
+  values["train"]["trainable"] = ""
+  return ml_collections.ConfigDict(values)
 
 
 def merge(workdir: str, out: str, lora_scale: float = 1.0) -> str:

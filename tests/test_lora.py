@@ -217,3 +217,18 @@ def test_fingerprint_is_mesh_independent_and_sees_one_changed_value():
   flat = finetune.flatten(params)
   flat["video_in/kernel"] = flat["video_in/kernel"].at[3, 5].add(1e-6)
   assert finetune.fingerprint(finetune.unflatten(flat)) != finetune.fingerprint(params)
+
+
+def test_plan_counts_frozen_base_apart_from_adapter_state():
+  from jova_jax import plan
+  config = lora_config(rank=8)
+  config.train.frozen_dtype = "bfloat16"
+  shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}
+  result = plan.make_plan(config, shape, "v5p")
+  adapters = sum(np.prod(v.shape) for k, v in finetune.flatten(_params(config)).items()
+                 if finetune.ADAPTER.search(k))
+  base = sum(np.prod(v.shape) for v in jax.tree.leaves(_params(load("tiny"))))
+  assert result.trainable_params == adapters and result.total_params == adapters + base
+  assert result.rows["frozen params"] == 2 * base  # bfloat16, no optimizer state or EMA
+  assert result.rows["params"] == 4 * adapters
+  assert result.rows["optimizer (mu+nu)"] == 8 * adapters

@@ -99,8 +99,8 @@ def target_paths(model, lora_config) -> list[tuple[str, ...]]:
   return paths
 
 
-def attach(model, lora_config, rngs: nnx.Rngs) -> int:
-  """Puts an adapter on every targeted Dense of `model`; returns how many."""
+def attach(model, lora_config, rngs: nnx.Rngs) -> None:
+  """Puts an adapter on every targeted Dense of `model`."""
   paths = target_paths(model, lora_config)
   keys = jax.random.split(rngs.params(), max(len(paths), 1))
   for salt, path in enumerate(paths):
@@ -110,18 +110,17 @@ def attach(model, lora_config, rngs: nnx.Rngs) -> int:
     # Dense.lora starts as a static None: nnx.data makes the adapter part of the state.
     dense.lora = nnx.data(LoraAdapter(dense, int(lora_config.rank), float(lora_config.alpha),
                                       float(lora_config.dropout), salt, keys[salt]))
-  return len(paths)
 
 
 # ------------------------------------------------------------------ pure-dict params
 
-def _adapter_parents(params: dict, prefix=()):
-  """(path, node) of every dict that holds a 'lora' adapter entry."""
-  if "lora" in params and isinstance(params["lora"], dict) and "a" in params["lora"]:
-    yield prefix, params
+def _adapter_parents(params: dict) -> list[dict]:
+  """Every dict of a pure-dict params tree that holds a 'lora' adapter entry."""
+  found = [params] if isinstance(params.get("lora"), dict) else []
   for key, value in params.items():
     if isinstance(value, dict) and key != "lora":
-      yield from _adapter_parents(value, prefix + (key,))
+      found += _adapter_parents(value)
+  return found
 
 
 def _delta(a, b, kernel):
@@ -139,7 +138,7 @@ def merge_adapters(params: dict, scale: float) -> dict:
   float32) and removed: the params of the same model without LoRA. scale: alpha / rank (times
   any sampling lora_scale)."""
   out = jax.tree.map(lambda x: x, params)
-  for _, node in _adapter_parents(out):
+  for node in _adapter_parents(out):
     adapter = node.pop("lora")
     kernel = node["kernel"]
     node["kernel"] = kernel.astype(jnp.float32) + scale * _delta(
@@ -150,6 +149,6 @@ def merge_adapters(params: dict, scale: float) -> dict:
 def scale_adapters(params: dict, scale: float) -> dict:
   """A copy of params whose adapters contribute `scale` times as much (B scaled)."""
   out = jax.tree.map(lambda x: x, params)
-  for _, node in _adapter_parents(out):
+  for node in _adapter_parents(out):
     node["lora"] = dict(node["lora"], b=node["lora"]["b"] * scale)
   return out
