@@ -175,7 +175,9 @@ def init_from(state: dict, path: str, abstract_state: dict, config) -> dict:
   params, report = checkpoint.load_params(path, target, fallback=model_params(state))
   logging.info("--init_from %s:\n%s", path, checkpoint.format_report(report))
   trainable, frozen = partition(config, params)
-  state = dict(state, params=trainable, ema=trainable)
+  # The EMA starts as a copy: the train step donates its state, and one buffer donated twice
+  # (params and ema) crashed the CPU runtime.
+  state = dict(state, params=trainable, ema=jax.tree.map(jnp.copy, trainable))
   if frozen:
     state["frozen"] = frozen
   if uses_base(config):
