@@ -5,14 +5,13 @@ holds only adapter leaves, and a sharded LoRA step equals the single-device one.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from jova_jax import config_lib, finetune, trainer
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import lora, sharded
-from jova_jax.model.jova import JoVA, param_logical_axes
+from jova_jax.model.jova import JoVA
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import load
 
@@ -125,7 +124,9 @@ def _steps(config, devices, steps=2, state=None):
 
 
 def _lora_train_config(**mesh):
-  c = lora_config(rank=4, lr=1e-2, warmup_steps=0, weight_decay=0.0, batch_size=4)
+  # Adam's eps at 1e-3: an entry with a near-zero gradient would otherwise take a full step
+  # of either sign, turning float reordering between meshes into differences of order lr.
+  c = lora_config(rank=4, lr=1e-2, warmup_steps=0, weight_decay=0.0, batch_size=4, eps=1e-3)
   c.data.source = "synthetic"
   c.model.lora.dropout = 0.1
   c.mesh.update(dict(data=1, fsdp=1, context=1, tensor=1), **mesh)
@@ -134,7 +135,7 @@ def _lora_train_config(**mesh):
 
 def test_lora_steps_move_only_adapters_and_optimizer_holds_only_them():
   config = _lora_train_config(fsdp=4)
-  before, after = _steps(config, jax.devices())
+  before, after = _steps(config, jax.devices()[:4])
   trainable = finetune.flatten(after["params"])
   assert trainable and all(finetune.ADAPTER.search(k) for k in trainable)
   assert set(finetune.flatten(after["frozen"])) == set(finetune.flatten(_params(load("tiny"))))
@@ -155,8 +156,7 @@ def test_sharded_lora_steps_equal_single_device():
   start, single = _steps(single_cfg, jax.devices()[:1])
   sharded_cfg = _lora_train_config(fsdp=4, tensor=2)
   _, split = _steps(sharded_cfg, jax.devices(), state=start)
-  # Adam divides by the gradient's size, so adapter entries with tiny gradients amplify the
-  # float reordering of the sharded sums: compared to a thousandth of one step (lr).
+  # Compared to a thousandth of one step (lr).
   for key, value in finetune.flatten(single["params"]).items():
     np.testing.assert_allclose(finetune.flatten(split["params"])[key], value, rtol=0,
                                atol=1e-3 * single_cfg.train.lr, err_msg=key)
@@ -199,8 +199,7 @@ def test_bad_fine_tuning_keys_are_refused_by_key_and_value(key, value, expected)
 
 
 def test_adapters_are_sharded_like_their_base_weight():
-  axes = finetune.flatten(param_logical_axes(nnx.eval_shape(
-      lambda: JoVA(lora_config(), rngs=nnx.Rngs(0)))), )
+  axes = finetune.flatten(sharded.split_abstract(lora_config())[2])
   assert axes["dual_blocks/video/qkv/kernel"] == ("layers", "embed", None, "heads", "kv")
   assert axes["dual_blocks/video/qkv/lora/a"] == ("layers", "embed", "lora_rank")
   assert axes["dual_blocks/video/qkv/lora/b"] == ("layers", "lora_rank", None, "heads", "kv")
