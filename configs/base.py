@@ -60,6 +60,21 @@ def get_config():
       # compiles every block apart.
       scan_unroll=1,
   ))
+  # LoRA (jova_jax/model/lora.py): low-rank adapters on chosen projections, trained on a frozen
+  # base loaded with --init_from; checkpoints hold the adapters and a reference to the base.
+  c.model.lora = ml_collections.ConfigDict(dict(
+      rank=0,                  # adapter rank; 0 = no LoRA
+      alpha=16.0,              # the update is (alpha / rank) * x @ A @ B
+      dropout=0.0,             # dropout on the adapters' input while training
+      # Which projections get adapters: 'qkv' (joint-attention q/k/v of each stream), 'out'
+      # (its output projection), 'mlp' (fc1, fc2), 'embedders' (video_in / audio_in patch
+      # embedders and the text projections).
+      targets=("qkv", "out"),
+      towers=("video", "audio"),  # which towers' streams and embedders: 'video', 'audio'
+      # Set by the trainer from --init_from: {path, step, fingerprint} of the base the
+      # adapters were trained on; the sampler and `jova_jax.lora merge` load it. Not a setting.
+      base=None,
+  ))
 
   # ---------------------------------------------------------------- flow matching
   c.flow = ml_collections.ConfigDict(dict(
@@ -88,6 +103,7 @@ def get_config():
       worker_count=0,          # grain multiprocess workers (0 = in-process)
       worker_buffer_size=2,
       read_threads=4,
+      max_train_clips=0,       # train on the first N clips of the train split only (0 = all)
       p_uncond=0.1,            # text replaced by the learned null embedding (CFG)
       p_i2v=0.5,               # first-frame latent given as condition (I2V)
       # Per-channel latent statistics the run normalises with (jova_jax/data/latent_norm.py):
@@ -116,6 +132,13 @@ def get_config():
       max_nonfinite=5,         # stop after this many non-finite steps in a row
       stop_check_every=10,     # steps between the cross-host checks for a signal / preemption
                                # (all hosts stop at the same step; a lone process checks every step)
+      # Regex over param paths ('single_blocks/video/fc1/kernel', re.search) of the params that
+      # train; the others are frozen (no gradients, no optimizer state, no EMA). '' = all, or
+      # with model.lora only the adapters ('.../lora/a', '.../lora/b'), which always train.
+      # E.g. '^(audio_in|text_audio|final_audio|sigma_audio)|blocks/(audio|text_a)/' trains the
+      # audio tower alone, '^single_blocks/' the single-stream blocks.
+      trainable="",
+      frozen_dtype="float32",  # dtype frozen params are kept in: 'float32' | 'bfloat16'
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=0,           # 0 = no periodic eval

@@ -319,7 +319,8 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None,
   dir). A leaf is loaded when its key path and shape match; the checkpoint's dtype is cast
   to the target's. Returns (params, report): params has abstract_params' structure, with
   loaded arrays, and for the other leaves the leaf of `fallback` (e.g. freshly initialised
-  params) or, without one, the ShapeDtypeStruct of abstract_params. strict=True raises
+  params) or, without one, the ShapeDtypeStruct of abstract_params; report names the step
+  dir read and the leaves loaded, missing, unexpected or of another shape. strict=True raises
   unless every leaf matches both ways.
   """
   directory, step = _locate(path)
@@ -341,6 +342,7 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None,
     wanted = {key_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
     saved = _shapes_by_key(saved_tree[subtree])
     report = {
+        "step_dir": str(where),  # the step read (a workdir resolves to its latest)
         "loaded": [k for k, leaf in wanted.items() if saved.get(k) == tuple(leaf.shape)],
         "missing": [k for k in wanted if k not in saved],
         "unexpected": [k for k in saved if k not in wanted],

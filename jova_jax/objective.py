@@ -10,7 +10,10 @@ import jax
 import jax.numpy as jnp
 
 from jova_jax import flow, losses
+from jova_jax.model import lora
 from jova_jax.model.sharded import apply
+
+_DROPOUT_SALT = 0x10AA
 
 
 def noisy_inputs(batch, key, sigma_video, sigma_audio):
@@ -41,4 +44,8 @@ def training_loss(graphdef, params, batch, key, config):
   """Sigmas from the configured density (with clean-modality examples), then loss_at."""
   k_sigma, k_noise = jax.random.split(key)
   sigma_v, sigma_a = flow.sample_modality_sigmas(k_sigma, batch["video"].shape[0], config.flow)
-  return loss_at(graphdef, params, batch, k_noise, sigma_v, sigma_a, config)
+  # LoRA dropout (training only) from a key apart from the split above, which plain runs share.
+  lora_cfg = config.model.get("lora")
+  drop = lora.enabled(lora_cfg) and float(lora_cfg.dropout) > 0
+  with lora.dropout_scope(jax.random.fold_in(key, _DROPOUT_SALT) if drop else None):
+    return loss_at(graphdef, params, batch, k_noise, sigma_v, sigma_a, config)

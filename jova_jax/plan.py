@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jova_jax import cli, config_lib
+from jova_jax import cli, config_lib, finetune
 from jova_jax.model import attention, summary
 from jova_jax.model.sharded import split_abstract
 from jova_jax.parallel import mesh as mesh_lib
@@ -66,13 +66,17 @@ def _shards_of(mesh_axes, mesh_shape) -> int:
   return math.prod(mesh_shape[a] for a in axes)
 
 
-def param_counts(config, mesh_shape: dict) -> tuple[int, int]:
-  """(total params, params held by one device): each dim split by its logical axes' mesh
-  sizes, rounded up as XLA pads uneven shards."""
+def param_counts(config, mesh_shape: dict, select=None) -> tuple[int, int]:
+  """(total params, params held by one device) of the params whose path `select` accepts
+  (default all): each dim split by its logical axes' mesh sizes, rounded up as XLA pads
+  uneven shards."""
   _, params, axes = split_abstract(config)
-  leaves = zip(_flat(params), _flat(axes))
+  params, axes = finetune.flatten(params), finetune.flatten(axes)
   total = per_device = 0
-  for leaf, names in leaves:
+  for path, leaf in params.items():
+    if select is not None and not select(path):
+      continue
+    names = axes[path]
     total += math.prod(leaf.shape)
     spec = rules.logical_to_spec(names)
     per_device += math.prod(-(-dim // _shards_of(part, mesh_shape))
@@ -80,24 +84,18 @@ def param_counts(config, mesh_shape: dict) -> tuple[int, int]:
   return total, per_device
 
 
-def _flat(tree):
-  """Leaves of a nested dict in key order (logical-axis tuples count as leaves)."""
-  for key in sorted(tree):
-    value = tree[key]
-    if isinstance(value, dict):
-      yield from _flat(value)
-    else:
-      yield value
-
-
 def state_bytes(config, mesh_shape: dict) -> dict[str, int]:
-  """Per-device bytes of the train state: params, AdamW mu + nu and the EMA (all float32 like
-  the params), plus the gradients that exist during the update (and their running sum over
-  micro-batches when train.grad_accum > 1)."""
-  _, per_device = param_counts(config, mesh_shape)
+  """Per-device bytes of the train state: the trainable params, their AdamW mu + nu and EMA
+  (all float32 like the params), plus the gradients that exist during the update (and their
+  running sum over micro-batches when train.grad_accum > 1); frozen params (train.trainable,
+  LoRA's base) in train.frozen_dtype, without any of those."""
+  trainable = finetune.is_trainable(config)
+  _, per_device = param_counts(config, mesh_shape, trainable)
+  _, frozen = param_counts(config, mesh_shape, lambda path: not trainable(path))
   p = per_device * _DTYPE_BYTES[config.model.param_dtype]
   ema = p if float(config.train.ema_decay) > 0 else 0
-  rows = {"params": p, "optimizer (mu+nu)": 2 * p, "ema": ema, "gradients": p}
+  rows = {"frozen params": frozen * _DTYPE_BYTES[config.train.frozen_dtype]} if frozen else {}
+  rows.update({"params": p, "optimizer (mu+nu)": 2 * p, "ema": ema, "gradients": p})
   if int(config.train.grad_accum) > 1:
     rows["gradient accumulator"] = p
   return rows
@@ -165,7 +163,7 @@ def activation_bytes(config, mesh_shape: dict, batch_size: int) -> dict[str, flo
   # Each scanned block's weights are gathered over fsdp x context in the compute dtype (the next
   # one prefetched), and its float32 gradient exists whole before the reduce-scatter.
   _, params, _ = split_abstract(config)
-  block_params = max(sum(math.prod(x.shape[1:]) for x in _flat(params[k]))
+  block_params = max(sum(math.prod(x.shape[1:]) for x in finetune.flatten(params[k]).values())
                      for k in ("dual_blocks", "single_blocks"))  # the larger (dual) block
   out["fsdp gather buffers"] = block_params / mesh_shape["tensor"] * (
       2 * _DTYPE_BYTES[m.compute_dtype] + 4)
@@ -197,6 +195,7 @@ class Plan:
   rows: dict  # name -> bytes per device
   flops: dict
   mfu: float
+  trainable_params: int | None = None  # None: all params train
 
   @property
   def devices(self) -> int:
@@ -225,8 +224,10 @@ def make_plan(config, mesh_shape: dict, chip: str, mfu: float = 0.4) -> Plan:
     raise config_lib.ConfigError(f"train.batch_size={batch} is not divisible by "
                                  f"train.grad_accum={accum}")
   total, _ = param_counts(config, mesh_shape)
+  trainable, _ = param_counts(config, mesh_shape, finetune.is_trainable(config))
   rows = {**state_bytes(config, mesh_shape), **activation_bytes(config, mesh_shape, batch)}
-  return Plan(dict(mesh_shape), chip, batch, total, rows, step_flops(config, batch), mfu)
+  return Plan(dict(mesh_shape), chip, batch, total, rows, step_flops(config, batch), mfu,
+              trainable if trainable < total else None)
 
 
 def format_plan(plan: Plan, config) -> str:
@@ -239,6 +240,8 @@ def format_plan(plan: Plan, config) -> str:
       f"{config.train.grad_accum}: samples per batch shard per micro-batch: "
       f"{micro / (plan.mesh_shape['data'] * plan.mesh_shape['fsdp']):g}), context_strategy="
       f"{config.parallel.context_strategy}",
+      *([f"trainable: {plan.trainable_params:,} params ({plan.trainable_params / plan.total_params:.3%})"
+         f", the rest frozen in {config.train.frozen_dtype}"] if plan.trainable_params else []),
       f"mesh: {plan.mesh_shape} = {plan.devices} devices of {plan.chip} "
       f"({chip.hbm_bytes / GIB:.0f} GiB HBM each)",
       f"{'per device':<28} {'GiB':>9}"]

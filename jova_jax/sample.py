@@ -3,6 +3,7 @@ r"""Batch generation from a trained run.
   python -m jova_jax.sample --workdir=RUN --prompts=prompts.jsonl --outdir=OUT
   python -m jova_jax.sample --checkpoint=RUN/checkpoints/5000 --prompts=... --outdir=... \
       --steps=40 --solver=unipc --video_guidance=5 --audio_guidance=4 --set=mesh.tensor=1
+  python -m jova_jax.sample --workdir=LORA_RUN --lora_scale=0.8 ...   # base + adapters
 
 Each prompt line is a JSON object with either video_caption, audio_caption and transcript or
 a ready `prompt`, and optionally seed, name, image (I2V reference), audio (given speech:
@@ -38,6 +39,8 @@ flags.DEFINE_integer("batch_size", None, "Prompts per batch, a multiple of the m
                      "(default config.sample.batch_size, else data*fsdp).")
 flags.DEFINE_enum("weights", None, ["ema", "params"], "Which weights to load (default: ema when "
                   "the run kept an EMA).")
+flags.DEFINE_float("lora_scale", 1.0, "A LoRA run's adapters count this many times (0: the base "
+                   "model alone).")
 flags.DEFINE_bool("contact_sheet", False, "Also write <outdir>/contact_sheet.png: each sample's "
                   "frames, its I2V reference image and its mel spectrogram.")
 flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VALUE (JSON value), "
@@ -56,7 +59,8 @@ def main(argv):
   mesh_lib.initialize_distributed()
   try:
     config, mesh, graphdef, params = sampling.load_run(
-        FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights)
+        FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights,
+        lora_scale=FLAGS.lora_scale)
     prompts, errors = sampling.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
   except (KeyError, TypeError, ValueError) as e:  # a bad --set or checkpoint entry, named
     cli.fail(cli.one_line(e))

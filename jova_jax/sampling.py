@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, codecs, config_lib, files, flow, media, text
+from jova_jax import checkpoint, codecs, config_lib, files, finetune, flow, media, text
 from jova_jax.data import latent_norm
 from jova_jax.text import base as text_base
 from jova_jax.errors import UserError
@@ -183,9 +183,11 @@ def apply_overrides(config, overrides: list[str]):
   return config
 
 
-def load_run(path: str, *, overrides=(), subtree: str | None = None, mesh=None):
+def load_run(path: str, *, overrides=(), subtree: str | None = None, mesh=None,
+             lora_scale: float = 1.0):
   """(config, mesh, graphdef, params) of a checkpoint; params ('ema' by default, 'params'
-  when the run kept no EMA) are read straight into their shardings on the current mesh."""
+  when the run kept no EMA) are read straight into their shardings on the current mesh, with
+  a run's frozen params or LoRA base (adapters scaled by lora_scale: finetune.py)."""
   directory, step = locate_checkpoint(path)
   with checkpoint.Checkpointer(directory, every_steps=1, keep=1, read_only=True) as ckpt:
     try:
@@ -202,7 +204,7 @@ def load_run(path: str, *, overrides=(), subtree: str | None = None, mesh=None):
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   step_path = os.path.join(directory, str(step)) if step is not None else directory
-  params, _ = checkpoint.load_params(step_path, target, strict=True, subtree=subtree)
+  params = finetune.load_model_params(config, step_path, target, subtree, lora_scale)
   return config, mesh, graphdef, params
 
 

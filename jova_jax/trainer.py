@@ -1,8 +1,9 @@
 """The training loop, top to bottom: mesh, data, state (restore or init), compile, steps,
 eval, checkpoints, metrics.
 
-State is a pytree {"params", "opt_state", "ema", "step", "nonfinite"}; everything random comes
-from (train.seed, step), so a resumed run continues bit for bit.
+State is a pytree {"params", "opt_state", "ema", "step", "nonfinite"}, plus "frozen" when
+train.trainable or LoRA freezes params ("params" then holds the trainable ones: finetune.py);
+everything random comes from (train.seed, step), so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, cli, config_lib, files, objective, optim, perf, preview
+from jova_jax import checkpoint, cli, config_lib, files, finetune, objective, optim, perf, preview
 from jova_jax.data import pipeline
 from jova_jax.errors import UserError
 from jova_jax.metrics import MetricsWriter
@@ -69,8 +70,9 @@ class Program:
 # ============================================================================ state
 def build_program(config, mesh) -> Program:
   config_lib.validate(config, dict(mesh.shape))
-  graphdef, abstract_params, _ = sharded.split_abstract(config)
-  param_sh = sharded.param_shardings(config, mesh)
+  graphdef, all_params, _ = sharded.split_abstract(config)
+  abstract_params, frozen = finetune.partition(config, all_params)
+  param_sh, frozen_sh = finetune.partition(config, sharded.param_shardings(config, mesh))
   tx = optim.make_optimizer(config)
   replicated = NamedSharding(mesh, P())
   opt_abstract = jax.eval_shape(tx.init, abstract_params)
@@ -81,6 +83,8 @@ def build_program(config, mesh) -> Program:
   shapes = {"params": abstract_params, "opt_state": opt_abstract, "ema": abstract_params,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "nonfinite": jax.ShapeDtypeStruct((), jnp.int32)}
+  if frozen:
+    shardings["frozen"], shapes["frozen"] = frozen_sh, finetune.frozen_like(frozen, config)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
   return Program(config, mesh, graphdef, tx, shardings, abstract,
@@ -93,9 +97,10 @@ def init_state(program: Program):
 
   def init():
     model = JoVA(config, rngs=nnx.Rngs(params=int(config.train.seed)))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"params": params, "opt_state": tx.init(params), "ema": params,
-            "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32)}
+    params, frozen = finetune.partition(config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    state = {"params": params, "opt_state": tx.init(params), "ema": params,
+             "step": jnp.zeros((), jnp.int32), "nonfinite": jnp.zeros((), jnp.int32)}
+    return dict(state, frozen=finetune.frozen_like(frozen, config)) if frozen else state
 
   with jax.set_mesh(program.mesh):
     return jax.jit(init, out_shardings=program.state_shardings)()
@@ -129,11 +134,13 @@ def make_train_step(program: Program):
   lr_schedule = optim.learning_rate(config)
   base_key = jax.random.key(int(config.train.seed))
 
-  def loss_fn(params, batch, key):
-    return objective.training_loss(graphdef, params, batch, key, config)
-
   def train_step(state, batch):
     params = state["params"]
+
+    def loss_fn(trainable, batch, key):  # gradients of the trainable params only
+      return objective.training_loss(
+          graphdef, finetune.combine(trainable, state.get("frozen", {})), batch, key, config)
+
     key = jax.random.fold_in(base_key, state["step"])
     (loss, metrics), grads = accumulated_grads(loss_fn, params, batch, key, accum)
     grad_norm = optax.tree.norm(grads)
@@ -152,6 +159,8 @@ def make_train_step(program: Program):
         "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
         "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
         "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)}
+    if "frozen" in state:
+      new_state["frozen"] = state["frozen"]
     metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
                    nonfinite=new_state["nonfinite"])
     return new_state, metrics
@@ -191,12 +200,13 @@ def compile_train_step(program: Program):
 
 def compile_eval_step(program: Program):
   step = jax.jit(make_eval_step(program),
-                 in_shardings=(program.state_shardings["params"], program.batch_sharding))
+                 in_shardings=(finetune.model_params(program.state_shardings),
+                               program.batch_sharding))
   with jax.set_mesh(program.mesh):
     batch = program.abstract_batch()
     batch["example_valid"] = jax.ShapeDtypeStruct(batch["drop_text"].shape, jnp.bool_,
                                                   sharding=program.batch_sharding)
-    return step.lower(program.abstract_state["params"], batch).compile()
+    return step.lower(finetune.model_params(program.abstract_state), batch).compile()
 
 
 def _log_compiled(compiled, program: Program) -> None:
@@ -248,16 +258,21 @@ def train(config, workdir: str, *, init_from: str | None = None,
 
   mesh_lib.barrier("before_state")
   ckpt = open_ckpt() if os.path.isdir(ckpt_dir) else None
-  resumed = ckpt.restore_latest(program.abstract_state, strict=strict_resume) if ckpt else None
+  resumed = ckpt.restore_latest(finetune.saved_state(program.abstract_state, config),
+                                strict=strict_resume) if ckpt else None
   if resumed is not None:
     start_step, state, data_state = resumed
     if data_state is not None:
       train_iter.set_state(data_state)
+    if finetune.uses_base(config):  # a LoRA checkpoint names its base: read it from there
+      config.model.lora.base = ckpt.restore_config(start_step)["model"]["lora"]["base"]
+      state["frozen"] = finetune.load_base(config, program.abstract_state["frozen"])
     logging.info("resumed from %s at step %d", ckpt.directory, start_step)
   else:
+    finetune.require_base_source(config, init_from)
     start_step, state = 0, init_state(program)
     if init_from:
-      state = _init_params_from(state, init_from, program)
+      state = finetune.init_from(state, init_from, program.abstract_state, config)
 
   # ---------------------------------------------------------------- workdir (checks passed)
   os.makedirs(workdir, exist_ok=True)
@@ -313,25 +328,29 @@ def train(config, workdir: str, *, init_from: str | None = None,
         window_start, window_steps = time.perf_counter(), 0
 
       if eval_step is not None and step % int(config.eval.every_steps) == 0:
-        ev = run_eval(eval_step, state["params"], eval_batches, mesh)
+        ev = run_eval(eval_step, finetune.model_params(state), eval_batches, mesh)
         writer.write(step, ev)
         logging.info("eval at step %d: %s", step, _brief(ev))
 
       if samples is not None and (step % sample_every == 0 or step == int(config.train.steps)):
-        samples(step, state["ema"] if float(config.train.ema_decay) > 0 else state["params"])
+        samples(step, finetune.model_params(
+            state, "ema" if float(config.train.ema_decay) > 0 else "params"))
 
       if ckpt.should_save(step):
-        ckpt.save(step, state, data_state=train_iter.get_state(), config=config)
+        ckpt.save(step, finetune.saved_state(state, config), data_state=train_iter.get_state(),
+                  config=config)
 
       if watcher.should_stop(step):
         logging.warning("stop requested (signal or preemption) at step %d: saving", step)
-        ckpt.save(step, state, data_state=train_iter.get_state(), config=config, force=True)
+        ckpt.save(step, finetune.saved_state(state, config), data_state=train_iter.get_state(),
+                  config=config, force=True)
         stopped_by = watcher.signum or signal.SIGTERM
         break
     else:
       if pending is not None:
         _check_finite(pending, config, ckpt)
-      ckpt.save(step, state, data_state=train_iter.get_state(), config=config, force=True)
+      ckpt.save(step, finetune.saved_state(state, config), data_state=train_iter.get_state(),
+                config=config, force=True)
   finally:
     ckpt.wait()
     ckpt.close()
@@ -387,13 +406,6 @@ def _check_finite(pending, config, ckpt) -> None:
   if nonfinite:
     logging.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step,
                     nonfinite)
-
-
-def _init_params_from(state, path: str, program: Program):
-  abstract = program.abstract_state["params"]
-  params, report = checkpoint.load_params(path, abstract, fallback=state["params"])
-  logging.info("--init_from %s:\n%s", path, checkpoint.format_report(report))
-  return dict(state, params=params, ema=params)
 
 
 def _brief(metrics: dict) -> str:

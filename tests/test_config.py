@@ -8,7 +8,7 @@ from jova_jax.parallel import remat
 from tests.conftest import load
 
 
-@pytest.mark.parametrize("name", ["base", "tiny", "demo", "jova_24b"])
+@pytest.mark.parametrize("name", ["base", "tiny", "demo", "demo_lora", "jova_24b"])
 def test_shipped_configs_are_valid(name):
   config_lib.validate(load(name))
 

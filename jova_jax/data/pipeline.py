@@ -151,8 +151,10 @@ def train_dataset(config, source, *, seed: int, process_index: int | None = None
   """Endless, shuffled local batches (numpy) for this process."""
   process_index, process_count = _process(process_index, process_count)
   p_i2v = float(config.data.p_i2v) if config.model.i2v else 0.0
-  ds = grain.MapDataset.source(source).map_with_index(_with_index)
-  ds = ds.shuffle(seed=seed).repeat()
+  ds = grain.MapDataset.source(source)
+  if int(config.data.get("max_train_clips", 0)):  # fine-tuning on a few clips
+    ds = ds[:int(config.data.max_train_clips)]
+  ds = ds.map_with_index(_with_index).shuffle(seed=seed).repeat()
   ds = process_slice(ds, process_index, process_count)
   ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length),
                                 norm=source.latent_norm))

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jova_jax import config_lib
 from jova_jax.model import embeddings as emb
-from jova_jax.model import joint_layout
+from jova_jax.model import joint_layout, lora
 from jova_jax.model.blocks import SEGMENTS, BlockConfig, JointBlock
 from jova_jax.model.layers import Dense, layer_norm, modulate
 from jova_jax.parallel import remat
@@ -99,6 +99,8 @@ class JoVA(nnx.Module):
     self.single_blocks = _stacked_blocks(block_cfg, True, m.single_blocks, rngs)
     self.final_video = FinalLayer(hidden, pt * ph * pw * cv, eps, self.dtype, rngs=rngs)
     self.final_audio = FinalLayer(hidden, self.audio_patch * ca, eps, self.dtype, rngs=rngs)
+    if lora.enabled(m.get("lora")):
+      lora.attach(self, m.lora, rngs)
 
   # -------------------------------------------------------------------------- inputs
   def _video_input(self, video, first_frame, use_first_frame):
@@ -161,14 +163,19 @@ class JoVA(nnx.Module):
 
   def _run_blocks(self, blocks, xs, cond, angles, kv_valid):
     use_remat, policy = remat.policy(self.remat)
+    # LoRA dropout while training: each scanned layer draws its masks from its own key.
+    key = lora.dropout_key()
+    layers = jax.tree.leaves(nnx.state(blocks, nnx.Param))[0].shape[0]
+    keys = jax.random.split(key, layers) if key is not None else jnp.zeros((layers,))
 
-    def body(carry, block):
-      return block(carry, cond, angles, kv_valid), None
+    def body(carry, block, layer_key):
+      with lora.dropout_scope(layer_key if key is not None else None):
+        return block(carry, cond, angles, kv_valid), None
 
     if use_remat:
       body = nnx.remat(body, policy=policy, prevent_cse=False)
-    xs, _ = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                     unroll=self.scan_unroll)(xs, blocks)
+    xs, _ = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                     unroll=self.scan_unroll)(xs, blocks, keys)
     return xs
 
 

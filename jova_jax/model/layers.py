@@ -34,6 +34,7 @@ class Dense(nnx.Module):
     out_axes = tuple(axes[len(self.in_shape):])
     self.bias = nnx.Param(jnp.zeros(self.out_shape, jnp.float32), axes=out_axes) if use_bias else None
     self.dtype = dtype
+    self.lora = None  # a LoRA adapter, attached after construction (model/lora.py)
 
   def __call__(self, x):
     n_in = len(self.in_shape)
@@ -42,6 +43,8 @@ class Dense(nnx.Module):
                             ((x_axes, tuple(range(n_in))), ((), ())))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      y = y + self.lora(x, n_in)
     return y
 
 

@@ -22,6 +22,7 @@ RULES: tuple[tuple[str, object], ...] = (
     ("patch", None),
     ("modulation", None),
     ("text_embed", None),
+    ("lora_rank", None),  # the rank dim of LoRA adapters (small: replicated)
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_video_length", "context"),
