@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import optax
 
-# Params never decayed: 1-D tensors (biases, norm scales) and learned embeddings.
+# Params never decayed, by what they are (not by rank: stacked blocks add a `layers` axis, so a
+# scanned block's norm scale is 2-D): biases, norm scales and learned embeddings.
+_NO_DECAY_LEAVES = ("bias", "scale")
 _NO_DECAY_NAMES = ("null_text",)
 
 
@@ -23,11 +25,20 @@ def learning_rate(config):
 
 
 def decay_mask(params):
-  """True where weight decay applies: matrices, except embeddings."""
-  def keep(path, leaf):
+  """True where weight decay applies: kernels, not biases, norm scales or embeddings."""
+  def keep(path, _):
     names = [getattr(k, "key", str(k)) for k in path]
-    return leaf.ndim >= 2 and not any(n in _NO_DECAY_NAMES for n in names) and names[-1] != "bias"
+    return names[-1] not in _NO_DECAY_LEAVES and not any(n in _NO_DECAY_NAMES for n in names)
   return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def applied_learning_rate(config, opt_state):
+  """The learning rate the next update applies: the schedule at optax's own step count, which
+  (unlike the trainer's step) stands still over skipped non-finite steps."""
+  counts = [s.count for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+      if isinstance(s, optax.ScaleByScheduleState)]
+  return learning_rate(config)(counts[0])
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

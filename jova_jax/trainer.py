@@ -131,7 +131,6 @@ def make_train_step(program: Program):
   config, graphdef, tx = program.config, program.graphdef, program.tx
   accum = int(config.train.grad_accum)
   ema_decay = float(config.train.ema_decay)
-  lr_schedule = optim.learning_rate(config)
   base_key = jax.random.key(int(config.train.seed))
 
   def train_step(state, batch):
@@ -161,7 +160,9 @@ def make_train_step(program: Program):
         "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)}
     if "frozen" in state:
       new_state["frozen"] = state["frozen"]
-    metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(state["step"]),
+    # The lr this update applied (optax counts only the applied steps, not the skipped ones).
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   lr=optim.applied_learning_rate(config, state["opt_state"]),
                    nonfinite=new_state["nonfinite"])
     return new_state, metrics
 

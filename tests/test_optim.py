@@ -46,6 +46,38 @@ def test_decay_mask_spares_biases_norms_and_embeddings():
                   "null_text": False, "stacked": {"kernel": True}}
 
 
+def test_decay_mask_spares_scanned_blocks_norm_scales_and_biases():
+  """The model's own params: stacked (scanned) blocks make QK-norm scales and biases 2-D."""
+  from jova_jax.model import sharded
+  _, params, _ = sharded.split_abstract(load("tiny"))
+  mask = optim.decay_mask(params)
+  stream = mask["dual_blocks"]["video"]
+  assert params["dual_blocks"]["video"]["q_norm"]["scale"].ndim == 2
+  assert not stream["q_norm"]["scale"] and not stream["k_norm"]["scale"]
+  assert not stream["qkv"]["bias"] and stream["qkv"]["kernel"] and stream["fc1"]["kernel"]
+  assert not mask["null_text"] and mask["video_in"]["kernel"]
+
+
+def test_logged_lr_is_the_applied_one_after_a_skipped_step():
+  """A non-finite step applies nothing, so the schedule must not advance for it."""
+  from jova_jax.parallel import mesh as mesh_lib
+  c = load("tiny")
+  c.train.update(lr=1.0, warmup_steps=10, batch_size=1)
+  c.mesh.update(data=1, fsdp=1, context=1, tensor=1)
+  program = trainer.build_program(c, mesh_lib.make_mesh(c, devices=jax.devices()[:1]))
+  state = trainer.init_state(program)
+  step = jax.jit(trainer.make_train_step(program))
+  batch = {k: jnp.zeros(x.shape, x.dtype) for k, x in program.abstract_batch().items()}
+  bad = dict(batch, video=jnp.full_like(batch["video"], jnp.nan))
+  lrs = []
+  for b in (batch, bad, batch):
+    state, metrics = step(state, b)
+    lrs.append(float(metrics["lr"]))
+  assert int(metrics["nonfinite"]) == 0 and int(state["step"]) == 3
+  # Trainer steps 0, 1 (skipped), 2 apply the schedule's steps 0, 1, 1.
+  assert lrs == pytest.approx([0.0, 0.1, 0.1])
+
+
 def test_learning_rate_warms_up_then_decays():
   c = load("tiny")
   c.train.update(lr=1.0, warmup_steps=10, steps=110, schedule="cosine", min_lr_ratio=0.1)
