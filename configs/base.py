@@ -52,7 +52,7 @@ def get_config():
       freq_dim=256,            # sinusoidal width of the sigma embedding
       rope_theta=10000.0,      # RoPE base
       norm_eps=1e-6,
-      param_dtype="float32",   # parameters are kept in float32
+      param_dtype="float32",   # params (and their optimizer state, EMA, checkpoint) in this dtype
       compute_dtype="float32",  # 'bfloat16' on accelerators; float32 on CPU
       remat="none",            # 'none' | 'full' | 'save_dots' | 'offload_dots' (see parallel/remat.py)
       # Blocks per iteration of the scanned block loop; >= the block count unrolls it fully,

@@ -153,7 +153,8 @@ def make_train_step(program: Program):
     # EMA warm-up: early on the average must not stay anchored to the random init.
     step_f = state["step"].astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], new_params)
+    ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                       state["ema"], new_params)  # decay is float32: keep model.param_dtype
     new_state = {
         "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
         "ema": keep(ema, state["ema"]), "step": state["step"] + 1,

@@ -50,6 +50,16 @@ def _stacked_blocks(cfg: BlockConfig, single: bool, count: int, rngs: nnx.Rngs):
   return make(rngs)
 
 
+def _store_params_in(model: nnx.Module, dtype) -> None:
+  """model.param_dtype: float params are stored (and checkpointed, optimised, averaged) in
+  dtype; every layer still computes in model.compute_dtype, norms and softmax in float32."""
+  if dtype == jnp.float32:
+    return
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Param) and jnp.issubdtype(node.get_value().dtype, jnp.floating):
+      node.set_value(node.get_value().astype(dtype))  # `x[...] = ` would keep the old dtype
+
+
 class JoVA(nnx.Module):
   """Predicts flow velocities for noisy video and audio latents given text.
 
@@ -101,6 +111,7 @@ class JoVA(nnx.Module):
     self.final_audio = FinalLayer(hidden, self.audio_patch * ca, eps, self.dtype, rngs=rngs)
     if lora.enabled(m.get("lora")):
       lora.attach(self, m.lora, rngs)
+    _store_params_in(self, jnp.dtype(m.param_dtype))
 
   # -------------------------------------------------------------------------- inputs
   def _video_input(self, video, first_frame, use_first_frame):
