@@ -21,11 +21,6 @@ from jova_jax import checkpoint, cli, finetune, sampling
 from jova_jax.errors import UserError
 from jova_jax.model import lora
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The LoRA run (its latest checkpoint).")
-_OUT = flags.DEFINE_string("out", None, "Folder for the merged run (must not hold a checkpoint).")
-_SCALE = flags.DEFINE_float("lora_scale", 1.0, "How many times the adapters count when folded.")
-
-
 def merged_config(config) -> ml_collections.ConfigDict:
   """The run's config as a plain run: no adapters, nothing frozen, no base."""
   values = config.to_dict()
@@ -63,13 +58,18 @@ def merge(workdir: str, out: str, lora_scale: float = 1.0) -> str:
 
 
 def main(argv):
+  f = flags.FLAGS
   if len(argv) != 2 or argv[1] != "merge":
     raise app.UsageError("usage: python -m jova_jax.lora merge --workdir=LORA_RUN --out=DIR")
-  if not _WORKDIR.value or not _OUT.value:
+  if not f.workdir or not f.out:
     raise app.UsageError("--workdir and --out are required")
-  path = merge(_WORKDIR.value, _OUT.value, _SCALE.value)
-  print(f"merged adapters of {_WORKDIR.value} into {path}")
+  path = merge(f.workdir, f.out, f.lora_scale)
+  print(f"merged adapters of {f.workdir} into {path}")
 
 
 if __name__ == "__main__":
+  # Flags only for the command: tests import merge() beside other modules' --out / --workdir.
+  flags.DEFINE_string("workdir", None, "The LoRA run (its latest checkpoint).")
+  flags.DEFINE_string("out", None, "Folder for the merged run (must not hold a checkpoint).")
+  flags.DEFINE_float("lora_scale", 1.0, "How many times the adapters count when folded.")
   cli.run(main)

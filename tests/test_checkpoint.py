@@ -264,7 +264,8 @@ def test_load_params_report(tmp_path):
 
   params, report = checkpoint.load_params(workdir, target)
   assert report == {"loaded": ["a", "d"], "missing": ["new"], "unexpected": ["old"],
-                    "shape_mismatch": [("b/c", (2, 4), (3, 4))]}
+                    "shape_mismatch": [("b/c", (2, 4), (3, 4))],
+                    "step_dir": str(workdir / "checkpoints" / "2")}  # the latest step
   assert params["a"].dtype == jnp.bfloat16 and params["a"].sharding == fsdp
   np.testing.assert_array_equal(np.asarray(params["a"], np.float32), base["a"])
   np.testing.assert_array_equal(np.asarray(params["d"]), base["d"])

@@ -27,6 +27,7 @@ def _inputs(config):
   return frames, waves, masks, prompts
 
 
+@pytest.mark.xdist_group("encode_weights")
 def test_encoders_shard_the_batch_over_local_devices_and_match_one_device(config):
   assert jax.local_device_count() == 8
   frames, waves, masks, prompts = _inputs(config)
@@ -43,6 +44,7 @@ def test_encoders_shard_the_batch_over_local_devices_and_match_one_device(config
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.xdist_group("encode_weights")
 def test_encoder_batch_rounds_up_to_a_multiple_of_the_devices(config):
   assert encode.Encoders(config, 5).batch_size == 8
   assert encode.Encoders(config, 5, devices=jax.local_devices()[:1]).batch_size == 5

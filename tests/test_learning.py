@@ -100,6 +100,7 @@ def _nearest_psnr(samples, clips) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("overfit_run")  # one worker trains the shared fixture once
 def test_overfit_model_samples_its_clips(overfit_run):
   workdir, examples = overfit_run
   samples, clips = _sample(workdir, examples)
@@ -109,6 +110,7 @@ def test_overfit_model_samples_its_clips(overfit_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("overfit_run")
 def test_a_broken_sampler_fails_the_same_bound(overfit_run, monkeypatch):
   """The bound above is not loose: a sampler that reads the x0 output as a velocity, or whose
   ODE stops one step short of sigma 0, misses the clips by far. (A model fed other sigmas than

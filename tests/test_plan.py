@@ -87,6 +87,8 @@ def compiled_state_bytes():
   return out
 
 
+# One worker compiles the module fixture once for all of these (xdist would run it per worker).
+@pytest.mark.xdist_group("plan_compiled")
 def test_state_memory_shrinks_like_one_over_fsdp(compiled_state_bytes):
   base = compiled_state_bytes["fsdp1"][2]
   ratios = {n: compiled_state_bytes[f"fsdp{n}"][2] / base for n in (2, 4, 8)}
@@ -97,6 +99,7 @@ def test_state_memory_shrinks_like_one_over_fsdp(compiled_state_bytes):
     assert 1 / n <= ratio <= 1.1 / n, (n, ratio)
 
 
+@pytest.mark.xdist_group("plan_compiled")
 @pytest.mark.parametrize("name", list(_MESHES))
 def test_plan_state_bytes_match_compiled(compiled_state_bytes, name):
   config, mesh_shape, compiled = compiled_state_bytes[name]
