@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jova_jax import checkpoint
+from jova_jax import checkpoint, finetune
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.parallel import rules
 from tests.conftest import REPO, load
@@ -36,25 +36,14 @@ def _mesh(**axes):
   return mesh_lib.make_mesh(config)
 
 
-def _nest(flat):
-  out = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
-
-
 def _param_shardings(mesh):
-  return _nest({k: rules.sharding(mesh, names) for k, (_, names) in PARAMS.items()})
+  return finetune.unflatten({k: rules.sharding(mesh, names) for k, (_, names) in PARAMS.items()})
 
 
 def _numpy_state(seed):
   """The reference values, built with numpy only."""
   rng = np.random.default_rng(seed)
-  params = _nest({k: rng.standard_normal(shape).astype(np.float32)
+  params = finetune.unflatten({k: rng.standard_normal(shape).astype(np.float32)
                   for k, (shape, _) in PARAMS.items()})
   return params, np.int32(seed), np.array([seed, 7], np.uint32)
 
