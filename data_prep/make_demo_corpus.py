@@ -32,6 +32,7 @@ from absl import flags, logging
 
 from data_prep import speech
 from jova_jax import cli, faces
+from jova_jax.eval import sync
 from jova_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -139,18 +140,6 @@ class MouthWarp:
 
 
 # ---------------------------------------------------------------- speech
-
-def speech_envelope(wave_samples: np.ndarray, sample_rate: int, fps: float,
-                    num_frames: int) -> np.ndarray:
-  """(num_frames,) RMS of the audio in a 1/fps window centred on each video frame's time."""
-  half = 0.5 * sample_rate / fps
-  envelope = np.zeros(num_frames)
-  for k in range(num_frames):
-    center = k * sample_rate / fps
-    window = wave_samples[max(0, int(center - half)):int(center + half)]
-    envelope[k] = np.sqrt(np.mean(window ** 2)) if window.size else 0.0
-  return envelope
-
 
 def mouth_amounts(envelope: np.ndarray) -> np.ndarray:
   """Mouth opening in [0, 1] per frame: the envelope smoothed over 3 frames, relative to its
@@ -271,7 +260,8 @@ class ClipMaker:
     pause = int(rng.uniform(0.3, 0.5) * rate_hz)
     audio, rate = fitted_speech(self.synth, parts, voice[0], rate, pitch,
                                 int(round(seconds * rate_hz)), lead, pause)
-    amounts = mouth_amounts(speech_envelope(audio, rate_hz, self.fps, num_frames))
+    # The loudness the sync score reads, so lips and score agree by construction.
+    amounts = mouth_amounts(sync.audio_envelope(audio, rate_hz, self.fps, num_frames))
     # A slow sway of the head (about a pixel) so that frames differ away from the mouth too.
     phase = rng.uniform(0, 2 * np.pi, size=2)
     times = np.arange(num_frames) / self.fps
