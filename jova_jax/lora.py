@@ -43,8 +43,8 @@ def merge(workdir: str, out: str, lora_scale: float = 1.0) -> str:
       raise UserError(f"--workdir={workdir}: expected a LoRA run (model.lora.rank > 0), found "
                       f"model.lora.rank={config.model.lora.rank}")
     scale = float(config.model.lora.alpha) / int(config.model.lora.rank)
-    trees[subtree] = jax.tree.map(lambda x: x.astype(jnp.float32),
-                                  lora.merge_adapters(params, scale))
+    stored = jnp.dtype(config.model.param_dtype)  # a frozen bf16 base merges back to it
+    trees[subtree] = jax.tree.map(lambda x: x.astype(stored), lora.merge_adapters(params, scale))
     if float(config.train.ema_decay) <= 0:
       break
   target = os.path.join(out, "checkpoints")
