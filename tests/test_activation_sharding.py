@@ -27,7 +27,8 @@ def one_device_mib():
 
 
 @pytest.mark.xdist_group("activation_memory")  # one worker compiles the 1-device reference
-@pytest.mark.parametrize("axes", [dict(fsdp=8), dict(data=2, fsdp=4)])
+@pytest.mark.parametrize("axes", [dict(fsdp=8), dict(data=2, fsdp=4),
+                                  dict(data=2, fsdp=2, tensor=2)])
 def test_temporaries_per_device_match_one_device(one_device_mib, axes):
   # Before batch pinning, fsdp=8 kept 248 MiB against 184 MiB on one device (full-batch activations).
   sharded_mib = _temporaries_mib(axes, devices=8)

@@ -1,5 +1,5 @@
 """JoVA: two towers (video, audio) of M dual-stream then N single-stream blocks, joined by one
-joint self-attention per block (DESIGN 1)."""
+joint self-attention per block (docs/design.md section 1)."""
 from __future__ import annotations
 
 import jax

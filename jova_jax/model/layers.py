@@ -12,9 +12,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jova_jax.parallel.rules import gathered
+
 
 def _fan_in_init(key, shape, fan_in, scale=1.0):
   return jax.random.normal(key, shape, jnp.float32) * (scale / math.sqrt(fan_in))
+
+
+def contract(x, kernel: nnx.Param, n_in: int, dtype):
+  """x's last n_in dims contracted with the kernel's first n_in, both cast to dtype.
+
+  On a mesh the kernel is all-gathered over its FSDP axes for the product (rules.gathered),
+  as FSDP means: left to the partitioner, the text streams' products on a data x fsdp x tensor
+  mesh came out with their batch rows permuted across devices (wrong values). The gather sits
+  inside a checkpoint so the backward keeps the sharded kernel and gathers it again, instead of
+  saving every layer's gathered copy.
+  """
+  axes = kernel.get_metadata()["axes"]
+  dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+
+  def product(x, w):
+    return jax.lax.dot_general(x, gathered(w, axes), dims)
+  x, w = x.astype(dtype), kernel[...].astype(dtype)
+  if jax.sharding.get_abstract_mesh().empty:
+    return jax.lax.dot_general(x, w, dims)
+  return jax.checkpoint(product)(x, w)
 
 
 class Dense(nnx.Module):
@@ -38,9 +60,7 @@ class Dense(nnx.Module):
 
   def __call__(self, x):
     n_in = len(self.in_shape)
-    x_axes = tuple(range(x.ndim - n_in, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                            ((x_axes, tuple(range(n_in))), ((), ())))
+    y = contract(x, self.kernel, n_in, self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:

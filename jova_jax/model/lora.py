@@ -1,4 +1,4 @@
-"""LoRA adapters on JoVA's projections (config `model.lora`, DESIGN 8).
+"""LoRA adapters on JoVA's projections (config `model.lora`, docs/design.md section 8).
 
 An adapter adds `scale * dropout(x) @ A @ B` to a Dense layer's output, scale = alpha / rank.
 A (in dims..., rank) starts random and B (rank, out dims...) at zero, so a model with fresh
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jova_jax.model.layers import Dense
+from jova_jax.model.layers import Dense, contract
 
 TARGETS = ("qkv", "out", "mlp", "embedders")
 TOWERS = ("video", "audio")
@@ -76,10 +76,7 @@ class LoraAdapter(nnx.Module):
     if key is not None and self.dropout > 0:
       keep = jax.random.bernoulli(jax.random.fold_in(key, self.salt), 1 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
-    x_axes = tuple(range(x.ndim - n_in, x.ndim))
-    h = jax.lax.dot_general(x.astype(self.dtype), self.a[...].astype(self.dtype),
-                            ((x_axes, tuple(range(n_in))), ((), ())))
-    y = jnp.tensordot(h, self.b[...].astype(self.dtype), axes=1)
+    y = contract(contract(x, self.a, n_in, self.dtype), self.b, 1, self.dtype)
     return y * jnp.asarray(self.scale, self.dtype)
 
 

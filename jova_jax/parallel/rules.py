@@ -1,4 +1,4 @@
-"""The one logical-axis table (DESIGN 3): logical names -> mesh axes.
+"""The one logical-axis table (docs/design.md section 3): logical names -> mesh axes.
 
 Params carry logical names in their nnx metadata; activations are constrained with
 `constrain(x, names)`. Names starting with `act_` are activation axes, kept apart from the
@@ -51,23 +51,14 @@ def sharding(mesh, names) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names))
 
 
-def _batch_pin_miscompiles(mesh) -> bool:
-  """True on meshes where pinning the activation batch to ("data", "fsdp") is miscompiled.
-
-  Seen with jax 0.10.2 on CPU (both Shardy and GSPMD), mesh data=2, fsdp=2, tensor=2 only
-  (fsdp=8, fsdp=4 x tensor=2, data=2 x fsdp=4 and data=4 x tensor=2 are exact): the FORWARD
-  output of the text streams (text_a, text_v) of every block is wrong (~3% relative), audio and
-  video are exact. The partitioned HLO inserts collective-permutes with source_target_pairs
-  {2<->4, 3<->5} (data and fsdp coordinates swapped) on the text segments' slice of the joint
-  attention output before the `out` projection and on their FFN hidden before `fc2`, i.e. it
-  reorders those segments' batch rows across devices. Any single batch pin triggers it (the
-  video input alone, or the block outputs alone); constraining the attention output and FFN
-  hidden as well does not help. The text projections' and null_text's gradients inherit the
-  error (relative error 0.5-2), hence tests/test_sharding.py's data=2,fsdp=2,tensor=2 case.
-  Where it happens the batch stays free (the old behaviour: correct, more temporaries).
-  """
-  shape = dict(mesh.shape)
-  return all(shape.get(a, 1) > 1 for a in ("data", "fsdp", "tensor"))
+def gathered(w, names):
+  """A param as its layer uses it: the FSDP shards ("fsdp", "context" of `embed`) all-gathered,
+  tensor sharding kept. A no-op outside a mesh context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return w
+  spec = logical_to_spec(tuple(None if n == "embed" else n for n in names))
+  return jax.lax.with_sharding_constraint(w, spec)
 
 
 def constrain(x, names):
@@ -80,6 +71,5 @@ def constrain(x, names):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
-  free = {"act_embed"} | ({"act_batch"} if _batch_pin_miscompiles(mesh) else set())
-  spec = [P.UNCONSTRAINED if n in free else part for n, part in zip(names, logical_to_spec(names))]
+  spec = [P.UNCONSTRAINED if n == "act_embed" else part for n, part in zip(names, logical_to_spec(names))]
   return jax.lax.with_sharding_constraint(x, P(*spec))
