@@ -18,7 +18,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jova_jax import cli, codecs, config_lib, media
+from jova_jax import cli, codecs, config_lib
+from jova_jax.media import io as media
 from jova_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config of the demo run.")

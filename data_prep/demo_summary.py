@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 from absl import flags
 
-from jova_jax import cli, media
+from jova_jax import cli
+from jova_jax.media import io as media
 from jova_jax.errors import UserError
 from jova_jax.eval import contact_sheet, sync
 
@@ -42,7 +43,7 @@ def face_fraction(frames: np.ndarray, size: int, tracker) -> float:
 
 
 def faces_report(paths: list[str], size: int) -> dict[str, float]:
-  from jova_jax import faces
+  from jova_jax.media import faces
   tracker = faces.MouthTracker(detect_every=1)
   return {p: face_fraction(media.read_frames(p)[0], size, tracker) for p in paths}
 

@@ -31,7 +31,8 @@ import skimage.data
 from absl import flags, logging
 
 from data_prep import speech
-from jova_jax import cli, faces
+from jova_jax import cli
+from jova_jax.media import faces
 from jova_jax.eval import sync
 from jova_jax.errors import UserError
 

@@ -22,7 +22,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, codecs, config_lib, files, finetune, flow, media, text
+from jova_jax import checkpoint, codecs, config_lib, files, finetune, flow, text
+from jova_jax.media import io as media
 from jova_jax.data import latent_norm
 from jova_jax.text import base as text_base
 from jova_jax.errors import UserError

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from data_prep import shards
-from jova_jax import codecs, config_lib, media, preview, sampling, trainer
+from jova_jax import codecs, config_lib, preview, sampling, trainer
+from jova_jax.media import io as media
 from jova_jax.data import features, latent_norm, pipeline
 from tests.conftest import load
 from tests.datasets import make_examples

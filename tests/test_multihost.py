@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, media, sampling, trainer
+from jova_jax import checkpoint, sampling, trainer
+from jova_jax.media import io as media
 from jova_jax.data import pipeline as data_pipeline
 from jova_jax.errors import UserError
 from jova_jax.parallel import mesh as mesh_lib

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from data_prep import clips, job, manifest, shards
-from jova_jax import config_lib, media
+from jova_jax import config_lib
+from jova_jax.media import io as media
 from jova_jax.text.base import structured_prompt
 from jova_jax.data import features
 from tests.conftest import REPO, load

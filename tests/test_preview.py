@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from jova_jax import media, trainer
+from jova_jax import trainer
+from jova_jax.media import io as media
 from jova_jax.eval import contact_sheet
 from tests.conftest import load
 from tests.datasets import write_random_dataset

@@ -11,7 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, config_lib, files, media, sampling
+from jova_jax import checkpoint, config_lib, files, sampling
+from jova_jax.media import io as media
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
 from tests.conftest import REPO, load
