@@ -17,10 +17,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jova_jax import cli, config_lib, objective, perf, trainer
+from jova_jax import cli, config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import loop, objective, perf
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
@@ -80,8 +81,8 @@ def bench_model(config) -> None:
   mesh = mesh_lib.make_mesh(config)
   graphdef, _, _ = sharded.split_abstract(config)
   params = sharded.init_params(config, mesh, seed=0)
-  batch = trainer.model_inputs(SyntheticIterator(config, seed=0).batch(0))
-  batch = jax.device_put(batch, trainer.build_program(config, mesh).batch_sharding)
+  batch = loop.model_inputs(SyntheticIterator(config, seed=0).batch(0))
+  batch = jax.device_put(batch, loop.build_program(config, mesh).batch_sharding)
   grad = jax.jit(jax.value_and_grad(
       lambda p, b: objective.training_loss(graphdef, p, b, jax.random.key(0), config)[0]))
   with jax.set_mesh(mesh):
@@ -91,13 +92,13 @@ def bench_model(config) -> None:
 
 def bench_train(config) -> None:
   mesh = mesh_lib.make_mesh(config)
-  program = trainer.build_program(config, mesh)
-  state = trainer.init_state(program)
-  step = trainer.compile_train_step(program)
+  program = loop.build_program(config, mesh)
+  state = loop.init_state(program)
+  step = loop.compile_train_step(program)
   mem = step.memory_analysis()
   data = SyntheticIterator(config, seed=0)
   sharding = program.batch_sharding
-  batches = [jax.device_put(trainer.model_inputs(data.batch(i)), sharding) for i in range(2)]
+  batches = [jax.device_put(loop.model_inputs(data.batch(i)), sharding) for i in range(2)]
   holder = {"state": state, "i": 0}
 
   def one_step():
@@ -129,7 +130,7 @@ def bench_train(config) -> None:
 def _forward_and_grad(config, program, batch) -> dict:
   """Timed calls of the training loss alone and with its gradient, on the step's params
   (a copy: the step donates its state) and the same sharded batch."""
-  params = trainer.init_state(program)["params"]
+  params = loop.init_state(program)["params"]
   key = jax.random.key(0)
   loss = lambda p, b: objective.training_loss(program.graphdef, p, b, key, config)  # noqa: E731
   forward, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss, has_aux=True))

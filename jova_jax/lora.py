@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from jova_jax import checkpoint, cli, finetune, sampling
+from jova_jax import cli, sampling
 from jova_jax.errors import UserError
 from jova_jax.model import lora
+from jova_jax.training import checkpoint, finetune
 
 def merged_config(config) -> ml_collections.ConfigDict:
   """The run's config as a plain run: no adapters, nothing frozen, no base."""

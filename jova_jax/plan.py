@@ -24,11 +24,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jova_jax import cli, config_lib, finetune
+from jova_jax import cli, config_lib
 from jova_jax.model import attention, summary
 from jova_jax.model.sharded import split_abstract
-from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.parallel import remat, rules
+from jova_jax.parallel import mesh as mesh_lib, remat, rules
+from jova_jax.training import finetune
 
 GIB = 2**30
 
@@ -284,7 +284,7 @@ def compile_for_tpu(config, topology: str, num_slices: int = 1):
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
 
-  from jova_jax import trainer  # heavy (orbax, grain); only needed here
+  from jova_jax.training import loop
 
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                       **({"num_slices": num_slices} if num_slices > 1 else {}))
@@ -292,7 +292,7 @@ def compile_for_tpu(config, topology: str, num_slices: int = 1):
   if config.parallel.attention_kernel == "auto":
     config.parallel.attention_kernel = "splash"
   mesh = mesh_lib.make_mesh(config, devices=topo.devices)
-  return trainer.compile_train_step(trainer.build_program(config, mesh))
+  return loop.compile_train_step(loop.build_program(config, mesh))
 
 
 def format_memory_analysis(mem) -> str:

@@ -49,7 +49,8 @@ flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VA
 
 def main(argv):
   del argv
-  from jova_jax import metrics, sampling
+  from jova_jax import sampling
+  from jova_jax.training import metrics
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:

@@ -22,13 +22,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, codecs, config_lib, files, finetune, flow, text
-from jova_jax.media import io as media
+from jova_jax import codecs, config_lib, files, flow, text
 from jova_jax.data import latent_norm
-from jova_jax.text import base as text_base
 from jova_jax.errors import UserError
+from jova_jax.media import io as media
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.text import base as text_base
+from jova_jax.training import checkpoint, finetune
 
 BATCH_AXES = ("data", "fsdp")
 CAPTION_FIELDS = ("video_caption", "audio_caption", "transcript")

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from data_prep import shards
-from jova_jax import codecs, config_lib, preview, sampling, trainer
-from jova_jax.media import io as media
+from jova_jax import codecs, config_lib, sampling
 from jova_jax.data import features, latent_norm, pipeline
+from jova_jax.media import io as media
+from jova_jax.training import loop, preview
 from tests.conftest import load
 from tests.datasets import make_examples
 
@@ -154,7 +155,7 @@ def measured_run(tmp_path_factory):
   config.checkpoint.update(every_steps=2)
   config.eval.update(every_steps=0)
   workdir = str(tmp / "work")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   want = pipeline.open_source(config, "train").latent_norm
   source = pipeline.open_source(config, "eval")
   stored = [_stored(source, i) for i in range(2)]

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jova_jax import codecs, config_lib, flow, sampling, trainer
+from jova_jax import codecs, config_lib, flow, sampling
 from jova_jax.data import features
+from jova_jax.training import loop
 from tests.conftest import load
 
 # Measured on 2 CPU cores: 26-29 dB for the trained model, 6-18 dB for the broken samplers.
@@ -75,7 +76,7 @@ def overfit_run(tmp_path_factory):
   features.write_dataset(str(directory / "ds"), config, {"train": examples, "eval": examples})
   config.data.dir = str(directory / "ds")
   workdir = str(directory / "run")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   return workdir, examples
 
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jova_jax import config_lib, finetune, trainer
+from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import lora, sharded
 from jova_jax.model.jova import JoVA
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import finetune, loop
 from tests.conftest import load
 
 
@@ -104,19 +105,19 @@ def test_merged_equals_unmerged():
 def _steps(config, devices, steps=2, state=None):
   """(initial state, state after `steps` train steps) on a mesh over `devices`, numpy."""
   mesh = mesh_lib.make_mesh(config, devices=devices)
-  program = trainer.build_program(config, mesh)
+  program = loop.build_program(config, mesh)
   if state is None:  # a fresh state on a base with open gates (see _params)
-    state = jax.device_get(trainer.init_state(program))
+    state = jax.device_get(loop.init_state(program))
     base = finetune.flatten(_params(config_without_lora(config)))
     state["frozen"] = finetune.frozen_like(finetune.unflatten(
         {k: base[k] for k in finetune.flatten(state["frozen"])}), config)
   state0 = jax.device_put(state, program.state_shardings)
-  step = trainer.compile_train_step(program)
+  step = loop.compile_train_step(program)
   data = SyntheticIterator(config, seed=3)
   out = state0
   host0 = jax.device_get(state0)
   for i in range(steps):
-    batch = jax.device_put(trainer.model_inputs(data.batch(i)), program.batch_sharding)
+    batch = jax.device_put(loop.model_inputs(data.batch(i)), program.batch_sharding)
     with jax.set_mesh(mesh):
       out, metrics = step(out, batch)
   assert np.isfinite(float(metrics["loss"]))

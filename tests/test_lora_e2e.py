@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import finetune, lora as lora_cli, sampling, trainer
+from jova_jax import lora as lora_cli, sampling
 from jova_jax.errors import UserError
+from jova_jax.training import finetune, loop
 from tests.conftest import load
 from tests.datasets import write_random_dataset
 
@@ -56,17 +57,17 @@ def test_base_then_lora_then_sample_then_merge(tmp_path):
   # lr 1e-2: a few steps open the adaLN-zero gates, through which the adapters get gradients.
   base = _config(dataset, steps=4, lr=1e-2, warmup_steps=0)
   base.eval.every_steps = 4
-  trainer.train(base, base_run)
+  loop.train(base, base_run)
 
   tuned = _config(dataset, steps=15, lr=3e-2, warmup_steps=0, schedule="constant")
   tuned.model.lora.update(rank=8, alpha=8.0, targets=("qkv", "out", "mlp", "embedders"))
   tuned.eval.every_steps = 15
   tuned.checkpoint.every_steps = 15
   with pytest.raises(UserError, match="model.lora.rank=8: expected --init_from=BASE_RUN"):
-    trainer.train(tuned, lora_run)
-  trainer.train(tuned, lora_run, init_from=base_run)
+    loop.train(tuned, lora_run)
+  loop.train(tuned, lora_run, init_from=base_run)
   tuned.train.steps = 30
-  trainer.train(tuned, lora_run)  # resumes at 15: the base comes from the recorded reference
+  loop.train(tuned, lora_run)  # resumes at 15: the base comes from the recorded reference
   assert [m["step"] for m in _metrics(lora_run) if "loss" in m] == list(range(1, 31))
   # Fixed-sigma loss on the two clips: the base (= the LoRA run at step 0), then after 15 and
   # 30 steps (measured 36.08 -> 34.56 -> 34.34 on random latents).

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jova_jax import flow, losses
+from jova_jax import flow
 from jova_jax.codecs import pixel_mask_to_latent
 from jova_jax.model import embeddings as emb
+from jova_jax.training import losses
 from tests.conftest import load
 
 

@@ -11,10 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, config_lib, files, sampling
+from jova_jax import config_lib, files, sampling
 from jova_jax.media import io as media
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import checkpoint
 from tests.conftest import REPO, load
 
 CAPTIONS = {"video_caption": "A woman talks to the camera.",

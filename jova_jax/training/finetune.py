@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jova_jax import checkpoint
 from jova_jax.config_lib import ConfigError
 from jova_jax.errors import UserError
 from jova_jax.model import lora
+from jova_jax.training import checkpoint
 
 ADAPTER = re.compile(r"(^|/)lora/[ab]$")  # the param paths of LoRA adapters
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -22,14 +22,15 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import checkpoint, cli, config_lib, files, finetune, objective, optim, perf, preview
+from jova_jax import cli, config_lib, files
 from jova_jax.data import pipeline
 from jova_jax.errors import UserError
-from jova_jax.metrics import MetricsWriter
 from jova_jax.model import sharded, summary
 from jova_jax.model.jova import JoVA
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.preemption import PreemptionWatcher
+from jova_jax.training import checkpoint, finetune, objective, optim, perf, preview
+from jova_jax.training.metrics import MetricsWriter
+from jova_jax.training.preemption import PreemptionWatcher
 
 # Batch keys the model consumes (the pipeline also yields record_index for bookkeeping).
 MODEL_KEYS = ("video", "audio", "mouth_mask", "text", "text_mask", "drop_text", "use_first_frame")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jova_jax import flow, losses
+from jova_jax import flow
 from jova_jax.model import lora
 from jova_jax.model.sharded import apply
+from jova_jax.training import losses
 
 _DROPOUT_SALT = 0x10AA
 

@@ -19,9 +19,9 @@ import numpy as np
 from absl import logging
 
 from jova_jax import codecs, config_lib, sampling
-from jova_jax.media import io as media
 from jova_jax.data import pipeline
 from jova_jax.eval import contact_sheet
+from jova_jax.media import io as media
 
 
 def _preview_split(config) -> str:

@@ -22,7 +22,7 @@ from etils import epath
 from flax import nnx
 
 from jova_jax.errors import UserError
-from jova_jax.preemption import PreemptionWatcher
+from jova_jax.training.preemption import PreemptionWatcher
 
 __all__ = ["Checkpointer", "CheckpointError", "load_params", "format_report", "key_path",
            "PreemptionWatcher"]
