@@ -21,7 +21,7 @@ from jova_jax import cli, config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.training import loop, objective, perf
+from jova_jax.training import objective, perf, state as train_state, steps as train_steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
@@ -81,8 +81,8 @@ def bench_model(config) -> None:
   mesh = mesh_lib.make_mesh(config)
   graphdef, _, _ = sharded.split_abstract(config)
   params = sharded.init_params(config, mesh, seed=0)
-  batch = loop.model_inputs(SyntheticIterator(config, seed=0).batch(0))
-  batch = jax.device_put(batch, loop.build_program(config, mesh).batch_sharding)
+  batch = train_state.model_inputs(SyntheticIterator(config, seed=0).batch(0))
+  batch = jax.device_put(batch, train_state.build_program(config, mesh).batch_sharding)
   grad = jax.jit(jax.value_and_grad(
       lambda p, b: objective.training_loss(graphdef, p, b, jax.random.key(0), config)[0]))
   with jax.set_mesh(mesh):
@@ -92,13 +92,13 @@ def bench_model(config) -> None:
 
 def bench_train(config) -> None:
   mesh = mesh_lib.make_mesh(config)
-  program = loop.build_program(config, mesh)
-  state = loop.init_state(program)
-  step = loop.compile_train_step(program)
+  program = train_state.build_program(config, mesh)
+  state = train_state.init_state(program)
+  step = train_steps.compile_train_step(program)
   mem = step.memory_analysis()
   data = SyntheticIterator(config, seed=0)
   sharding = program.batch_sharding
-  batches = [jax.device_put(loop.model_inputs(data.batch(i)), sharding) for i in range(2)]
+  batches = [jax.device_put(train_state.model_inputs(data.batch(i)), sharding) for i in range(2)]
   holder = {"state": state, "i": 0}
 
   def one_step():
@@ -130,7 +130,7 @@ def bench_train(config) -> None:
 def _forward_and_grad(config, program, batch) -> dict:
   """Timed calls of the training loss alone and with its gradient, on the step's params
   (a copy: the step donates its state) and the same sharded batch."""
-  params = loop.init_state(program)["params"]
+  params = train_state.init_state(program)["params"]
   key = jax.random.key(0)
   loss = lambda p, b: objective.training_loss(program.graphdef, p, b, key, config)  # noqa: E731
   forward, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss, has_aux=True))

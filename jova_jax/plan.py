@@ -284,7 +284,7 @@ def compile_for_tpu(config, topology: str, num_slices: int = 1):
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
 
-  from jova_jax.training import loop
+  from jova_jax.training import state as train_state, steps as train_steps
 
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                       **({"num_slices": num_slices} if num_slices > 1 else {}))
@@ -292,7 +292,7 @@ def compile_for_tpu(config, topology: str, num_slices: int = 1):
   if config.parallel.attention_kernel == "auto":
     config.parallel.attention_kernel = "splash"
   mesh = mesh_lib.make_mesh(config, devices=topo.devices)
-  return loop.compile_train_step(loop.build_program(config, mesh))
+  return train_steps.compile_train_step(train_state.build_program(config, mesh))
 
 
 def format_memory_analysis(mem) -> str:

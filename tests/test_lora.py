@@ -13,7 +13,7 @@ from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import lora, sharded
 from jova_jax.model.jova import JoVA
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.training import finetune, loop
+from jova_jax.training import finetune, state as train_state, steps as train_steps
 from tests.conftest import load
 
 
@@ -105,19 +105,19 @@ def test_merged_equals_unmerged():
 def _steps(config, devices, steps=2, state=None):
   """(initial state, state after `steps` train steps) on a mesh over `devices`, numpy."""
   mesh = mesh_lib.make_mesh(config, devices=devices)
-  program = loop.build_program(config, mesh)
+  program = train_state.build_program(config, mesh)
   if state is None:  # a fresh state on a base with open gates (see _params)
-    state = jax.device_get(loop.init_state(program))
+    state = jax.device_get(train_state.init_state(program))
     base = finetune.flatten(_params(config_without_lora(config)))
     state["frozen"] = finetune.frozen_like(finetune.unflatten(
         {k: base[k] for k in finetune.flatten(state["frozen"])}), config)
   state0 = jax.device_put(state, program.state_shardings)
-  step = loop.compile_train_step(program)
+  step = train_steps.compile_train_step(program)
   data = SyntheticIterator(config, seed=3)
   out = state0
   host0 = jax.device_get(state0)
   for i in range(steps):
-    batch = jax.device_put(loop.model_inputs(data.batch(i)), program.batch_sharding)
+    batch = jax.device_put(train_state.model_inputs(data.batch(i)), program.batch_sharding)
     with jax.set_mesh(mesh):
       out, metrics = step(out, batch)
   assert np.isfinite(float(metrics["loss"]))

@@ -17,7 +17,7 @@ from jova_jax.data import pipeline as data_pipeline
 from jova_jax.errors import UserError
 from jova_jax.media import io as media
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.training import checkpoint, loop
+from jova_jax.training import checkpoint, state as train_state, steps as train_steps
 from tests.conftest import REPO, load, two_processes
 from tests.test_sample import CAPTIONS, pipeline, run_dir  # noqa: F401 (fixtures)
 from tests.test_trainer import _train_cmd, dataset  # noqa: F401 (a fixture)
@@ -224,13 +224,13 @@ def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
 # ------------------------------------------------------------------ hybrid ICI x DCN meshes
 
 def _losses(config, mesh, steps=3):
-  program = loop.build_program(config, mesh)
-  state, step = loop.init_state(program), loop.compile_train_step(program)
+  program = train_state.build_program(config, mesh)
+  state, step = train_state.init_state(program), train_steps.compile_train_step(program)
   batches = data_pipeline.make_train_iterator(config, mesh)
   losses = []
   for _ in range(steps):
     with jax.set_mesh(mesh):
-      state, metrics = step(state, loop.model_inputs(next(batches)))
+      state, metrics = step(state, train_state.model_inputs(next(batches)))
     losses.append(float(metrics["loss"]))
   return losses
 

@@ -15,7 +15,7 @@ import pytest
 
 from jova_jax.data import features, pipeline
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.training import checkpoint, loop
+from jova_jax.training import checkpoint, loop, state as train_state, steps as train_steps
 from tests.conftest import REPO, load, truncate_array_files, two_processes
 from tests.datasets import write_random_dataset
 
@@ -42,7 +42,7 @@ def _metrics(workdir):
 
 def _restore(workdir, config, step=None):
   mesh = mesh_lib.make_mesh(config)
-  program = loop.build_program(config, mesh)
+  program = train_state.build_program(config, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
                                  read_only=True)
   state, data_state, _ = ckpt.restore(program.abstract_state, step)
@@ -233,9 +233,9 @@ def test_a_split_smaller_than_the_batch_trains_and_evaluates(tmp_path):
   (padded,) = list(pipeline.make_eval_iterator(config, mesh))
   np.testing.assert_array_equal(np.asarray(padded["example_valid"]), [1, 1, 1, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(np.asarray(padded["record_index"]), [0, 1, 2, 0, 1, 2, 0, 1])
-  program = loop.build_program(config, mesh)
-  params = loop.init_state(program)["params"]
-  eval_step = loop.compile_eval_step(program)
+  program = train_state.build_program(config, mesh)
+  params = train_state.init_state(program)["params"]
+  eval_step = train_steps.compile_eval_step(program)
   got = loop.run_eval(eval_step, params, [padded], mesh)
   rows = {k: np.asarray(v) for k, v in padded.items()}
   # The padding rows changed to anything leave the losses as they are...
