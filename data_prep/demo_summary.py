@@ -23,9 +23,9 @@ import numpy as np
 from absl import flags
 
 from jova_jax import cli
-from jova_jax.media import io as media
 from jova_jax.errors import UserError
 from jova_jax.eval import contact_sheet, sync
+from jova_jax.media import io as media
 
 _SAMPLES = flags.DEFINE_string("samples", "demo/samples", "Folder of generated mp4s.")
 _REFERENCES = flags.DEFINE_string("references", "demo/references", "Held-out clips as mp4s.")

@@ -31,7 +31,7 @@ def main(argv):
   metrics.quiet_library_logs()
   try:
     loop.train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
-                  strict_resume=_STRICT_RESUME.value)
+               strict_resume=_STRICT_RESUME.value)
   except loop.TrainingDiverged as e:
     logging.error("%s", e)
     raise SystemExit(3) from e

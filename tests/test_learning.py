@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jova_jax import codecs, config_lib, flow, sampling
+from jova_jax import codecs, config_lib, flow
 from jova_jax.data import features
+from jova_jax.sampling import loading, sampler as sampler_lib, solvers
 from jova_jax.training import loop
 from tests.conftest import load
 
@@ -82,15 +83,15 @@ def overfit_run(tmp_path_factory):
 
 def _sample(workdir, examples, **settings_overrides):
   """Decoded frames (S, T, H, W, 3) for SEEDS from the shared prompt, and the two clips'."""
-  config, mesh, graphdef, params = sampling.load_run(workdir)
+  config, mesh, graphdef, params = loading.load_run(workdir)
   shapes = config_lib.latent_shapes(config)
   text = np.zeros((len(SEEDS), shapes.text_tokens, config.text.width), np.float32)
   emb = examples[0]["text_emb"]
   text[:, :len(emb)] = emb
   mask = np.repeat((np.arange(shapes.text_tokens) < len(emb))[None], len(SEEDS), axis=0)
-  cond = sampling.text_conditions(text, mask, shapes)
-  settings = dataclasses.replace(sampling.Settings.from_config(config), **settings_overrides)
-  video, _, _ = sampling.LatentSampler(config, mesh, graphdef, params).sample(cond, SEEDS, settings)
+  cond = sampler_lib.text_conditions(text, mask, shapes)
+  settings = dataclasses.replace(sampler_lib.Settings.from_config(config), **settings_overrides)
+  video, _, _ = sampler_lib.LatentSampler(config, mesh, graphdef, params).sample(cond, SEEDS, settings)
   codec = codecs.get_video_codec(config)
   clips = codec.decode(np.stack([e["video_latent"] for e in examples]))
   return codec.decode(video), clips
@@ -121,7 +122,7 @@ def test_a_broken_sampler_fails_the_same_bound(overfit_run, monkeypatch):
   with monkeypatch.context() as m:
     m.setattr(flow, "data_prediction", lambda out, x, s, cfg: flow.denoised(x, out, s))
     wrong_output = _nearest_psnr(*_sample(workdir, examples))
-  real_plan = flow.solver_plan
+  real_plan = solvers.solver_plan
   with monkeypatch.context() as m:
     m.setattr(flow, "solver_plan", lambda *a: _without_last_step(real_plan(*a)))
     short_schedule = _nearest_psnr(*_sample(workdir, examples))

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import lora as lora_cli, sampling
+from jova_jax import lora as lora_cli
 from jova_jax.errors import UserError
+from jova_jax.sampling import loading, sampler as sampler_lib
 from jova_jax.training import finetune, loop
 from tests.conftest import load
 from tests.datasets import write_random_dataset
@@ -38,14 +39,14 @@ def _eval_loss(workdir):
 
 
 def _sample(run, **kwargs):
-  config, mesh, graphdef, params = sampling.load_run(run, **kwargs)
-  sampler = sampling.LatentSampler(config, mesh, graphdef, params)
+  config, mesh, graphdef, params = loading.load_run(run, **kwargs)
+  sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params)
   shapes = sampler.shapes
   rng = np.random.default_rng(0)
   text = rng.normal(size=(8, shapes.text_tokens, config.text.width)).astype(np.float32)
-  cond = sampling.text_conditions(text, np.ones(text.shape[:2], bool), shapes)
-  settings = sampling.Settings.from_config(config, steps=2, video_guidance=1.0,
-                                           audio_guidance=1.0)
+  cond = sampler_lib.text_conditions(text, np.ones(text.shape[:2], bool), shapes)
+  settings = sampler_lib.Settings.from_config(config, steps=2, video_guidance=1.0,
+                                              audio_guidance=1.0)
   video, audio, _ = sampler.sample(cond, np.arange(8, dtype=np.uint32), settings)
   return video, audio
 
@@ -80,7 +81,7 @@ def test_base_then_lora_then_sample_then_merge(tmp_path):
   assert saved["path"] == os.path.join(base_run, "checkpoints", "4") and saved["step"] == 4
   state_items = os.listdir(os.path.join(lora_run, "checkpoints", "30", "state"))
   assert state_items  # (orbax layout); the params it holds:
-  _, _, _, lora_params = sampling.load_run(lora_run, subtree="params")
+  _, _, _, lora_params = loading.load_run(lora_run, subtree="params")
   assert any(finetune.ADAPTER.search(k) for k in finetune.flatten(lora_params))
 
   lora_out = _sample(lora_run)
@@ -92,8 +93,8 @@ def test_base_then_lora_then_sample_then_merge(tmp_path):
     np.testing.assert_allclose(merged, unmerged, rtol=0, atol=1e-4)
 
   with pytest.raises(UserError, match="model.lora.base.fingerprint: expected 0000"):
-    sampling.load_run(lora_run, overrides=['model.lora.base.fingerprint="0000"'])
+    loading.load_run(lora_run, overrides=['model.lora.base.fingerprint="0000"'])
   with pytest.raises(UserError, match="--out=.*expected a folder without checkpoints"):
     lora_cli.merge(lora_run, merged_run)
   with pytest.raises(UserError, match="--lora_scale=0.5: expected a run with LoRA adapters"):
-    sampling.load_run(merged_run, lora_scale=0.5)
+    loading.load_run(merged_run, lora_scale=0.5)

@@ -17,9 +17,9 @@ import pytest
 
 from data_prep import clips, job, manifest, shards
 from jova_jax import config_lib
+from jova_jax.data import features
 from jova_jax.media import io as media
 from jova_jax.text.base import structured_prompt
-from jova_jax.data import features
 from tests.conftest import REPO, load
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()

@@ -248,5 +248,5 @@ def test_a_split_smaller_than_the_batch_trains_and_evaluates(tmp_path):
     one = {k: np.stack([v[i]] * 8) for k, v in rows.items()}
     one["example_valid"] = np.arange(8) == i  # row i: the same fixed noise as in `padded`
     singles.append(loop.run_eval(eval_step, params, [pipeline.to_global(one, mesh)],
-                                    mesh)["eval_loss_video"])
+                                 mesh)["eval_loss_video"])
   assert got["eval_loss_video"] == pytest.approx(np.mean(singles), rel=1e-4)

@@ -23,8 +23,8 @@ import os
 import cv2
 import numpy as np
 
-from jova_jax.media import io as media
 from jova_jax.errors import UserError
+from jova_jax.media import io as media
 
 SAMPLE_RATE = 16000
 MIN_FACE_FRAC = 0.5

@@ -22,8 +22,7 @@ from jova_jax.data import pipeline
 from jova_jax.errors import UserError
 from jova_jax.model import summary
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.training import checkpoint, finetune, perf, preview
-from jova_jax.training import state as train_state, steps as train_steps
+from jova_jax.training import (checkpoint, finetune, perf, preview, state as train_state, steps as train_steps)
 from jova_jax.training.metrics import MetricsWriter
 from jova_jax.training.preemption import PreemptionWatcher
 
