@@ -220,7 +220,7 @@ def test_fingerprint_is_mesh_independent_and_sees_one_changed_value():
 
 
 def test_plan_counts_frozen_base_apart_from_adapter_state():
-  from jova_jax import plan
+  from jova_jax.tools import plan
   config = lora_config(rank=8)
   config.train.frozen_dtype = "bfloat16"
   shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import plan
+from jova_jax.tools import plan
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib

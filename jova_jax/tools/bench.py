@@ -157,7 +157,7 @@ def _print_breakdown(config, seconds: dict) -> None:
 
 
 def bench_sample(config) -> None:
-  from jova_jax import sample_bench
+  from jova_jax.tools import sample_bench
   sample_bench.bench_sample(config)
 
 
