@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax.tools import plan
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.tools import plan
 from jova_jax.training import objective, state as train_state, steps as train_steps
 from tests.conftest import REPO, load
 
