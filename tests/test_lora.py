@@ -1,4 +1,4 @@
-"""LoRA and frozen-subset fine-tuning (issue 17): the model with fresh adapters equals its base,
+"""LoRA and frozen-subset fine-tuning: the model with fresh adapters equals its base,
 merged equals unmerged, training moves only what train.trainable / LoRA allows, the optimizer
 holds only adapter leaves, and a sharded LoRA step equals the single-device one.
 (The train -> LoRA -> sample -> merge path on a dataset: tests/test_lora_e2e.py.)"""

@@ -1,4 +1,4 @@
-"""The LoRA path end to end on a tiny model (issue 17): train a base -> LoRA-train on two clips
+"""The LoRA path end to end on a tiny model: train a base -> LoRA-train on two clips
 (stopped and resumed) -> the loss on those clips falls -> the sampler loads base + adapters ->
 merge -> sampling the merged run equals sampling the LoRA run."""
 import json

@@ -1,4 +1,4 @@
-"""model.param_dtype (issue 12): bfloat16 params are stored, optimised, averaged and
+"""model.param_dtype: bfloat16 params are stored, optimised, averaged and
 checkpointed in bfloat16, while the model still computes in model.compute_dtype."""
 import jax
 import jax.numpy as jnp

@@ -9,8 +9,8 @@ time of one optimizer step at a stated MFU. The accounting is analytic (shapes a
 logical-axis table only), so it runs anywhere in seconds.
 
 With libtpu importable and a TPU chip named, it also compiles the trainer's real train step
-ahead of time for a TPU topology of that many chips (no TPU needed, DESIGN 6) and prints XLA's
-memory_analysis next to the estimate. libtpu can live outside the venv:
+ahead of time for a TPU topology of that many chips (no TPU needed, docs/design.md section 6)
+and prints XLA's memory_analysis next to the estimate. libtpu can live outside the venv:
 `pip install --target DIR libtpu==0.0.42.1` then `PYTHONPATH=DIR python -m jova_jax.plan ...`.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Fine-tuning: which params train (`train.trainable`, LoRA adapters) and which stay frozen, and
-the base a LoRA run refers to instead of saving it (DESIGN 8).
+the base a LoRA run refers to instead of saving it (docs/design.md section 8).
 
 The train state holds the trainable params in "params" (with their optimizer state and EMA)
 and the frozen ones apart in "frozen" (in `train.frozen_dtype`; absent when nothing is frozen,
