@@ -124,7 +124,7 @@ def test_a_broken_sampler_fails_the_same_bound(overfit_run, monkeypatch):
     wrong_output = _nearest_psnr(*_sample(workdir, examples))
   real_plan = solvers.solver_plan
   with monkeypatch.context() as m:
-    m.setattr(flow, "solver_plan", lambda *a: _without_last_step(real_plan(*a)))
+    m.setattr(solvers, "solver_plan", lambda *a: _without_last_step(real_plan(*a)))
     short_schedule = _nearest_psnr(*_sample(workdir, examples))
   print("broken samplers, PSNR (dB): output read as velocity", np.round(wrong_output, 1),
         "| one step short of sigma 0", np.round(short_schedule, 1))

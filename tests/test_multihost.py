@@ -12,15 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax.sampling import generate
-
-from jova_jax.sampling import prompts as prompt_lib
-
 from jova_jax.data import pipeline as data_pipeline
 from jova_jax.errors import UserError
 from jova_jax.media import io as media
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.sampling import sampler as sampler_lib
+from jova_jax.sampling import generate, prompts as prompt_lib, sampler as sampler_lib
 from jova_jax.training import checkpoint, state as train_state, steps as train_steps
 from tests.conftest import REPO, load, two_processes
 from tests.test_sample import CAPTIONS, pipeline, run_dir  # noqa: F401 (fixtures)

@@ -1,4 +1,4 @@
-"""The batched sampler (jova_jax/sampling.py, jova_jax/sample.py) on the tiny config and 8 fake
+"""The batched sampler (jova_jax/sampling/, jova_jax/sample.py) on the tiny config and 8 fake
 CPU devices, from a checkpoint of a random-init train state in the trainer's layout."""
 import json
 import os
