@@ -36,18 +36,6 @@ def sample_modality_sigmas(key, batch: int, flow_cfg):
   return jnp.where(clean_video, 0.0, sigma), jnp.where(clean_audio, 0.0, sigma)
 
 
-def sample_modality_sigmas(key, batch: int, flow_cfg):
-  """(sigma_video, sigma_audio), (B,) each: one shared sigma per example; with probability
-  p_clean_audio the audio is kept clean (sigma 0, an audio-to-video example), with
-  p_clean_video the video is (video-to-audio). The two never both happen."""
-  k_sigma, k_mode = jax.random.split(key)
-  sigma = sample_sigma(k_sigma, (batch,), flow_cfg)
-  u = jax.random.uniform(k_mode, (batch,))
-  clean_audio = u < flow_cfg.p_clean_audio
-  clean_video = (u >= flow_cfg.p_clean_audio) & (u < flow_cfg.p_clean_audio + flow_cfg.p_clean_video)
-  return jnp.where(clean_video, 0.0, sigma), jnp.where(clean_audio, 0.0, sigma)
-
-
 def add_noise(x0, eps, sigma):
   """x_s = (1 - s) x0 + s eps, sigma (B,) broadcast over the rest."""
   s = per_example(sigma, x0).astype(x0.dtype)
