@@ -96,7 +96,7 @@ def get_config():
 
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds",           # 'tfds' (prepared dataset, DESIGN 4) | 'synthetic' (real shapes, noise)
+      source="tfds",           # 'tfds' (prepared dataset, docs/design.md 4) | 'synthetic' (real shapes, noise)
       dir="",                  # prepared dataset directory (tfds.builder_from_directory)
       train_split="train",
       eval_split="eval",

@@ -1,6 +1,6 @@
 """One raw clip -> fixed-size frames, audio and mouth boxes (runs in worker processes).
 
-Decoding and resampling is jova_jax.media's (the sampler and eval.sync read clips the same
+Decoding and resampling is jova_jax.media.io's (the sampler and eval.sync read clips the same
 way). Everything here is numpy / OpenCV / ffmpeg; nothing imports JAX, so a worker pool stays
 cheap.
 """
@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-from jova_jax import faces, media
+from jova_jax.media import faces
+from jova_jax.media import io as media
 
 
 class ClipRejected(Exception):

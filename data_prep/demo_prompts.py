@@ -18,8 +18,9 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jova_jax import cli, codecs, config_lib, media
+from jova_jax import cli, codecs, config_lib
 from jova_jax.data import pipeline
+from jova_jax.media import io as media
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config of the demo run.")
 _DATASET = flags.DEFINE_string("dataset", "demo/dataset", "Prepared dataset directory.")

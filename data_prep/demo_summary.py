@@ -22,9 +22,10 @@ import cv2
 import numpy as np
 from absl import flags
 
-from jova_jax import cli, media
+from jova_jax import cli
 from jova_jax.errors import UserError
 from jova_jax.eval import contact_sheet, sync
+from jova_jax.media import io as media
 
 _SAMPLES = flags.DEFINE_string("samples", "demo/samples", "Folder of generated mp4s.")
 _REFERENCES = flags.DEFINE_string("references", "demo/references", "Held-out clips as mp4s.")
@@ -42,7 +43,7 @@ def face_fraction(frames: np.ndarray, size: int, tracker) -> float:
 
 
 def faces_report(paths: list[str], size: int) -> dict[str, float]:
-  from jova_jax import faces
+  from jova_jax.media import faces
   tracker = faces.MouthTracker(detect_every=1)
   return {p: face_fraction(media.read_frames(p)[0], size, tracker) for p in paths}
 

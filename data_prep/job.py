@@ -94,64 +94,83 @@ def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, sha
   encoders = encode.Encoders(config, batch_size)
   source = prepared_from(input_path, eval_fraction, options, encoders)
   shards.check_replace(out_dir, source, overwrite)
-  dataset_features = features.dataset_features(config)
-  stage = shards.ShardStage(out_dir, shard_index, num_shards)
-  clock = shards.StageClock(options.frames)
-  stats = shards.LatentStats()  # of the train split, for the codecs that do not normalise
-  norm_sources = {"video": latent_norm.source_for(encoders.video),
-                  "audio": latent_norm.source_for(encoders.audio)}
-  kept = collections.Counter()
+  writer = _ShardWriter(
+      encoders=encoders, splits=splits, stage=shards.ShardStage(out_dir, shard_index, num_shards),
+      dataset_features=features.dataset_features(config), clock=shards.StageClock(options.frames),
+      total=len(mine), norm_sources={"video": latent_norm.source_for(encoders.video),
+                                     "audio": latent_norm.source_for(encoders.audio)})
+  _prepare_and_write(mine, writer, options, workers, batch_size)
+  report = {"shard_index": shard_index, "num_shards": num_shards, "input": input_path,
+            "clips": len(mine), "kept": dict(writer.kept), **encoders.metadata(),
+            "prepared_from": source, "latent_norm_sources": writer.norm_sources,
+            "latent_stats": writer.stats.to_json(), "timings": writer.clock.to_json()}
+  writer.stage.commit(report)
+  return report
 
-  def write_batch(batch):
+
+@dataclasses.dataclass
+class _ShardWriter:
+  """Encodes batches of prepared clips and writes them to this shard's splits."""
+  encoders: encode.Encoders
+  splits: dict  # clip_id -> split
+  stage: shards.ShardStage
+  dataset_features: object
+  clock: shards.StageClock
+  total: int  # the clips of this shard
+  norm_sources: dict
+  # Of the train split, for the codecs that do not normalise.
+  stats: shards.LatentStats = dataclasses.field(default_factory=shards.LatentStats)
+  kept: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def write(self, batch) -> None:
     start = time.perf_counter()
-    video, audio, mouth = encoders.media([c.frames for _, c in batch], [c.audio for _, c in batch],
-                                         [c.mouth_mask for _, c in batch])
+    video, audio, mouth = self.encoders.media([c.frames for _, c in batch],
+                                              [c.audio for _, c in batch],
+                                              [c.mouth_mask for _, c in batch])
     encoded = time.perf_counter()
     prompts = [structured_prompt(e.captions) for e, _ in batch]
-    text_emb = encoders.prompts(prompts)
+    text_emb = self.encoders.prompts(prompts)
     embedded = time.perf_counter()
     for i, (entry, clip) in enumerate(batch):
-      split = splits[entry.clip_id]
+      split = self.splits[entry.clip_id]
       for name, latents in (("video", video[i]), ("audio", audio[i])):
-        if split == "train" and norm_sources[name] == latent_norm.MEASURED:
-          stats.add(name, latents)
-      stage.writer(split, dataset_features).write({
+        if split == "train" and self.norm_sources[name] == latent_norm.MEASURED:
+          self.stats.add(name, latents)
+      self.stage.writer(split, self.dataset_features).write({
           "video_latent": video[i], "audio_latent": audio[i], "mouth_mask": mouth[i],
           "text_emb": text_emb[i], "caption": prompts[i], "clip_id": entry.clip_id,
           "face_frac": clip.face_frac})
-      kept[split] += 1
-      clock.tick(len(mine))
-    clock.add("encode", encoded - start, len(batch))
-    clock.add("text", embedded - encoded, len(batch))
-    clock.add("write", time.perf_counter() - embedded, len(batch))
+      self.kept[split] += 1
+      self.clock.tick(self.total)
+    self.clock.add("encode", encoded - start, len(batch))
+    self.clock.add("text", embedded - encoded, len(batch))
+    self.clock.add("write", time.perf_counter() - embedded, len(batch))
 
+  def reject(self, entry, reason: str, detail: str) -> None:
+    self.stage.rejects.add(entry.clip_id, entry.path, reason, detail)
+    self.clock.tick(self.total)
+
+
+def _prepare_and_write(mine, writer: _ShardWriter, options, workers: int, batch_size: int):
+  """Clips with captions -> workers -> batches of batch_size -> writer; rejects recorded."""
   todo = []
   for entry in mine:
     problem = manifest.caption_problem(entry)
     if problem:
-      stage.rejects.add(entry.clip_id, entry.path, "caption_missing", problem)
-      clock.tick(len(mine))
+      writer.reject(entry, "caption_missing", problem)
     else:
       todo.append(entry)
   batch = []
   work = functools.partial(clips.prepare_or_reject, options=options)
   for entry, result in prepared_clips(todo, work, workers, window=2 * workers + batch_size):
     if isinstance(result, clips.ClipRejected):
-      stage.rejects.add(entry.clip_id, entry.path, result.reason, result.detail)
-      clock.tick(len(mine))
+      writer.reject(entry, result.reason, result.detail)
       continue
     for name, seconds in result.timings.items():
-      clock.add(name, seconds)
+      writer.clock.add(name, seconds)
     batch.append((entry, result))
     if len(batch) == batch_size:
-      write_batch(batch)
+      writer.write(batch)
       batch = []
   if batch:
-    write_batch(batch)
-
-  report = {"shard_index": shard_index, "num_shards": num_shards, "input": input_path,
-            "clips": len(mine), "kept": dict(kept), **encoders.metadata(), "prepared_from": source,
-            "latent_norm_sources": norm_sources, "latent_stats": stats.to_json(),
-            "timings": clock.to_json()}
-  stage.commit(report)
-  return report
+    writer.write(batch)

@@ -31,9 +31,10 @@ import skimage.data
 from absl import flags, logging
 
 from data_prep import speech
-from jova_jax import cli, faces
-from jova_jax.eval import sync
+from jova_jax import cli
 from jova_jax.errors import UserError
+from jova_jax.eval import sync
+from jova_jax.media import faces
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output folder for clip_NNNNN.mp4 + clip_NNNNN.json.")

@@ -1,4 +1,4 @@
-"""Raw talking clips -> the prepared dataset (DESIGN 4).
+"""Raw talking clips -> the prepared dataset (docs/design.md section 4).
 
   python -m data_prep.prepare --input=CLIPS_DIR_OR_JSONL --output=DATASET_DIR --config=configs/demo.py
   # cluster: one job per shard, then one finalize

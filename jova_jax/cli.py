@@ -1,4 +1,5 @@
-"""The one error boundary of every `python -m` entry point (exit codes: DESIGN 8, README).
+"""The one error boundary of every `python -m` entry point (exit codes: docs/design.md
+section 8, README).
 
   cli.run(main)   # instead of absl's app.run(main)
 

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from jova_jax import checkpoint, cli, finetune, sampling
+from jova_jax import cli
 from jova_jax.errors import UserError
 from jova_jax.model import lora
+from jova_jax.sampling import loading
+from jova_jax.training import checkpoint, finetune
 
 def merged_config(config) -> ml_collections.ConfigDict:
   """The run's config as a plain run: no adapters, nothing frozen, no base."""
@@ -31,14 +33,14 @@ def merged_config(config) -> ml_collections.ConfigDict:
 
 def merge(workdir: str, out: str, lora_scale: float = 1.0) -> str:
   """Writes the merged run to out; returns its step directory."""
-  directory, _ = sampling.locate_checkpoint(workdir)
+  directory, _ = loading.locate_checkpoint(workdir)
   with checkpoint.Checkpointer(directory, every_steps=1, keep=1, read_only=True) as ckpt:
     step = ckpt.latest_step()
   if step is None:
     raise UserError(f"--workdir={workdir}: expected a run with a checkpoint, found none")
   trees = {}
   for subtree in ("params", "ema"):
-    config, mesh, _, params = sampling.load_run(workdir, subtree=subtree, lora_scale=lora_scale)
+    config, mesh, _, params = loading.load_run(workdir, subtree=subtree, lora_scale=lora_scale)
     if not finetune.uses_base(config):
       raise UserError(f"--workdir={workdir}: expected a LoRA run (model.lora.rank > 0), found "
                       f"model.lora.rank={config.model.lora.rank}")

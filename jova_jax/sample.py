@@ -49,33 +49,34 @@ flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VA
 
 def main(argv):
   del argv
-  from jova_jax import metrics, sampling
+  from jova_jax.sampling import generate, loading, prompts as prompt_lib, sampler as sampler_lib
+  from jova_jax.training import metrics
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:
     raise app.UsageError("--prompts and --outdir are required")
-  sampling.check_outdir(FLAGS.outdir)  # before the model loads: a bad folder fails at once
+  generate.check_outdir(FLAGS.outdir)  # before the model loads: a bad folder fails at once
   metrics.quiet_library_logs()
   mesh_lib.initialize_distributed()
   try:
-    config, mesh, graphdef, params = sampling.load_run(
+    config, mesh, graphdef, params = loading.load_run(
         FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights,
         lora_scale=FLAGS.lora_scale)
-    prompts, errors = sampling.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
+    prompts, errors = prompt_lib.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
   except (KeyError, TypeError, ValueError) as e:  # a bad --set or checkpoint entry, named
     cli.fail(cli.one_line(e))
   for e in errors:
     print(e, file=sys.stderr)
-  sampler = sampling.LatentSampler(config, mesh, graphdef, params)
+  sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params)
   batch_size = FLAGS.batch_size or config.sample.get("batch_size", None) or sampler.batch_shards
   if batch_size % sampler.batch_shards:
     cli.fail(f"--batch_size={batch_size} is not a multiple of the mesh's data*fsdp="
              f"{sampler.batch_shards}")
-  settings = sampling.Settings.from_config(
+  settings = sampler_lib.Settings.from_config(
       config, steps=FLAGS.steps, solver=FLAGS.solver, shift=FLAGS.shift,
       video_guidance=FLAGS.video_guidance, audio_guidance=FLAGS.audio_guidance)
-  pipeline = sampling.Pipeline(sampler)
-  records, skipped = sampling.run(pipeline, prompts, FLAGS.outdir, settings, batch_size,
+  pipeline = generate.Pipeline(sampler)
+  records, skipped = generate.run(pipeline, prompts, FLAGS.outdir, settings, batch_size,
                                   log=lambda msg: print(msg, file=sys.stderr))
   if FLAGS.contact_sheet and records and jax.process_index() == 0:  # its own samples
     from jova_jax.eval import contact_sheet

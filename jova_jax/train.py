@@ -11,7 +11,8 @@ workdir); 3 training diverged; 130 / 143 stopped by SIGINT / SIGTERM after savin
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jova_jax import cli, metrics, trainer
+from jova_jax import cli
+from jova_jax.training import loop, metrics
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
@@ -29,9 +30,9 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   metrics.quiet_library_logs()
   try:
-    trainer.train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
-                  strict_resume=_STRICT_RESUME.value)
-  except trainer.TrainingDiverged as e:
+    loop.train(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value,
+               strict_resume=_STRICT_RESUME.value)
+  except loop.TrainingDiverged as e:
     logging.error("%s", e)
     raise SystemExit(3) from e
 

@@ -3,8 +3,8 @@ sample per device match one device with one sample (jova_jax/parallel/rules.py c
 import jax
 import pytest
 
-from jova_jax import trainer
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import state as train_state, steps as train_steps
 from tests.conftest import load
 
 
@@ -17,7 +17,7 @@ def _temporaries_mib(axes: dict, devices: int) -> float:
   config.train.batch_size = devices
   config.mesh.update({**dict(data=1, fsdp=1, context=1, tensor=1), **axes})
   mesh = mesh_lib.make_mesh(config, devices=jax.devices()[:devices])
-  compiled = trainer.compile_train_step(trainer.build_program(config, mesh))
+  compiled = train_steps.compile_train_step(train_state.build_program(config, mesh))
   return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 

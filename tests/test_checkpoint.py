@@ -15,9 +15,8 @@ import optax
 import pytest
 from flax import nnx
 
-from jova_jax import checkpoint, finetune
-from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.parallel import rules
+from jova_jax.parallel import mesh as mesh_lib, rules
+from jova_jax.training import checkpoint, finetune
 from tests.conftest import REPO, load
 
 # name -> (shape, logical axes)

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from jova_jax import checkpoint, trainer
 from jova_jax.data import pipeline
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import checkpoint, state as train_state
 from tests.conftest import REPO, load, truncate_array_files
 from tests.datasets import write_random_dataset
 
@@ -28,11 +28,11 @@ def paths(tmp_path_factory):
   config.data.dir = str(write_random_dataset(root / "ds", config, 8, 2))
   config.data.read_threads = 1
   mesh = mesh_lib.make_mesh(config)
-  program = trainer.build_program(config, mesh)
+  program = train_state.build_program(config, mesh)
   run = root / "run"
   with checkpoint.Checkpointer(run / "checkpoints", every_steps=1, keep=2,
                                async_save=False) as ckpt:
-    ckpt.save(2, trainer.init_state(program), config=config, force=True,
+    ckpt.save(2, train_state.init_state(program), config=config, force=True,
               data_state=pipeline.make_train_iterator(config, mesh).get_state())
   (run / "config.json").write_text(config.to_json_best_effort(indent=2))
   shutil.copytree(run, root / "broken")

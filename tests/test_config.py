@@ -2,9 +2,10 @@
 before anything compiles or writes (the command-line side: tests/test_cli.py)."""
 import pytest
 
-from jova_jax import codecs, config_lib, flow, text
+from jova_jax import codecs, config_lib, text
 from jova_jax.model import attention, attention_kernels, jova
 from jova_jax.parallel import remat
+from jova_jax.sampling import solvers
 from tests.conftest import load
 
 
@@ -23,7 +24,7 @@ def test_enums_match_the_modules_that_read_them():
   assert _names("text.encoder") == list(text.TEXT_ENCODERS)
   assert _names("parallel.context_strategy") == list(attention.STRATEGIES)
   assert _names("parallel.attention_kernel") == list(attention_kernels.KERNELS)
-  assert _names("sample.solver") == list(flow.SOLVERS)
+  assert _names("sample.solver") == list(solvers.SOLVERS)
   assert _names("model.compute_dtype") == list(jova.DTYPES)
   for name in _names("model.remat"):
     remat.policy(name)

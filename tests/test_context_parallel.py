@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, trainer
+from jova_jax.training import checkpoint, loop
 from tests.conftest import REPO, load
 
 
@@ -30,7 +30,7 @@ def _tiny(**overrides):
 @pytest.fixture(scope="module")
 def unsharded_losses(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("context1"))
-  trainer.train(_tiny(**{"mesh.fsdp": 8, "mesh.context": 1}), workdir)
+  loop.train(_tiny(**{"mesh.fsdp": 8, "mesh.context": 1}), workdir)
   return _losses(workdir)
 
 
@@ -39,7 +39,7 @@ def test_context_sharded_training_matches_context_1(unsharded_losses, tmp_path, 
   config = _tiny(**{"mesh.fsdp": 8 // context, "mesh.context": context,
                     "parallel.context_strategy": strategy})
   workdir = str(tmp_path / strategy)
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   np.testing.assert_allclose(_losses(workdir), unsharded_losses, rtol=2e-5)
 
 

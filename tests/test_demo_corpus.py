@@ -9,7 +9,8 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from jova_jax import faces, media
+from jova_jax.media import faces
+from jova_jax.media import io as media
 from tests.conftest import REPO
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()

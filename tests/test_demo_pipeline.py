@@ -8,7 +8,7 @@ import sys
 import cv2
 import pytest
 
-from jova_jax import checkpoint
+from jova_jax.training import checkpoint
 from tests.conftest import REPO, load
 
 

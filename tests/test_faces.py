@@ -1,10 +1,10 @@
-"""jova_jax.faces: dlib face and mouth tracking, mouth masks, box mapping through crop+resize."""
+"""jova_jax.media.faces: dlib face and mouth tracking, mouth masks, box mapping through crop+resize."""
 import cv2
 import numpy as np
 import pytest
 import skimage.data
 
-from jova_jax import faces
+from jova_jax.media import faces
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,8 @@ def _small_face_clip(warp, num_frames=17, face_px=46):
 def test_small_face_in_a_low_resolution_clip_is_kept(talking_face, tmp_path):
   import dlib
   from data_prep import clips
-  from jova_jax import codecs, media
+  from jova_jax import codecs
+  from jova_jax.media import io as media
   from tests.conftest import load
   frames = _small_face_clip(talking_face)
   # Without upsampling dlib misses this face in every frame (the clip used to be rejected).

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from data_prep import shards
-from jova_jax import codecs, config_lib, media, preview, sampling, trainer
+from jova_jax import codecs, config_lib
 from jova_jax.data import features, latent_norm, pipeline
+from jova_jax.media import io as media
+from jova_jax.sampling import generate, loading, prompts as prompt_lib, sampler as sampler_lib
+from jova_jax.training import loop, preview
 from tests.conftest import load
 from tests.datasets import make_examples
 
@@ -153,7 +156,7 @@ def measured_run(tmp_path_factory):
   config.checkpoint.update(every_steps=2)
   config.eval.update(every_steps=0)
   workdir = str(tmp / "work")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   want = pipeline.open_source(config, "train").latent_norm
   source = pipeline.open_source(config, "eval")
   stored = [_stored(source, i) for i in range(2)]
@@ -178,7 +181,7 @@ class _Spy:
 
 def test_the_checkpoint_carries_the_statistics_for_the_sampler(measured_run, tmp_path):
   workdir, want, stored, _, _ = measured_run
-  config, mesh, graphdef, params = sampling.load_run(workdir)  # no dataset folder
+  config, mesh, graphdef, params = loading.load_run(workdir)  # no dataset folder
   assert not os.path.exists(config.data.dir)
   norm = latent_norm.of_run(config)
   for name in latent_norm.MODALITIES:
@@ -186,14 +189,14 @@ def test_the_checkpoint_carries_the_statistics_for_the_sampler(measured_run, tmp
     assert got.source == latent_norm.MEASURED and not got.is_identity
     np.testing.assert_array_equal(got.mean, expected.mean)
     np.testing.assert_array_equal(got.std, expected.std)
-  pipe = sampling.Pipeline(sampling.LatentSampler(config, mesh, graphdef, params),
+  pipe = generate.Pipeline(sampler_lib.LatentSampler(config, mesh, graphdef, params),
                            text_encoder=object())
   pipe.video_codec, pipe.audio_codec = _Spy(pipe.video_codec), _Spy(pipe.audio_codec)
   # The model's outputs are model space; the codecs get them back in codec space.
   video, audio = stored[0]
-  prompt = sampling.Prompt(line=1, name="s", text="t", seed=0)
-  settings = sampling.Settings.from_config(config)
-  pipe.write(str(tmp_path), prompt, sampling.Media(), norm.video.normalize(video),
+  prompt = prompt_lib.Prompt(line=1, name="s", text="t", seed=0)
+  settings = sampler_lib.Settings.from_config(config)
+  pipe.write(str(tmp_path), prompt, generate.Media(), norm.video.normalize(video),
              norm.audio.normalize(audio), settings, {})
   tol = dict(rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pipe.video_codec.seen[0][0], video, **tol)
@@ -201,8 +204,8 @@ def test_the_checkpoint_carries_the_statistics_for_the_sampler(measured_run, tmp
   # Given media are normalised like the training data.
   wave = np.sin(np.linspace(0, 400, pipe.shapes.num_samples)).astype(np.float32) * 0.5
   media.write_wav(str(tmp_path / "speech.wav"), wave, config.audio.sample_rate)
-  given = pipe.media(sampling.Prompt(line=1, name="g", text="t", seed=0,
-                                     audio=str(tmp_path / "speech.wav")))
+  given = pipe.media(prompt_lib.Prompt(line=1, name="g", text="t", seed=0,
+                                       audio=str(tmp_path / "speech.wav")))
   raw = np.asarray(pipe.audio_codec.encode(media.read_audio(
       str(tmp_path / "speech.wav"), config.audio.sample_rate, pipe.shapes.num_samples)[None]))[0]
   np.testing.assert_allclose(given.audio_latent, norm.audio.normalize(raw), **tol)
@@ -213,7 +216,7 @@ def test_preview_decodes_outputs_and_references_in_codec_space(measured_run):
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.dir = moved
   config.eval.update(sample_prompts=2, sample_steps=1)
-  _, mesh, graphdef, params = sampling.load_run(workdir)
+  _, mesh, graphdef, params = loading.load_run(workdir)
   shown = preview.TrainingPreview(config, mesh, graphdef, workdir)
   tol = dict(rtol=1e-5, atol=1e-5)
   codec = codecs.get_video_codec(config)

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import skimage.data
 
-from jova_jax import codecs, config_lib, flow, sampling, trainer
+from jova_jax import codecs, config_lib, flow
 from jova_jax.data import features
+from jova_jax.sampling import loading, sampler as sampler_lib, solvers
+from jova_jax.training import loop
 from tests.conftest import load
 
 # Measured on 2 CPU cores: 26-29 dB for the trained model, 6-18 dB for the broken samplers.
@@ -75,21 +77,21 @@ def overfit_run(tmp_path_factory):
   features.write_dataset(str(directory / "ds"), config, {"train": examples, "eval": examples})
   config.data.dir = str(directory / "ds")
   workdir = str(directory / "run")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   return workdir, examples
 
 
 def _sample(workdir, examples, **settings_overrides):
   """Decoded frames (S, T, H, W, 3) for SEEDS from the shared prompt, and the two clips'."""
-  config, mesh, graphdef, params = sampling.load_run(workdir)
+  config, mesh, graphdef, params = loading.load_run(workdir)
   shapes = config_lib.latent_shapes(config)
   text = np.zeros((len(SEEDS), shapes.text_tokens, config.text.width), np.float32)
   emb = examples[0]["text_emb"]
   text[:, :len(emb)] = emb
   mask = np.repeat((np.arange(shapes.text_tokens) < len(emb))[None], len(SEEDS), axis=0)
-  cond = sampling.text_conditions(text, mask, shapes)
-  settings = dataclasses.replace(sampling.Settings.from_config(config), **settings_overrides)
-  video, _, _ = sampling.LatentSampler(config, mesh, graphdef, params).sample(cond, SEEDS, settings)
+  cond = sampler_lib.text_conditions(text, mask, shapes)
+  settings = dataclasses.replace(sampler_lib.Settings.from_config(config), **settings_overrides)
+  video, _, _ = sampler_lib.LatentSampler(config, mesh, graphdef, params).sample(cond, SEEDS, settings)
   codec = codecs.get_video_codec(config)
   clips = codec.decode(np.stack([e["video_latent"] for e in examples]))
   return codec.decode(video), clips
@@ -120,9 +122,9 @@ def test_a_broken_sampler_fails_the_same_bound(overfit_run, monkeypatch):
   with monkeypatch.context() as m:
     m.setattr(flow, "data_prediction", lambda out, x, s, cfg: flow.denoised(x, out, s))
     wrong_output = _nearest_psnr(*_sample(workdir, examples))
-  real_plan = flow.solver_plan
+  real_plan = solvers.solver_plan
   with monkeypatch.context() as m:
-    m.setattr(flow, "solver_plan", lambda *a: _without_last_step(real_plan(*a)))
+    m.setattr(solvers, "solver_plan", lambda *a: _without_last_step(real_plan(*a)))
     short_schedule = _nearest_psnr(*_sample(workdir, examples))
   print("broken samplers, PSNR (dB): output read as velocity", np.round(wrong_output, 1),
         "| one step short of sigma 0", np.round(short_schedule, 1))

@@ -1,4 +1,4 @@
-"""LoRA and frozen-subset fine-tuning (issue 17): the model with fresh adapters equals its base,
+"""LoRA and frozen-subset fine-tuning: the model with fresh adapters equals its base,
 merged equals unmerged, training moves only what train.trainable / LoRA allows, the optimizer
 holds only adapter leaves, and a sharded LoRA step equals the single-device one.
 (The train -> LoRA -> sample -> merge path on a dataset: tests/test_lora_e2e.py.)"""
@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jova_jax import config_lib, finetune, trainer
+from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import lora, sharded
 from jova_jax.model.jova import JoVA
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import finetune, state as train_state, steps as train_steps
 from tests.conftest import load
 
 
@@ -104,19 +105,19 @@ def test_merged_equals_unmerged():
 def _steps(config, devices, steps=2, state=None):
   """(initial state, state after `steps` train steps) on a mesh over `devices`, numpy."""
   mesh = mesh_lib.make_mesh(config, devices=devices)
-  program = trainer.build_program(config, mesh)
+  program = train_state.build_program(config, mesh)
   if state is None:  # a fresh state on a base with open gates (see _params)
-    state = jax.device_get(trainer.init_state(program))
+    state = jax.device_get(train_state.init_state(program))
     base = finetune.flatten(_params(config_without_lora(config)))
     state["frozen"] = finetune.frozen_like(finetune.unflatten(
         {k: base[k] for k in finetune.flatten(state["frozen"])}), config)
   state0 = jax.device_put(state, program.state_shardings)
-  step = trainer.compile_train_step(program)
+  step = train_steps.compile_train_step(program)
   data = SyntheticIterator(config, seed=3)
   out = state0
   host0 = jax.device_get(state0)
   for i in range(steps):
-    batch = jax.device_put(trainer.model_inputs(data.batch(i)), program.batch_sharding)
+    batch = jax.device_put(train_state.model_inputs(data.batch(i)), program.batch_sharding)
     with jax.set_mesh(mesh):
       out, metrics = step(out, batch)
   assert np.isfinite(float(metrics["loss"]))
@@ -219,7 +220,7 @@ def test_fingerprint_is_mesh_independent_and_sees_one_changed_value():
 
 
 def test_plan_counts_frozen_base_apart_from_adapter_state():
-  from jova_jax import plan
+  from jova_jax.tools import plan
   config = lora_config(rank=8)
   config.train.frozen_dtype = "bfloat16"
   shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1}

@@ -1,4 +1,4 @@
-"""The LoRA path end to end on a tiny model (issue 17): train a base -> LoRA-train on two clips
+"""The LoRA path end to end on a tiny model: train a base -> LoRA-train on two clips
 (stopped and resumed) -> the loss on those clips falls -> the sampler loads base + adapters ->
 merge -> sampling the merged run equals sampling the LoRA run."""
 import json
@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import finetune, lora as lora_cli, sampling, trainer
+from jova_jax import lora as lora_cli
 from jova_jax.errors import UserError
+from jova_jax.sampling import loading, sampler as sampler_lib
+from jova_jax.training import finetune, loop
 from tests.conftest import load
 from tests.datasets import write_random_dataset
 
@@ -37,14 +39,14 @@ def _eval_loss(workdir):
 
 
 def _sample(run, **kwargs):
-  config, mesh, graphdef, params = sampling.load_run(run, **kwargs)
-  sampler = sampling.LatentSampler(config, mesh, graphdef, params)
+  config, mesh, graphdef, params = loading.load_run(run, **kwargs)
+  sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params)
   shapes = sampler.shapes
   rng = np.random.default_rng(0)
   text = rng.normal(size=(8, shapes.text_tokens, config.text.width)).astype(np.float32)
-  cond = sampling.text_conditions(text, np.ones(text.shape[:2], bool), shapes)
-  settings = sampling.Settings.from_config(config, steps=2, video_guidance=1.0,
-                                           audio_guidance=1.0)
+  cond = sampler_lib.text_conditions(text, np.ones(text.shape[:2], bool), shapes)
+  settings = sampler_lib.Settings.from_config(config, steps=2, video_guidance=1.0,
+                                              audio_guidance=1.0)
   video, audio, _ = sampler.sample(cond, np.arange(8, dtype=np.uint32), settings)
   return video, audio
 
@@ -56,17 +58,17 @@ def test_base_then_lora_then_sample_then_merge(tmp_path):
   # lr 1e-2: a few steps open the adaLN-zero gates, through which the adapters get gradients.
   base = _config(dataset, steps=4, lr=1e-2, warmup_steps=0)
   base.eval.every_steps = 4
-  trainer.train(base, base_run)
+  loop.train(base, base_run)
 
   tuned = _config(dataset, steps=15, lr=3e-2, warmup_steps=0, schedule="constant")
   tuned.model.lora.update(rank=8, alpha=8.0, targets=("qkv", "out", "mlp", "embedders"))
   tuned.eval.every_steps = 15
   tuned.checkpoint.every_steps = 15
   with pytest.raises(UserError, match="model.lora.rank=8: expected --init_from=BASE_RUN"):
-    trainer.train(tuned, lora_run)
-  trainer.train(tuned, lora_run, init_from=base_run)
+    loop.train(tuned, lora_run)
+  loop.train(tuned, lora_run, init_from=base_run)
   tuned.train.steps = 30
-  trainer.train(tuned, lora_run)  # resumes at 15: the base comes from the recorded reference
+  loop.train(tuned, lora_run)  # resumes at 15: the base comes from the recorded reference
   assert [m["step"] for m in _metrics(lora_run) if "loss" in m] == list(range(1, 31))
   # Fixed-sigma loss on the two clips: the base (= the LoRA run at step 0), then after 15 and
   # 30 steps (measured 36.08 -> 34.56 -> 34.34 on random latents).
@@ -79,7 +81,7 @@ def test_base_then_lora_then_sample_then_merge(tmp_path):
   assert saved["path"] == os.path.join(base_run, "checkpoints", "4") and saved["step"] == 4
   state_items = os.listdir(os.path.join(lora_run, "checkpoints", "30", "state"))
   assert state_items  # (orbax layout); the params it holds:
-  _, _, _, lora_params = sampling.load_run(lora_run, subtree="params")
+  _, _, _, lora_params = loading.load_run(lora_run, subtree="params")
   assert any(finetune.ADAPTER.search(k) for k in finetune.flatten(lora_params))
 
   lora_out = _sample(lora_run)
@@ -91,8 +93,8 @@ def test_base_then_lora_then_sample_then_merge(tmp_path):
     np.testing.assert_allclose(merged, unmerged, rtol=0, atol=1e-4)
 
   with pytest.raises(UserError, match="model.lora.base.fingerprint: expected 0000"):
-    sampling.load_run(lora_run, overrides=['model.lora.base.fingerprint="0000"'])
+    loading.load_run(lora_run, overrides=['model.lora.base.fingerprint="0000"'])
   with pytest.raises(UserError, match="--out=.*expected a folder without checkpoints"):
     lora_cli.merge(lora_run, merged_run)
   with pytest.raises(UserError, match="--lora_scale=0.5: expected a run with LoRA adapters"):
-    sampling.load_run(merged_run, lora_scale=0.5)
+    loading.load_run(merged_run, lora_scale=0.5)

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jova_jax import flow, losses
+from jova_jax import flow
+
 from jova_jax.codecs import pixel_mask_to_latent
 from jova_jax.model import embeddings as emb
+from jova_jax.training import losses, noising
 from tests.conftest import load
 
 
@@ -92,7 +94,7 @@ def test_patchify_round_trip_and_raster_order():
 def test_sigma_densities(density):
   c = load("tiny").flow
   c.density = density
-  s = np.asarray(flow.sample_sigma(jax.random.key(0), (20000,), c))
+  s = np.asarray(noising.sample_sigma(jax.random.key(0), (20000,), c))
   assert s.min() >= 0 and s.max() <= 1
   if density == "uniform":
     assert abs(s.mean() - 0.5) < 0.01 and abs(s.var() - 1 / 12) < 0.005
@@ -104,16 +106,16 @@ def test_shift_and_noising():
   s = jnp.array([0.0, 0.25, 0.5, 1.0])
   np.testing.assert_allclose(flow.shift_sigma(s, 3.0), [0.0, 0.5, 0.75, 1.0], rtol=1e-6)
   x0, eps = jnp.array([[2.0]]), jnp.array([[-1.0]])
-  xs = flow.add_noise(x0, eps, jnp.array([0.25]))
+  xs = noising.add_noise(x0, eps, jnp.array([0.25]))
   np.testing.assert_allclose(xs, [[0.75 * 2 - 0.25]])
-  v = flow.velocity_target(x0, eps)
+  v = noising.velocity_target(x0, eps)
   np.testing.assert_allclose(flow.denoised(xs, v, jnp.array([0.25])), x0, rtol=1e-6)
 
 
 def test_clean_modalities_are_exclusive_and_at_the_configured_rate():
   c = load("tiny").flow
   c.update(p_clean_audio=0.2, p_clean_video=0.3)
-  sv, sa = flow.sample_modality_sigmas(jax.random.key(1), 20000, c)
+  sv, sa = noising.sample_modality_sigmas(jax.random.key(1), 20000, c)
   sv, sa = np.asarray(sv), np.asarray(sa)
   assert not np.any((sv == 0) & (sa == 0))
   assert abs(np.mean(sa == 0) - 0.2) < 0.015 and abs(np.mean(sv == 0) - 0.3) < 0.015
@@ -131,8 +133,8 @@ def test_x0_prediction_loss_is_the_velocity_loss_with_a_clamped_sigma():
   rng = np.random.default_rng(0)
   x0, eps, out = (jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32) for _ in range(3))
   sigma = jnp.array([0.01, 0.05, 0.4, 1.0])
-  xs = flow.add_noise(x0, eps, sigma)
-  pred, target = flow.loss_pair(out, xs, x0, eps, sigma, _flow_cfg("x0"))
+  xs = noising.add_noise(x0, eps, sigma)
+  pred, target = noising.loss_pair(out, xs, x0, eps, sigma, _flow_cfg("x0"))
   # Where sigma >= the clamp both are the true velocities (x - D) / s and eps - x0 ...
   np.testing.assert_allclose(target[1:], (eps - x0)[1:], atol=1e-5)
   np.testing.assert_allclose(pred[1:], ((xs - out) / sigma[:, None, None])[1:], rtol=1e-5)
@@ -140,7 +142,7 @@ def test_x0_prediction_loss_is_the_velocity_loss_with_a_clamped_sigma():
   weight = 1.0 / np.maximum(np.asarray(sigma), 0.05)[:, None, None]
   np.testing.assert_allclose(pred - target, (x0 - out) * weight, rtol=1e-4, atol=1e-5)
   # The velocity convention passes the output through against eps - x0.
-  pred_v, target_v = flow.loss_pair(out, xs, x0, eps, sigma, _flow_cfg("velocity"))
+  pred_v, target_v = noising.loss_pair(out, xs, x0, eps, sigma, _flow_cfg("velocity"))
   np.testing.assert_array_equal(pred_v, out)
   np.testing.assert_allclose(target_v, eps - x0)
 
@@ -149,7 +151,7 @@ def test_data_prediction_inverts_each_convention():
   rng = np.random.default_rng(1)
   x0, eps = (jnp.asarray(rng.normal(size=(2, 5)), jnp.float32) for _ in range(2))
   sigma = jnp.array([0.3, 0.9])
-  xs = flow.add_noise(x0, eps, sigma)
+  xs = noising.add_noise(x0, eps, sigma)
   # A perfect model of either kind gives back x0 to the solvers.
   np.testing.assert_allclose(flow.data_prediction(eps - x0, xs, sigma, _flow_cfg("velocity")),
                              x0, rtol=1e-5, atol=1e-6)
@@ -187,10 +189,10 @@ def test_x0_with_skip_inverts_and_feeds_the_same_loss():
   rng = np.random.default_rng(3)
   x0, eps, out = (jnp.asarray(rng.normal(size=(3, 4)), jnp.float32) for _ in range(3))
   sigma = jnp.array([0.2, 0.5, 0.9])
-  xs = flow.add_noise(x0, eps, sigma)
+  xs = noising.add_noise(x0, eps, sigma)
   c_skip, c_out = flow.skip_scalings(sigma[:, None], 0.5)
   d = flow.data_prediction(out, xs, sigma, cfg)
   np.testing.assert_allclose(d, c_skip * xs + c_out * out, rtol=1e-6)
   # The loss sees the D the sampler will integrate with.
-  pred, target = flow.loss_pair(out, xs, x0, eps, sigma, cfg)
+  pred, target = noising.loss_pair(out, xs, x0, eps, sigma, cfg)
   np.testing.assert_allclose(pred - target, (x0 - d) / sigma[:, None], rtol=1e-4, atol=1e-5)

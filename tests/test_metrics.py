@@ -3,7 +3,7 @@ import logging as std_logging
 
 from absl import logging
 
-from jova_jax import metrics
+from jova_jax.training import metrics
 
 
 def test_quiet_library_logs_keeps_warnings_and_our_info():
@@ -19,6 +19,6 @@ def test_quiet_library_logs_keeps_warnings_and_our_info():
     assert not keep(record(std_logging.INFO, "/venv/site-packages/orbax/checkpoint/x.py"))
     assert not keep(record(std_logging.INFO, "/venv/site-packages/tensorflow_datasets/y.py"))
     assert keep(record(std_logging.WARNING, "/venv/site-packages/orbax/checkpoint/x.py"))
-    assert keep(record(std_logging.INFO, "/repo/jova_jax/trainer.py"))
+    assert keep(record(std_logging.INFO, "/repo/jova_jax/training/loop.py"))
   finally:
     handler.filters[:] = before

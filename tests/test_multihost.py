@@ -12,10 +12,12 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, media, sampling, trainer
 from jova_jax.data import pipeline as data_pipeline
 from jova_jax.errors import UserError
+from jova_jax.media import io as media
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.sampling import generate, prompts as prompt_lib, sampler as sampler_lib
+from jova_jax.training import checkpoint, state as train_state, steps as train_steps
 from tests.conftest import REPO, load, two_processes
 from tests.test_sample import CAPTIONS, pipeline, run_dir  # noqa: F401 (fixtures)
 from tests.test_trainer import _train_cmd, dataset  # noqa: F401 (a fixture)
@@ -208,9 +210,9 @@ def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
   assert sorted(os.listdir(out)) == sorted(f"{n}.{ext}" for n in names
                                            for ext in ("json", "mp4", "wav"))
   single = tmp_path / "single"
-  prompt_list, _ = sampling.read_prompts(str(prompts), default_seed=0, config=pipeline.config)
-  sampling.run(pipeline, prompt_list, str(single),
-               sampling.Settings.from_config(pipeline.config, steps=2), 4, log=lambda msg: None)
+  prompt_list, _ = prompt_lib.read_prompts(str(prompts), default_seed=0, config=pipeline.config)
+  generate.run(pipeline, prompt_list, str(single),
+               sampler_lib.Settings.from_config(pipeline.config, steps=2), 4, log=lambda msg: None)
   # The same audio up to float reordering (mesh tensor 1 there, 2 here), far from any other prompt's.
   wave = {(d, n): media.read_wav(str(d / f"{n}.wav"))[0] for d in (out, single) for n in names}
   for n in names:
@@ -222,13 +224,13 @@ def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
 # ------------------------------------------------------------------ hybrid ICI x DCN meshes
 
 def _losses(config, mesh, steps=3):
-  program = trainer.build_program(config, mesh)
-  state, step = trainer.init_state(program), trainer.compile_train_step(program)
+  program = train_state.build_program(config, mesh)
+  state, step = train_state.init_state(program), train_steps.compile_train_step(program)
   batches = data_pipeline.make_train_iterator(config, mesh)
   losses = []
   for _ in range(steps):
     with jax.set_mesh(mesh):
-      state, metrics = step(state, trainer.model_inputs(next(batches)))
+      state, metrics = step(state, train_state.model_inputs(next(batches)))
     losses.append(float(metrics["loss"]))
   return losses
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jova_jax import optim, trainer
+from jova_jax.training import optim, state as train_state, steps as train_steps
 from tests.conftest import load
 
 
@@ -20,7 +20,7 @@ def test_accumulated_grads_average_interleaved_micro_batches():
   batch = {"x": jax.random.normal(k[1], (8, 3)), "y": jax.random.normal(k[2], (8,))}
   key = jax.random.key(5)
   (loss, metrics), grads = jax.jit(
-      lambda p, b: trainer.accumulated_grads(_loss, p, b, key, 4))(params, batch)
+      lambda p, b: train_steps.accumulated_grads(_loss, p, b, key, 4))(params, batch)
   # Independent reference: micro-batch i = rows i::4 with key fold_in(key, i), then the mean.
   refs = [jax.value_and_grad(_loss, has_aux=True)(
       params, {n: v[i::4] for n, v in batch.items()}, jax.random.fold_in(key, i)) for i in range(4)]
@@ -33,7 +33,7 @@ def test_one_micro_batch_is_the_plain_gradient():
   params = {"w": jnp.array([1.0, -2.0, 0.5])}
   batch = {"x": jnp.eye(3), "y": jnp.zeros(3)}
   key = jax.random.key(1)
-  _, grads = trainer.accumulated_grads(_loss, params, batch, key, 1)
+  _, grads = train_steps.accumulated_grads(_loss, params, batch, key, 1)
   _, ref = jax.value_and_grad(_loss, has_aux=True)(params, batch, key)
   np.testing.assert_array_equal(grads["w"], ref["w"])
 
@@ -64,9 +64,9 @@ def test_logged_lr_is_the_applied_one_after_a_skipped_step():
   c = load("tiny")
   c.train.update(lr=1.0, warmup_steps=10, batch_size=1)
   c.mesh.update(data=1, fsdp=1, context=1, tensor=1)
-  program = trainer.build_program(c, mesh_lib.make_mesh(c, devices=jax.devices()[:1]))
-  state = trainer.init_state(program)
-  step = jax.jit(trainer.make_train_step(program))
+  program = train_state.build_program(c, mesh_lib.make_mesh(c, devices=jax.devices()[:1]))
+  state = train_state.init_state(program)
+  step = jax.jit(train_steps.make_train_step(program))
   batch = {k: jnp.zeros(x.shape, x.dtype) for k, x in program.abstract_batch().items()}
   bad = dict(batch, video=jnp.full_like(batch["video"], jnp.nan))
   lrs = []

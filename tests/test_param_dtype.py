@@ -1,11 +1,11 @@
-"""model.param_dtype (issue 12): bfloat16 params are stored, optimised, averaged and
+"""model.param_dtype: bfloat16 params are stored, optimised, averaged and
 checkpointed in bfloat16, while the model still computes in model.compute_dtype."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jova_jax import trainer
 from jova_jax.model import sharded
+from jova_jax.training import loop
 from tests.conftest import load
 from tests.datasets import write_random_dataset
 from tests.test_lora import _forward, _inputs, _params
@@ -37,7 +37,7 @@ def test_bf16_params_train_and_checkpoint_in_bf16(tmp_path):
   dataset = write_random_dataset(tmp_path / "ds", load("tiny"), 8, 4)
   config = _bf16(tiny(dataset))
   config.train.steps = 2
-  trainer.train(config, str(tmp_path / "run"))
+  loop.train(config, str(tmp_path / "run"))
   state, _ = _restore(str(tmp_path / "run"), config)
   for part in ("params", "ema"):
     dtypes = {x.dtype for x in jax.tree.leaves(state[part])}

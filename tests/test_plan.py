@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import objective, plan, trainer
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.tools import plan
+from jova_jax.training import objective, state as train_state, steps as train_steps
 from tests.conftest import REPO, load
 
 GIB = 2**30
@@ -40,7 +41,7 @@ def test_remat_policies_and_unrolling_give_the_same_gradients():
   config = load("tiny")
   config.model.dual_blocks = 2  # a loop of two blocks, so unrolling it changes the program
   params = _randomized_params(config)
-  batch = trainer.model_inputs(SyntheticIterator(config, seed=0).batch(0))
+  batch = train_state.model_inputs(SyntheticIterator(config, seed=0).batch(0))
   loss_ref, grads_ref = _grads(config, params, batch)
   for policy, unroll in (("full", 1), ("save_dots", 1), ("none", 2)):
     config.model.remat, config.model.scan_unroll = policy, unroll
@@ -74,8 +75,8 @@ def compiled_state_bytes():
     config = _config_on(axes)
     n = int(np.prod(list(axes.values())))
     mesh = mesh_lib.make_mesh(config, devices=jax.devices()[:n])
-    program = trainer.build_program(config, mesh)
-    step = jax.jit(trainer.make_train_step(program),
+    program = train_state.build_program(config, mesh)
+    step = jax.jit(train_steps.make_train_step(program),
                    in_shardings=(program.state_shardings, program.batch_sharding),
                    out_shardings=(program.state_shardings, None), donate_argnums=0)
     with jax.set_mesh(mesh):

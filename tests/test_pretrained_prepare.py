@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jova_jax import codecs, config_lib, text, trainer
+from jova_jax import codecs, config_lib, text
 from jova_jax.codecs import mmaudio
 from jova_jax.data import features
 from jova_jax.text import t5
+from jova_jax.training import loop
 from tests.conftest import REPO, load
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -153,7 +154,7 @@ def test_mmaudio_without_published_statistics_is_normalised_by_the_pipeline(prep
 def test_trainer_runs_two_steps_on_it(prepared, weights, tmp_path):
   config = _config(weights, prepared)
   workdir = str(tmp_path / "work")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
   assert len(losses) == 2 and np.isfinite(losses).all()

@@ -7,8 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from jova_jax import media, trainer
 from jova_jax.eval import contact_sheet
+from jova_jax.media import io as media
+from jova_jax.training import loop
 from tests.conftest import load
 from tests.datasets import write_random_dataset
 
@@ -38,7 +39,7 @@ def previewed_run(tmp_path_factory):
   config.train.update(steps=4, log_every=2)
   config.eval.update(sample_every_steps=3, sample_prompts=2, sample_steps=2)
   workdir = str(tmp / "run")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   return config, workdir
 
 

@@ -1,4 +1,4 @@
-"""The batched sampler (jova_jax/sampling.py, jova_jax/sample.py) on the tiny config and 8 fake
+"""The batched sampler (jova_jax/sampling/, jova_jax/sample.py) on the tiny config and 8 fake
 CPU devices, from a checkpoint of a random-init train state in the trainer's layout."""
 import json
 import os
@@ -11,9 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, config_lib, files, media, sampling
+from jova_jax import config_lib, files
+from jova_jax.media import io as media
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.sampling import generate, loading, prompts as prompt_lib, sampler as sampler_lib
+from jova_jax.training import checkpoint
 from tests.conftest import REPO, load
 
 CAPTIONS = {"video_caption": "A woman talks to the camera.",
@@ -50,18 +53,18 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(run_dir):
-  config, mesh, graphdef, params = sampling.load_run(run_dir[0])
-  return sampling.Pipeline(sampling.LatentSampler(config, mesh, graphdef, params))
+  config, mesh, graphdef, params = loading.load_run(run_dir[0])
+  return generate.Pipeline(sampler_lib.LatentSampler(config, mesh, graphdef, params))
 
 
 def _prompts(config, records, tmp_path):
   path = tmp_path / "prompts.jsonl"
   path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
-  return sampling.read_prompts(str(path), default_seed=0, config=config)
+  return prompt_lib.read_prompts(str(path), default_seed=0, config=config)
 
 
 def _settings(config, **kw):
-  return sampling.Settings.from_config(config, **kw)
+  return sampler_lib.Settings.from_config(config, **kw)
 
 
 def test_load_run_reads_ema_onto_the_mesh(run_dir, pipeline):
@@ -70,17 +73,17 @@ def test_load_run_reads_ema_onto_the_mesh(run_dir, pipeline):
   for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(ema)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert got.sharding == want.sharding
-  _, _, _, raw = sampling.load_run(run_dir[0], subtree="params")
+  _, _, _, raw = loading.load_run(run_dir[0], subtree="params")
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(raw)[0]),
                                 np.asarray(jax.tree.leaves(params)[0]))
 
 
 def test_missing_checkpoint_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
-    sampling.load_run(str(tmp_path / "nope"))
+    loading.load_run(str(tmp_path / "nope"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    sampling.load_run(str(tmp_path / "empty"))
+    loading.load_run(str(tmp_path / "empty"))
 
 
 def test_prompt_lines(tmp_path):
@@ -108,7 +111,7 @@ def test_prompt_lines(tmp_path):
 
 
 def _cond(pipeline, prompts, given=None):
-  return pipeline.conditions(prompts, given or [sampling.Media() for _ in prompts])
+  return pipeline.conditions(prompts, given or [generate.Media() for _ in prompts])
 
 
 def test_same_seed_same_latents_in_any_batch_position(pipeline, tmp_path):
@@ -128,7 +131,7 @@ def test_same_seed_same_latents_in_any_batch_position(pipeline, tmp_path):
 def _reference(pipeline, cond, seeds, settings, drop_uncond_rows, prediction="velocity"):
   """An independent loop: euler written out with two separate model calls per step; an 'x0'
   model's output D gives the velocity (x - D) / sigma."""
-  from jova_jax import flow
+  from jova_jax.sampling import solvers
   sampler = pipeline.sampler
   shapes = sampler.shapes
   xs = []
@@ -138,7 +141,7 @@ def _reference(pipeline, cond, seeds, settings, drop_uncond_rows, prediction="ve
   x_video = np.stack([x[0] for x in xs])
   x_audio = np.stack([x[1] for x in xs])
   x_audio = np.where(cond["given_audio"][:, None, None], cond["clean_audio"], x_audio)
-  sigmas = flow.timesteps(settings.steps, settings.shift)
+  sigmas = solvers.timesteps(settings.steps, settings.shift)
   b = len(seeds)
   with jax.set_mesh(sampler.mesh):
     def model(xv, xa, s, drop):
@@ -183,9 +186,9 @@ def test_x0_prediction_sampler_matches_the_velocity_it_implies(pipeline, tmp_pat
   the reference loop on the velocities (x - D) / sigma."""
   config = ml_collections.ConfigDict(pipeline.config.to_dict())
   config.flow.prediction = "x0"
-  sampler = sampling.LatentSampler(config, pipeline.sampler.mesh, pipeline.sampler.graphdef,
-                                   pipeline.sampler.params)
-  x0_pipeline = sampling.Pipeline(sampler, text_encoder=pipeline.text_encoder)
+  sampler = sampler_lib.LatentSampler(config, pipeline.sampler.mesh, pipeline.sampler.graphdef,
+                                      pipeline.sampler.params)
+  x0_pipeline = generate.Pipeline(sampler, text_encoder=pipeline.text_encoder)
   prompts, _ = _prompts(config, [CAPTIONS, {"prompt": "A man shouts."}], tmp_path)
   settings = _settings(config, solver="euler", video_guidance=3.0, audio_guidance=0.5)
   seeds = [1, 2, 3, 4]
@@ -242,7 +245,7 @@ def test_run_writes_real_files_and_skips_bad_prompts(pipeline, tmp_path):
   assert not errors
   out = tmp_path / "out"
   (out / "blocked.wav").mkdir(parents=True)  # a write that fails: the other prompts go on
-  records, errors = sampling.run(pipeline, prompts, str(out), _settings(config, steps=2),
+  records, errors = generate.run(pipeline, prompts, str(out), _settings(config, steps=2),
                                  batch_size=4, log=lambda msg: None)
   assert len(records) == 2 and len(errors) == 3
   assert "line 3" in errors[0] and "short.wav" in errors[0] and "0.20 s of audio" in errors[0]

@@ -6,9 +6,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jova_jax import config_lib, objective
+from jova_jax import config_lib
 from jova_jax.model import jova, sharded
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import objective
 from tests.conftest import load
 
 

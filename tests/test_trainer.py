@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from jova_jax import checkpoint, trainer
 from jova_jax.data import features, pipeline
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import checkpoint, loop, state as train_state, steps as train_steps
 from tests.conftest import REPO, load, truncate_array_files, two_processes
 from tests.datasets import write_random_dataset
 
@@ -42,7 +42,7 @@ def _metrics(workdir):
 
 def _restore(workdir, config, step=None):
   mesh = mesh_lib.make_mesh(config)
-  program = trainer.build_program(config, mesh)
+  program = train_state.build_program(config, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
                                  read_only=True)
   state, data_state, _ = ckpt.restore(program.abstract_state, step)
@@ -53,11 +53,11 @@ def _restore(workdir, config, step=None):
 def test_resume_is_exact(dataset, tmp_path):
   config = tiny(dataset)
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  trainer.train(config, straight)
+  loop.train(config, straight)
   half = config.copy_and_resolve_references()
   half.train.steps = 2
-  trainer.train(half, resumed)
-  trainer.train(config, resumed)  # picks up at step 2
+  loop.train(half, resumed)
+  loop.train(config, resumed)  # picks up at step 2
   # config.json is the config that ran last; the one it replaced is kept beside it.
   with open(os.path.join(resumed, "config.json")) as f:
     assert json.load(f)["train"]["steps"] == 4
@@ -88,14 +88,14 @@ def test_checkpoint_restores_onto_another_mesh(dataset, tmp_path):
   config = tiny(dataset)
   config.train.steps = 3
   first = str(tmp_path / "fsdp8")
-  trainer.train(config, first)
+  loop.train(config, first)
   # Continue from step 2 of that run on (data=2, fsdp=2, tensor=2).
   other = str(tmp_path / "mesh222")
   os.makedirs(os.path.join(other, "checkpoints"))
   shutil.copytree(os.path.join(first, "checkpoints", "2"), os.path.join(other, "checkpoints", "2"))
   moved = tiny(dataset, data=2, fsdp=2, tensor=2)
   moved.train.steps = 3
-  trainer.train(moved, other)
+  loop.train(moved, other)
   loss_first = [m["loss"] for m in _metrics(first) if m["step"] == 3]
   loss_moved = [m["loss"] for m in _metrics(other) if m["step"] == 3]
   np.testing.assert_allclose(loss_moved, loss_first, rtol=1e-5)
@@ -107,8 +107,8 @@ def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
   config.loss.lambda_audio = float("inf")  # every loss non-finite (a NaN lr is refused by validate)
   config.checkpoint.every_steps = 1
   workdir = str(tmp_path / "nan")
-  with pytest.raises(trainer.TrainingDiverged, match=r"3 non-finite steps in a row.*max_nonfinite=3"):
-    trainer.train(config, workdir)
+  with pytest.raises(loop.TrainingDiverged, match=r"3 non-finite steps in a row.*max_nonfinite=3"):
+    loop.train(config, workdir)
   # Nothing after the bad steps was saved; what was saved still holds the initial params.
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
                                  read_only=True)
@@ -119,15 +119,15 @@ def test_nonfinite_steps_are_skipped_then_stop(dataset, tmp_path):
 def test_clear_errors_name_the_offending_item(dataset, tmp_path):
   config = tiny(tmp_path / "missing")
   with pytest.raises(features.DatasetError, match="missing"):
-    trainer.train(config, str(tmp_path / "w1"))
+    loop.train(config, str(tmp_path / "w1"))
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(features.DatasetError, match="empty"):
-    trainer.train(tiny(empty), str(tmp_path / "w2"))
+    loop.train(tiny(empty), str(tmp_path / "w2"))
   wrong = tiny(dataset)
   wrong.text.width = 128
   with pytest.raises(features.DatasetError, match="128"):
-    trainer.train(wrong, str(tmp_path / "w3"))
+    loop.train(wrong, str(tmp_path / "w3"))
   # Refused before anything is written (the command-line cases: tests/test_cli.py).
   assert not any((tmp_path / w).exists() for w in ("w1", "w2", "w3"))
 
@@ -179,11 +179,11 @@ def test_truncated_latest_checkpoint_resumes_from_the_step_before(dataset, tmp_p
   the first run's losses, saves step 4 again and keeps each step once in metrics.jsonl."""
   config = tiny(dataset)  # 4 steps, checkpoints at 2 and 4
   workdir = str(tmp_path / "run")
-  trainer.train(config, workdir)
+  loop.train(config, workdir)
   first = _metrics(workdir)
   truncate_array_files(os.path.join(workdir, "checkpoints", "4"))
   with caplog.at_level(logging.WARNING):
-    trainer.train(config, workdir)
+    loop.train(config, workdir)
   assert "checkpoints/4 does not restore" in caplog.text, caplog.text
   assert "resuming from step 2" in caplog.text
   again = _metrics(workdir)
@@ -233,20 +233,20 @@ def test_a_split_smaller_than_the_batch_trains_and_evaluates(tmp_path):
   (padded,) = list(pipeline.make_eval_iterator(config, mesh))
   np.testing.assert_array_equal(np.asarray(padded["example_valid"]), [1, 1, 1, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(np.asarray(padded["record_index"]), [0, 1, 2, 0, 1, 2, 0, 1])
-  program = trainer.build_program(config, mesh)
-  params = trainer.init_state(program)["params"]
-  eval_step = trainer.compile_eval_step(program)
-  got = trainer.run_eval(eval_step, params, [padded], mesh)
+  program = train_state.build_program(config, mesh)
+  params = train_state.init_state(program)["params"]
+  eval_step = train_steps.compile_eval_step(program)
+  got = loop.run_eval(eval_step, params, [padded], mesh)
   rows = {k: np.asarray(v) for k, v in padded.items()}
   # The padding rows changed to anything leave the losses as they are...
   garbage = dict(rows, video=np.where(rows["example_valid"][:, None, None, None, None],
                                       rows["video"], 1e3).astype(np.float32))
-  assert trainer.run_eval(eval_step, params, [pipeline.to_global(garbage, mesh)], mesh) == got
+  assert loop.run_eval(eval_step, params, [pipeline.to_global(garbage, mesh)], mesh) == got
   # ...and the loss is the mean of the 3 real examples' own losses.
   singles = []
   for i in range(3):
     one = {k: np.stack([v[i]] * 8) for k, v in rows.items()}
     one["example_valid"] = np.arange(8) == i  # row i: the same fixed noise as in `padded`
-    singles.append(trainer.run_eval(eval_step, params, [pipeline.to_global(one, mesh)],
-                                    mesh)["eval_loss_video"])
+    singles.append(loop.run_eval(eval_step, params, [pipeline.to_global(one, mesh)],
+                                 mesh)["eval_loss_video"])
   assert got["eval_loss_video"] == pytest.approx(np.mean(singles), rel=1e-4)

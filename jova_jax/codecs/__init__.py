@@ -1,4 +1,4 @@
-"""Video and audio codecs behind one interface (DESIGN 5), chosen by config.
+"""Video and audio codecs behind one interface (docs/design.md section 5), chosen by config.
 
 get_video_codec(config) / get_audio_codec(config) build the codec named by config.video.codec /
 config.audio.codec and refuse one whose properties disagree with the config, so latent shapes

@@ -1,4 +1,4 @@
-"""The codec interfaces (DESIGN 5) and helpers shared by every codec.
+"""The codec interfaces (docs/design.md section 5) and helpers shared by every codec.
 
 A video codec maps uint8 frames (B,T,H,W,3) to float latents (B,T',H',W',C) and back; an
 audio codec maps a float wave (B,S) to (B,La,C) and back. Latents are "codec space": normalised

@@ -78,78 +78,92 @@ def original_name(name: str, arch: Arch) -> str:
   raise KeyError(name)
 
 
-def build_params(arch: Arch, get) -> dict:
-  """The parameter tree; get(diffusers_name, torch_shape) returns a float32 numpy array."""
+class _ParamReader:
+  """Torch-layout tensors (get(diffusers_name, torch_shape) -> float32 numpy) as the JAX
+  network's parameters."""
 
-  def conv3d(name, cin, cout, kernel):  # torch (out,in,kT,kH,kW) -> (kT,kH,kW,in,out)
-    w = get(f"{name}.weight", (cout, cin) + kernel)
+  def __init__(self, get):
+    self.get = get
+
+  def conv3d(self, name, cin, cout, kernel):  # torch (out,in,kT,kH,kW) -> (kT,kH,kW,in,out)
+    w = self.get(f"{name}.weight", (cout, cin) + kernel)
     return dict(w=jnp.asarray(np.transpose(w, (2, 3, 4, 1, 0))),
-                b=jnp.asarray(get(f"{name}.bias", (cout,))))
+                b=jnp.asarray(self.get(f"{name}.bias", (cout,))))
 
-  def conv2d(name, cin, cout):  # torch (out,in,kH,kW) -> (1,kH,kW,in,out)
-    w = get(f"{name}.weight", (cout, cin, 3, 3))
+  def conv2d(self, name, cin, cout):  # torch (out,in,kH,kW) -> (1,kH,kW,in,out)
+    w = self.get(f"{name}.weight", (cout, cin, 3, 3))
     return dict(w=jnp.asarray(np.transpose(w, (2, 3, 1, 0))[None]),
-                b=jnp.asarray(get(f"{name}.bias", (cout,))))
+                b=jnp.asarray(self.get(f"{name}.bias", (cout,))))
 
-  def linear(name, cin, cout):  # 1x1 Conv2d (out,in,1,1) -> (in,out)
-    w = get(f"{name}.weight", (cout, cin, 1, 1))
-    return dict(w=jnp.asarray(w[:, :, 0, 0].T), b=jnp.asarray(get(f"{name}.bias", (cout,))))
+  def linear(self, name, cin, cout):  # 1x1 Conv2d (out,in,1,1) -> (in,out)
+    w = self.get(f"{name}.weight", (cout, cin, 1, 1))
+    return dict(w=jnp.asarray(w[:, :, 0, 0].T), b=jnp.asarray(self.get(f"{name}.bias", (cout,))))
 
-  def gain(name, dim, image=False):
+  def gain(self, name, dim, image=False):
     shape = (dim, 1, 1) if image else (dim, 1, 1, 1)
-    return jnp.asarray(get(f"{name}.gamma", shape).reshape(dim))
+    return jnp.asarray(self.get(f"{name}.gamma", shape).reshape(dim))
 
-  def residual(name, cin, cout):
-    p = dict(norm1=gain(f"{name}.norm1", cin),
-             conv1=conv3d(f"{name}.conv1", cin, cout, (3, 3, 3)),
-             norm2=gain(f"{name}.norm2", cout),
-             conv2=conv3d(f"{name}.conv2", cout, cout, (3, 3, 3)))
+  def residual(self, name, cin, cout):
+    p = dict(norm1=self.gain(f"{name}.norm1", cin),
+             conv1=self.conv3d(f"{name}.conv1", cin, cout, (3, 3, 3)),
+             norm2=self.gain(f"{name}.norm2", cout),
+             conv2=self.conv3d(f"{name}.conv2", cout, cout, (3, 3, 3)))
     if cin != cout:
-      p["shortcut"] = conv3d(f"{name}.conv_shortcut", cin, cout, (1, 1, 1))
+      p["shortcut"] = self.conv3d(f"{name}.conv_shortcut", cin, cout, (1, 1, 1))
     return p
 
-  def middle(name, dim):
-    return dict(res0=residual(f"{name}.resnets.0", dim, dim),
-                attn=dict(norm=gain(f"{name}.attentions.0.norm", dim, image=True),
-                          qkv=linear(f"{name}.attentions.0.to_qkv", dim, 3 * dim),
-                          proj=linear(f"{name}.attentions.0.proj", dim, dim)),
-                res1=residual(f"{name}.resnets.1", dim, dim))
+  def middle(self, name, dim):
+    return dict(res0=self.residual(f"{name}.resnets.0", dim, dim),
+                attn=dict(norm=self.gain(f"{name}.attentions.0.norm", dim, image=True),
+                          qkv=self.linear(f"{name}.attentions.0.to_qkv", dim, 3 * dim),
+                          proj=self.linear(f"{name}.attentions.0.proj", dim, dim)),
+                res1=self.residual(f"{name}.resnets.1", dim, dim))
 
+
+def _encoder_params(r: _ParamReader, arch: Arch) -> dict:
   z, top = arch.z_dim, arch.encoder_out_dim
   down = []
   for j, (kind, a, b) in enumerate(arch.encoder_plan()):
     name = f"encoder.down_blocks.{j}"
     if kind == "res":
-      down.append(residual(name, a, b))
+      down.append(r.residual(name, a, b))
     else:
-      p = dict(resample=conv2d(f"{name}.resample.1", a, a))
+      p = dict(resample=r.conv2d(f"{name}.resample.1", a, a))
       if b:
-        p["time_conv"] = conv3d(f"{name}.time_conv", a, a, (3, 1, 1))
+        p["time_conv"] = r.conv3d(f"{name}.time_conv", a, a, (3, 1, 1))
       down.append(p)
-  encoder = dict(conv_in=conv3d("encoder.conv_in", arch.in_channels, arch.base_dim, (3, 3, 3)),
-                 down=down, mid=middle("encoder.mid_block", top),
-                 norm_out=gain("encoder.norm_out", top),
-                 conv_out=conv3d("encoder.conv_out", top, 2 * z, (3, 3, 3)))
+  return dict(conv_in=r.conv3d("encoder.conv_in", arch.in_channels, arch.base_dim, (3, 3, 3)),
+              down=down, mid=r.middle("encoder.mid_block", top),
+              norm_out=r.gain("encoder.norm_out", top),
+              conv_out=r.conv3d("encoder.conv_out", top, 2 * z, (3, 3, 3)))
+
+
+def _decoder_params(r: _ParamReader, arch: Arch) -> dict:
   up = []
   for i, (cin, cout, upsample) in enumerate(arch.decoder_plan()):
     stage = dict(res=[])
-    for r in range(arch.num_res_blocks + 1):
-      stage["res"].append(residual(f"decoder.up_blocks.{i}.resnets.{r}", cin if r == 0 else cout,
-                                   cout))
+    for k in range(arch.num_res_blocks + 1):
+      stage["res"].append(r.residual(f"decoder.up_blocks.{i}.resnets.{k}",
+                                     cin if k == 0 else cout, cout))
     if upsample is not None:
       name = f"decoder.up_blocks.{i}.upsamplers.0"
-      stage["upsample"] = dict(resample=conv2d(f"{name}.resample.1", cout, cout // 2))
+      stage["upsample"] = dict(resample=r.conv2d(f"{name}.resample.1", cout, cout // 2))
       if upsample[0]:
-        stage["upsample"]["time_conv"] = conv3d(f"{name}.time_conv", cout, 2 * cout, (3, 1, 1))
+        stage["upsample"]["time_conv"] = r.conv3d(f"{name}.time_conv", cout, 2 * cout, (3, 1, 1))
     up.append(stage)
   first_dim, last_dim = arch.decoder_plan()[0][0], arch.decoder_plan()[-1][1]
-  decoder = dict(conv_in=conv3d("decoder.conv_in", z, first_dim, (3, 3, 3)),
-                 mid=middle("decoder.mid_block", first_dim), up=up,
-                 norm_out=gain("decoder.norm_out", last_dim),
-                 conv_out=conv3d("decoder.conv_out", last_dim, arch.in_channels, (3, 3, 3)))
-  return dict(encoder=encoder, decoder=decoder,
-              quant_conv=conv3d("quant_conv", 2 * z, 2 * z, (1, 1, 1)),
-              post_quant_conv=conv3d("post_quant_conv", z, z, (1, 1, 1)))
+  return dict(conv_in=r.conv3d("decoder.conv_in", arch.z_dim, first_dim, (3, 3, 3)),
+              mid=r.middle("decoder.mid_block", first_dim), up=up,
+              norm_out=r.gain("decoder.norm_out", last_dim),
+              conv_out=r.conv3d("decoder.conv_out", last_dim, arch.in_channels, (3, 3, 3)))
+
+
+def build_params(arch: Arch, get) -> dict:
+  """The parameter tree; get(diffusers_name, torch_shape) returns a float32 numpy array."""
+  r, z = _ParamReader(get), arch.z_dim
+  return dict(encoder=_encoder_params(r, arch), decoder=_decoder_params(r, arch),
+              quant_conv=r.conv3d("quant_conv", 2 * z, 2 * z, (1, 1, 1)),
+              post_quant_conv=r.conv3d("post_quant_conv", z, z, (1, 1, 1)))
 
 
 def expected_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:

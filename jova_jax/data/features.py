@@ -1,4 +1,5 @@
-"""The prepared dataset (DESIGN 4): schema, shard writer, finalize, dataset-level metadata.
+"""The prepared dataset (docs/design.md section 4): schema, shard writer, finalize,
+dataset-level metadata.
 
 Layout of a dataset directory after `finalize`:
   jova-<split>.array_record-<i>-of-<n>   ArrayRecord shards, one tf.train.Example per record
@@ -40,7 +41,7 @@ class DatasetError(UserError):
 
 
 def dataset_features(config) -> tfds.features.FeaturesDict:
-  """The TFDS schema of one example (DESIGN 4), shapes from the config."""
+  """The TFDS schema of one example (docs/design.md section 4), shapes from the config."""
   shapes = latent_shapes(config)
   t, h, w, _ = shapes.video
 
@@ -178,7 +179,7 @@ def finalize(out_dir, features: tfds.features.FeaturesDict, metadata: dict) -> N
   metadata["counts"] = counts
   tfds.folder_dataset.write_metadata(
       data_dir=out_dir, features=features, split_infos=split_infos, check_data=False,
-      description="JoVA prepared dataset (jova-jax DESIGN 4)",
+      description="JoVA prepared dataset (jova-jax docs/design.md section 4)",
       metadata=tfds.core.MetadataDict(metadata))
 
 

@@ -23,11 +23,12 @@ Where the statistics live and who applies them:
   pipeline    data/pipeline.decode normalises every record: train and eval batches are model space.
   run         the trainer copies the dataset's statistics into the run's config as
               data.latent_norm, saved in <workdir>/config.json and with every checkpoint, so
-              sampling.load_run finds them without the dataset folder.
-  sampler     sampling.Pipeline normalises the latents of given media (video, audio, first frame)
-              and denormalises the model's outputs before codec.decode; preview.py does the same
-              with the dataset's statistics; data_prep/demo_prompts.py decodes stored records,
-              which are codec space, as they are.
+              sampling.loading.load_run finds them without the dataset folder.
+  sampler     sampling.generate.Pipeline normalises the latents of given media (video, audio,
+              first frame) and denormalises the model's outputs before codec.decode;
+              training/preview.py does the same with the dataset's statistics;
+              data_prep/demo_prompts.py decodes stored records, which are codec space, as
+              they are.
 Absent statistics mean the identity: synthetic data, datasets and runs from before this contract
 (their metadata held flat, never-applied "video_mean"... keys, their configs no data.latent_norm),
 which trained on codec-space latents and are sampled the same way.

@@ -1,4 +1,5 @@
-"""Grain input pipeline: prepared dataset (DESIGN 4) -> global jax batches on the mesh.
+"""Grain input pipeline: prepared dataset (docs/design.md section 4) -> global jax batches on
+the mesh.
 
 train: source -> shuffle(seed) -> repeat -> this process's slice -> decode (float32, latents
 normalised with the dataset's statistics, data/latent_norm.py) -> random drops

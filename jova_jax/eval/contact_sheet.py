@@ -13,7 +13,8 @@ import os
 import cv2
 import numpy as np
 
-from jova_jax import files, media
+from jova_jax import files
+from jova_jax.media import io as media
 
 LABEL_HEIGHT = 16
 MEL_HEIGHT = 56

@@ -23,8 +23,8 @@ import os
 import cv2
 import numpy as np
 
-from jova_jax import media
 from jova_jax.errors import UserError
+from jova_jax.media import io as media
 
 SAMPLE_RATE = 16000
 MIN_FACE_FRAC = 0.5
@@ -119,7 +119,7 @@ class SyncScorer:
   """Scores videos; one dlib tracker for all of them."""
 
   def __init__(self, max_offset_s: float = 0.5, tracker=None):
-    from jova_jax import faces
+    from jova_jax.media import faces
     self.max_offset_s = max_offset_s
     self.tracker = tracker or faces.MouthTracker(detect_every=1)
     self._mouths = {}

@@ -22,11 +22,12 @@ from absl import app, flags
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jova_jax import config_lib, trainer
+from jova_jax import config_lib
 from jova_jax.model import joint_layout
 from jova_jax.model.attention import joint_attention
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.parallel.rules import MESH_AXES
+from jova_jax.training import state as train_state, steps as train_steps
 
 _TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.py")
 TINY_LENGTHS = (19, 8, 8, 20)  # audio, text_a, text_v, video tokens of configs/tiny.py
@@ -68,8 +69,8 @@ def train_step_collectives(strategy: str, context: int) -> collections.Counter:
   config.data.source = "synthetic"
   config.mesh.update(fsdp=8 // context, context=context)
   config.parallel.context_strategy = strategy
-  program = trainer.build_program(config, mesh_lib.make_mesh(config))
-  return count_collectives(trainer.compile_train_step(program).as_text())
+  program = train_state.build_program(config, mesh_lib.make_mesh(config))
+  return count_collectives(train_steps.compile_train_step(program).as_text())
 
 
 def main(argv):

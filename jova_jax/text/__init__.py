@@ -1,4 +1,4 @@
-"""Text encoders behind one interface (DESIGN 5), chosen by config.text.encoder.
+"""Text encoders behind one interface (docs/design.md section 5), chosen by config.text.encoder.
 
 get_text_encoder(config) builds the named encoder and refuses one whose width differs from
 config.text.width. `weights_dir` (default config.weights_dir; '' = the built-in source) is the

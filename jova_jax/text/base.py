@@ -1,4 +1,5 @@
-"""The text-encoder interface (DESIGN 5): prompts -> token-level embeddings + mask."""
+"""The text-encoder interface (docs/design.md section 5): prompts -> token-level embeddings
+and mask."""
 from __future__ import annotations
 
 import abc

@@ -18,9 +18,11 @@ import time
 import numpy as np
 from absl import logging
 
-from jova_jax import codecs, config_lib, media, sampling
+from jova_jax import codecs, config_lib
 from jova_jax.data import pipeline
 from jova_jax.eval import contact_sheet
+from jova_jax.media import io as media
+from jova_jax.sampling import sampler as sampler_lib
 
 
 def _preview_split(config) -> str:
@@ -33,9 +35,9 @@ class TrainingPreview:
 
   def __init__(self, config, mesh, graphdef, workdir: str, tensorboard=None):
     self.config, self.workdir, self.tensorboard = config, workdir, tensorboard
-    self.settings = sampling.Settings.from_config(
+    self.settings = sampler_lib.Settings.from_config(
         config, steps=config.eval.get("sample_steps") or None)
-    self.sampler = sampling.LatentSampler(config, mesh, graphdef, params=None)
+    self.sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params=None)
     self.video_codec = codecs.get_video_codec(config)
     self.audio_codec = codecs.get_audio_codec(config)
     self.shapes = config_lib.latent_shapes(config)
@@ -53,8 +55,8 @@ class TrainingPreview:
   def _conditions(self, examples) -> dict:
     """I2V rows first, then the same prompts text-only."""
     rows = examples + examples
-    cond = sampling.text_conditions(np.stack([e["text"] for e in rows]),
-                                    np.stack([e["text_mask"] for e in rows]), self.shapes)
+    cond = sampler_lib.text_conditions(np.stack([e["text"] for e in rows]),
+                                       np.stack([e["text_mask"] for e in rows]), self.shapes)
     cond["first_frame"] = np.stack([e["video"][0] for e in rows])
     cond["use_first_frame"] = np.arange(len(rows)) < len(examples)
     return cond

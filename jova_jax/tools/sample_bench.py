@@ -12,9 +12,10 @@ import time
 
 import numpy as np
 
-from jova_jax import config_lib, sampling
+from jova_jax import config_lib
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.sampling import sampler as sampler_lib
 
 
 def random_conditions(config, batch: int, seed: int = 0) -> dict:
@@ -37,9 +38,9 @@ def bench_sample(config, batch_size: int | None = None, repeats: int = 1) -> dic
   config_lib.validate(config)
   graphdef, _, _ = sharded.split_abstract(config)
   params = sharded.init_params(config, mesh, seed=0)
-  sampler = sampling.LatentSampler(config, mesh, graphdef, params)
+  sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params)
   batch = batch_size or config.sample.get("batch_size", None) or sampler.batch_shards
-  settings = sampling.Settings.from_config(config)
+  settings = sampler_lib.Settings.from_config(config)
   cond = random_conditions(config, batch)
   seeds = list(range(batch))
 

@@ -1,5 +1,5 @@
 """Fine-tuning: which params train (`train.trainable`, LoRA adapters) and which stay frozen, and
-the base a LoRA run refers to instead of saving it (DESIGN 8).
+the base a LoRA run refers to instead of saving it (docs/design.md section 8).
 
 The train state holds the trainable params in "params" (with their optimizer state and EMA)
 and the frozen ones apart in "frozen" (in `train.frozen_dtype`; absent when nothing is frozen,
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jova_jax import checkpoint
 from jova_jax.config_lib import ConfigError
 from jova_jax.errors import UserError
 from jova_jax.model import lora
+from jova_jax.training import checkpoint
 
 ADAPTER = re.compile(r"(^|/)lora/[ab]$")  # the param paths of LoRA adapters
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

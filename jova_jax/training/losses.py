@@ -1,4 +1,4 @@
-"""Weighted flow-matching loss (DESIGN 1).
+"""Weighted flow-matching loss (docs/design.md section 1).
 
 video: mean over valid elements of w * (v_pred - v)^2 with w = 1 + lambda_mouth * mouth_mask
 audio: mean over valid elements of (v_pred - v)^2, weighted by lambda_audio in the total.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jova_jax import flow, losses
 from jova_jax.model import lora
 from jova_jax.model.sharded import apply
+from jova_jax.training import losses, noising
 
 _DROPOUT_SALT = 0x10AA
 
@@ -21,8 +21,8 @@ def noisy_inputs(batch, key, sigma_video, sigma_audio):
   k_v, k_a = jax.random.split(key)
   eps_v = jax.random.normal(k_v, batch["video"].shape, jnp.float32)
   eps_a = jax.random.normal(k_a, batch["audio"].shape, jnp.float32)
-  x_v = flow.add_noise(batch["video"], eps_v, sigma_video)
-  x_a = flow.add_noise(batch["audio"], eps_a, sigma_audio)
+  x_v = noising.add_noise(batch["video"], eps_v, sigma_video)
+  x_a = noising.add_noise(batch["audio"], eps_a, sigma_audio)
   return x_v, x_a, eps_v, eps_a
 
 
@@ -33,8 +33,8 @@ def loss_at(graphdef, params, batch, key, sigma_video, sigma_audio, config):
       graphdef, params, x_v, x_a, batch["text"], batch["text_mask"], sigma_video, sigma_audio,
       first_frame=batch["video"][:, 0], use_first_frame=batch.get("use_first_frame"),
       drop_text=batch.get("drop_text"))
-  v_pred, t_v = flow.loss_pair(out_v, x_v, batch["video"], eps_v, sigma_video, config.flow)
-  a_pred, t_a = flow.loss_pair(out_a, x_a, batch["audio"], eps_a, sigma_audio, config.flow)
+  v_pred, t_v = noising.loss_pair(out_v, x_v, batch["video"], eps_v, sigma_video, config.flow)
+  a_pred, t_a = noising.loss_pair(out_a, x_a, batch["audio"], eps_a, sigma_audio, config.flow)
   return losses.flow_matching_loss(
       v_pred, t_v, a_pred, t_a, batch["mouth_mask"], lambda_mouth=config.loss.lambda_mouth,
       lambda_audio=config.loss.lambda_audio, video_on=sigma_video > 0, audio_on=sigma_audio > 0)
@@ -43,7 +43,7 @@ def loss_at(graphdef, params, batch, key, sigma_video, sigma_audio, config):
 def training_loss(graphdef, params, batch, key, config):
   """Sigmas from the configured density (with clean-modality examples), then loss_at."""
   k_sigma, k_noise = jax.random.split(key)
-  sigma_v, sigma_a = flow.sample_modality_sigmas(k_sigma, batch["video"].shape[0], config.flow)
+  sigma_v, sigma_a = noising.sample_modality_sigmas(k_sigma, batch["video"].shape[0], config.flow)
   # LoRA dropout (training only) from a key apart from the split above, which plain runs share.
   lora_cfg = config.model.get("lora")
   drop = lora.enabled(lora_cfg) and float(lora_cfg.dropout) > 0

@@ -22,7 +22,7 @@ from etils import epath
 from flax import nnx
 
 from jova_jax.errors import UserError
-from jova_jax.preemption import PreemptionWatcher
+from jova_jax.training.preemption import PreemptionWatcher
 
 __all__ = ["Checkpointer", "CheckpointError", "load_params", "format_report", "key_path",
            "PreemptionWatcher"]
@@ -340,41 +340,49 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None,
     target = _to_pure(abstract_params)
     _require_shardings(target)
     wanted = {key_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
-    saved = _shapes_by_key(saved_tree[subtree])
-    report = {
-        "step_dir": str(where),  # the step read (a workdir resolves to its latest)
-        "loaded": [k for k, leaf in wanted.items() if saved.get(k) == tuple(leaf.shape)],
-        "missing": [k for k in wanted if k not in saved],
-        "unexpected": [k for k in saved if k not in wanted],
-        "shape_mismatch": [(k, saved[k], tuple(leaf.shape)) for k, leaf in wanted.items()
-                           if k in saved and saved[k] != tuple(leaf.shape)],
-    }
+    report = _load_report(wanted, _shapes_by_key(saved_tree[subtree]), where)
     if strict and (report["missing"] or report["unexpected"] or report["shape_mismatch"]):
       raise ValueError(f"--init_from {where} (strict): params differ\n{format_report(report)}")
+    arrays = _restore_leaves(manager, step, saved_tree, subtree,
+                             {k: wanted[k] for k in report["loaded"]})
 
-    # The whole saved tree with placeholders (never read) everywhere but the loaded params.
-    loaded = set(report["loaded"])
-
-    def read_target(p, _):
-      k = key_path(p[1:])
-      if p[0].key == subtree and k in loaded:
-        return wanted[k]
-      return ocp.PLACEHOLDER
-
-    item = jax.tree_util.tree_map_with_path(read_target, saved_tree)
-    restore_args = jax.tree.map(
-        lambda leaf: leaf if leaf is ocp.PLACEHOLDER else
-        ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), item)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
-
-  arrays = {key_path(p): leaf for p, leaf in
-            jax.tree_util.tree_flatten_with_path(restored[subtree])[0]
-            if leaf is not ocp.PLACEHOLDER}
   base = _to_pure(fallback) if fallback is not None else target
   merged = jax.tree_util.tree_map_with_path(lambda p, leaf: arrays.get(key_path(p), leaf), base)
   logging.info("--init_from %s:\n%s", where, format_report(report))
   return _from_pure(abstract_params, merged), report
+
+
+def _load_report(wanted: dict, saved: dict, where) -> dict:
+  """Which of the wanted leaves ({key: target}) the saved ones ({key: shape}) can give."""
+  return {
+      "step_dir": str(where),  # the step read (a workdir resolves to its latest)
+      "loaded": [k for k, leaf in wanted.items() if saved.get(k) == tuple(leaf.shape)],
+      "missing": [k for k in wanted if k not in saved],
+      "unexpected": [k for k in saved if k not in wanted],
+      "shape_mismatch": [(k, saved[k], tuple(leaf.shape)) for k, leaf in wanted.items()
+                         if k in saved and saved[k] != tuple(leaf.shape)],
+  }
+
+
+def _restore_leaves(manager, step: int, saved_tree: dict, subtree: str, targets: dict) -> dict:
+  """{key: array} of the `targets` leaves ({key: ShapeDtypeStruct with sharding}) of a step's
+  state[subtree], read into their shardings and dtypes; nothing else is read."""
+  # The whole saved tree with placeholders (never read) everywhere but the loaded params.
+  def read_target(p, _):
+    k = key_path(p[1:])
+    if p[0].key == subtree and k in targets:
+      return targets[k]
+    return ocp.PLACEHOLDER
+
+  item = jax.tree_util.tree_map_with_path(read_target, saved_tree)
+  restore_args = jax.tree.map(
+      lambda leaf: leaf if leaf is ocp.PLACEHOLDER else
+      ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), item)
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
+  return {key_path(p): leaf for p, leaf in
+          jax.tree_util.tree_flatten_with_path(restored[subtree])[0]
+          if leaf is not ocp.PLACEHOLDER}
 
 
 def format_report(report: dict) -> str:

@@ -1,0 +1,1 @@
+"""Media room: reading, resampling and writing video and audio (io) and face tracking (faces)."""

@@ -1,0 +1,1 @@
+"""Sampling room: prompts, loading a run, the jitted ODE sampler, its solvers, batch generation."""

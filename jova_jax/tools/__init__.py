@@ -1,0 +1,1 @@
+"""Tools: the planner, the benchmarks and other commands beside training and sampling."""

@@ -1,0 +1,236 @@
+"""Benchmarks that print figures (never run by the tests):
+
+  python -m jova_jax.bench model  --config=configs/demo.py   # forward+backward of the model
+  python -m jova_jax.bench train  --config=configs/demo.py   # the real compiled train step
+  python -m jova_jax.bench train  --config=configs/demo.py --breakdown --profile=/tmp/trace
+  python -m jova_jax.bench sample --config=configs/demo.py   # seconds per sample / ODE step
+  python -m jova_jax.bench codecs --config=configs/jova_24b.py
+
+Throughput is compared with the matmul peak measured on the same device (and the published
+peak where the device is known), so MFU is meaningful on any backend.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from jova_jax import cli, config_lib
+from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax.model import sharded, summary
+from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.training import objective, perf, state as train_state, steps as train_steps
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", False, "train: also time the forward, the forward+backward and the whole step "
+    "apart (interleaved, medians), giving backward and optimizer+EMA by difference.")
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "train: write a jax.profiler trace of the timed steps here (TensorBoard).")
+
+
+def _timed_interleaved(fns: dict, steps: int) -> dict:
+  """Median seconds per call of each fn, after one warm-up call each (compilation). The fns
+  take turns every round, so a machine busy with other work slows them all alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(steps):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def _timed(fn, steps: int) -> float:
+  return _timed_interleaved({"fn": fn}, steps)["fn"]
+
+
+def _report(config, seconds: float, what: str) -> None:
+  flops = summary.train_step_flops(config)
+  tokens = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)
+  n = jax.device_count()
+  measured = perf.measure_matmul_peak(dtype=_compute_dtype(config))
+  print(f"{what}: {seconds * 1e3:.1f} ms/step, batch {config.train.batch_size}, "
+        f"{tokens / seconds:,.0f} tokens/s, {config.train.batch_size / seconds:.2f} examples/s")
+  print(f"model FLOPs/step {flops:.3e}; {flops / seconds / 1e12:.3f} TFLOP/s on {n} "
+        f"{jax.devices()[0].device_kind} device(s)")
+  print(f"measured matmul peak {measured / 1e12:.3f} TFLOP/s per device -> "
+        f"MFU vs measured {100 * perf.mfu(flops, seconds, measured, n):.1f}%")
+  published = perf.published_peak()
+  if published:
+    print(f"published peak {published / 1e12:.0f} TFLOP/s per device -> "
+          f"MFU {100 * perf.mfu(flops, seconds, published, n):.1f}%")
+
+
+def _peak_rss_gib() -> float:
+  """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _compute_dtype(config):
+  return {"bfloat16": jax.numpy.bfloat16}.get(config.model.compute_dtype, jax.numpy.float32)
+
+
+def bench_model(config) -> None:
+  mesh = mesh_lib.make_mesh(config)
+  graphdef, _, _ = sharded.split_abstract(config)
+  params = sharded.init_params(config, mesh, seed=0)
+  batch = train_state.model_inputs(SyntheticIterator(config, seed=0).batch(0))
+  batch = jax.device_put(batch, train_state.build_program(config, mesh).batch_sharding)
+  grad = jax.jit(jax.value_and_grad(
+      lambda p, b: objective.training_loss(graphdef, p, b, jax.random.key(0), config)[0]))
+  with jax.set_mesh(mesh):
+    seconds = _timed(lambda: grad(params, batch), _STEPS.value)
+  _report(config, seconds, "model forward+backward")
+
+
+def bench_train(config) -> None:
+  mesh = mesh_lib.make_mesh(config)
+  program = train_state.build_program(config, mesh)
+  state = train_state.init_state(program)
+  step = train_steps.compile_train_step(program)
+  mem = step.memory_analysis()
+  data = SyntheticIterator(config, seed=0)
+  sharding = program.batch_sharding
+  batches = [jax.device_put(train_state.model_inputs(data.batch(i)), sharding) for i in range(2)]
+  holder = {"state": state, "i": 0}
+
+  def one_step():
+    with jax.set_mesh(mesh):
+      holder["state"], metrics = step(holder["state"], batches[holder["i"] % 2])
+    holder["i"] += 1
+    return metrics["loss"]
+
+  fns = {"step": one_step}
+  if _BREAKDOWN.value:
+    fns.update(_forward_and_grad(config, program, batches[0]))
+  if _PROFILE.value:
+    jax.profiler.start_trace(_PROFILE.value)
+  try:
+    seconds = _timed_interleaved(fns, _STEPS.value)
+  finally:
+    if _PROFILE.value:
+      jax.profiler.stop_trace()
+      print(f"profiler trace written to {_PROFILE.value} (tensorboard --logdir={_PROFILE.value})")
+  _report(config, seconds["step"], "train step")
+  if _BREAKDOWN.value:
+    _print_breakdown(config, seconds)
+  if mem is not None:
+    print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+          f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
+          f"{mem.output_size_in_bytes / 2**20:.1f} MiB")
+
+
+def _forward_and_grad(config, program, batch) -> dict:
+  """Timed calls of the training loss alone and with its gradient, on the step's params
+  (a copy: the step donates its state) and the same sharded batch."""
+  params = train_state.init_state(program)["params"]
+  key = jax.random.key(0)
+  loss = lambda p, b: objective.training_loss(program.graphdef, p, b, key, config)  # noqa: E731
+  forward, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  def call(fn):
+    def run():
+      with jax.set_mesh(program.mesh):
+        return fn(params, batch)
+    return run
+  return {"forward": call(forward), "forward+backward": call(grad)}
+
+
+def _print_breakdown(config, seconds: dict) -> None:
+  """Backward = (forward+backward) - forward; optimizer+EMA = step - (forward+backward)."""
+  forward_flops = summary.forward_flops(config, int(config.train.batch_size))
+  fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
+  rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
+          ("optimizer+EMA", step - grad, None), ("step", step, 3 * forward_flops)]
+  print(f"{'part':<14} {'ms':>8} {'% step':>7} {'GFLOP/s':>8}")
+  for name, t, flops in rows:
+    rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
+    print(f"{name:<14} {t * 1e3:8.1f} {100 * t / step:7.1f} {rate}")
+  print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
+
+
+def bench_sample(config) -> None:
+  from jova_jax.tools import sample_bench
+  sample_bench.bench_sample(config)
+
+
+def _codec(config, kind: str):
+  """(codec, how its weights were got): the configured one from config.weights_dir, or, with
+  none set, a pretrained codec's published architecture with random weights (the speed does
+  not depend on the values)."""
+  from jova_jax import codecs
+  from jova_jax.codecs import bench_codecs, wan21
+  random_codecs = {
+      "wan21": lambda: wan21.Wan21Codec(wan21.random_params(wan21.Arch()), source="random"),
+      "mmaudio16k": lambda: bench_codecs.random_mmaudio_codec("mmaudio16k"),
+      "mmaudio44k": lambda: bench_codecs.random_mmaudio_codec("mmaudio44k"),
+  }
+  name = config[kind].codec
+  if not config.weights_dir and name in random_codecs:
+    return random_codecs[name](), "random weights, published sizes: config.weights_dir is empty"
+  build = codecs.get_video_codec if kind == "video" else codecs.get_audio_codec
+  return build(config, config.weights_dir or None), config.weights_dir or "built in"
+
+
+def bench_codecs(config) -> None:
+  """Encode/decode throughput of the configured codecs at the config's resolution and length
+  (pretrained codecs read their weights from config.weights_dir, or run with random ones)."""
+  import numpy as np
+  v = config.video
+  video, weights = _codec(config, "video")
+  frames = np.random.default_rng(0).integers(0, 256, (1, v.frames, v.height, v.width, 3), np.uint8)
+  enc = _timed(lambda: video.encode(frames), _STEPS.value)
+  latents = video.encode(frames)
+  dec = _timed(lambda: video.decode(latents), _STEPS.value)
+  print(f"video {video.name} ({weights}) at {v.height}x{v.width}: encode {v.frames / enc:.1f} "
+        f"frames/s, decode {v.frames / dec:.1f} frames/s; {v.frames}-frame clip: encode "
+        f"{enc:.1f} s, decode {dec:.1f} s, peak host memory so far {_peak_rss_gib():.1f} GiB")
+  audio, weights = _codec(config, "audio")
+  samples = config_lib.audio_num_samples(config)
+  wave = np.random.default_rng(1).uniform(-0.5, 0.5, (1, samples)).astype(np.float32)
+  seconds = samples / config.audio.sample_rate
+  enc = _timed(lambda: audio.encode(wave), _STEPS.value)
+  latents = audio.encode(wave)
+  dec = _timed(lambda: audio.decode(latents), _STEPS.value)
+  print(f"audio {audio.name} ({weights}): encode {seconds / enc:.1f} audio s/s, decode "
+        f"{seconds / dec:.2f} audio s/s")
+  _bench_prepare_encode(video, audio, frames[0], wave[0])
+
+
+def _bench_prepare_encode(video, audio, frames, wave) -> None:
+  """What data_prep.prepare's encoders sustain: one clip per local device per call, the batch
+  split over the devices (data_prep.encode)."""
+  import numpy as np
+
+  from data_prep import encode
+  devices = jax.local_devices()
+  sharding = encode.batch_sharding(devices)
+  batch = [jax.device_put(np.stack([x] * len(devices)), sharding) for x in (frames, wave)]
+  seconds = _timed(lambda: (video.encode(batch[0]), audio.encode(batch[1])), _STEPS.value)
+  per_device = 1.0 / seconds
+  print(f"prepare encode (video + audio, {len(devices)} clips over {len(devices)} "
+        f"{devices[0].platform} devices per call): {per_device:.3f} clips/s per device, "
+        f"{3600 * per_device * len(devices):.0f} clips/hour per host")
+
+
+COMMANDS = {"model": bench_model, "train": bench_train, "sample": bench_sample,
+            "codecs": bench_codecs}
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m jova_jax.bench {{{'|'.join(COMMANDS)}}} --config=F")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required")
+  COMMANDS[argv[1]](_CONFIG.value)
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,1 @@
+"""Training room: the loop, its state and steps, the objective, optimizer, checkpoints and metrics."""

@@ -1,0 +1,130 @@
+"""The jitted steps: the train step (gradient accumulation, optimizer, EMA, non-finite
+steps skipped) and the fixed-sigma eval step, each compiled once for a Program
+(state.py) before step 0. Everything random comes from (train.seed, step), so a resumed run
+continues bit for bit.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from jova_jax.model import summary
+from jova_jax.training import finetune, objective, optim
+from jova_jax.training.state import Program
+
+def accumulated_grads(loss_fn, params, batch, key, accum: int):
+  """((loss, metrics), grads) of loss_fn(params, batch, key) -> (loss, metrics), averaged over
+  `accum` micro-batches. Micro-batch i takes examples i::accum (so each stays spread over all
+  devices) and the key fold_in(key, i)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum == 1:
+    return grad_fn(params, batch, key)
+  micro = jax.tree.map(
+      lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1), batch)
+
+  def body(total, inputs):
+    mb, i = inputs
+    return jax.tree.map(jnp.add, total, grad_fn(params, mb, jax.random.fold_in(key, i))), None
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      grad_fn, params, jax.tree.map(lambda x: x[0], micro), key))
+  total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+  return jax.tree.map(lambda x: x / accum, total)
+
+
+def make_train_step(program: Program):
+  config, graphdef, tx = program.config, program.graphdef, program.tx
+  accum = int(config.train.grad_accum)
+  ema_decay = float(config.train.ema_decay)
+  base_key = jax.random.key(int(config.train.seed))
+
+  def train_step(state, batch):
+    params = state["params"]
+
+    def loss_fn(trainable, batch, key):  # gradients of the trainable params only
+      return objective.training_loss(
+          graphdef, finetune.combine(trainable, state.get("frozen", {})), batch, key, config)
+
+    key = jax.random.fold_in(base_key, state["step"])
+    (loss, metrics), grads = accumulated_grads(loss_fn, params, batch, key, accum)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    # Finite loss and gradients give finite AdamW updates: checking the updates too cost a
+    # reduction over them that kept XLA from fusing the update, the EMA and the selects.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step changes nothing but the counters.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_params = keep(optax.apply_updates(params, updates), params)
+    # EMA warm-up: early on the average must not stay anchored to the random init.
+    step_f = state["step"].astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+    ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                       state["ema"], new_params)  # decay is float32: keep model.param_dtype
+    new_state = {
+        "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
+        "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)}
+    if "frozen" in state:
+      new_state["frozen"] = state["frozen"]
+    # The lr this update applied (optax counts only the applied steps, not the skipped ones).
+    metrics = dict(metrics, grad_norm=grad_norm,
+                   lr=optim.applied_learning_rate(config, state["opt_state"]),
+                   nonfinite=new_state["nonfinite"])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(program: Program):
+  """Loss at each fixed sigma (both modalities noised to it) with fixed noise."""
+  config, graphdef = program.config, program.graphdef
+  sigmas = tuple(float(s) for s in config.eval.sigmas)
+  key = jax.random.key(int(config.train.seed) + 1)
+
+  def eval_step(params, batch):
+    valid = batch["example_valid"]  # padding rows sit at sigma 0: input only, out of the losses
+    out = {"eval_examples": jnp.sum(valid)}
+    for i, sigma in enumerate(sigmas):
+      s = jnp.where(valid, sigma, 0.0).astype(jnp.float32)
+      _, m = objective.loss_at(graphdef, params, batch, jax.random.fold_in(key, i), s, s, config)
+      for name in ("loss", "loss_video", "loss_audio", "loss_mouth"):
+        out[f"eval_{name}_s{sigma:g}"] = m[name]
+    return out
+
+  return eval_step
+
+
+def compile_train_step(program: Program):
+  """Compiled once before step 0; logs memory per device, FLOPs per step and the MFU estimate."""
+  step = jax.jit(make_train_step(program),
+                 in_shardings=(program.state_shardings, program.batch_sharding),
+                 out_shardings=(program.state_shardings, None), donate_argnums=0)
+  with jax.set_mesh(program.mesh):
+    compiled = step.lower(program.abstract_state, program.abstract_batch()).compile()
+  _log_compiled(compiled, program)
+  return compiled
+
+
+def compile_eval_step(program: Program):
+  step = jax.jit(make_eval_step(program),
+                 in_shardings=(finetune.model_params(program.state_shardings),
+                               program.batch_sharding))
+  with jax.set_mesh(program.mesh):
+    batch = program.abstract_batch()
+    batch["example_valid"] = jax.ShapeDtypeStruct(batch["drop_text"].shape, jnp.bool_,
+                                                  sharding=program.batch_sharding)
+    return step.lower(finetune.model_params(program.abstract_state), batch).compile()
+
+
+def _log_compiled(compiled, program: Program) -> None:
+  try:
+    mem = compiled.memory_analysis()
+    logging.info("train step memory per device: arguments %.1f MiB, outputs %.1f MiB, temporaries "
+                 "%.1f MiB", mem.argument_size_in_bytes / 2**20, mem.output_size_in_bytes / 2**20,
+                 mem.temp_size_in_bytes / 2**20)
+  except Exception as e:  # Not every backend reports it.
+    logging.info("memory_analysis unavailable on %s: %s", jax.default_backend(), e)
+  flops = summary.train_step_flops(program.config)
+  logging.info("train step: %.3e model FLOPs (analytic), %d devices", flops, jax.device_count())
