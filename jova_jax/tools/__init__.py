@@ -1,0 +1,1 @@
+"""Developer tools run by hand (comparisons, measurements); never imported by the trainer."""
