@@ -46,10 +46,48 @@ def _weighted_values(probs, v):
   return jnp.einsum("bqhk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
+@jax.custom_vjp
 def xla_attention(q, k, v, kv_valid):
-  """Dense einsum + masked softmax; materialises Lq x Lk logits."""
-  probs = jax.nn.softmax(_scores(q, k, kv_valid), axis=-1)
-  return _weighted_values(probs, v).astype(q.dtype)
+  """Dense einsum + masked softmax; materialises Lq x Lk probabilities, heads-major.
+
+  The logits are laid out (B, H, Lq, Lk), the order XLA's batched dot produces, so no L x L
+  transpose surrounds the softmax; the hand-written backward saves the probabilities and takes
+  the softmax gradient from rowsum(dout * out) (an L x D reduction) instead of an L x L one.
+  """
+  return _xla_forward(q, k, v, kv_valid)[0]
+
+
+def _heads_major_probs(q, k, kv_valid):
+  # Scaling q (L x D) and masking by an added (B, 1, 1, Lk) bias keep the L x L work to the softmax.
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  bias = jnp.where(kv_valid, 0.0, MASK_VALUE).astype(jnp.float32)
+  return jax.nn.softmax(logits + bias[:, None, None, :], axis=-1)
+
+
+def _xla_forward(q, k, v, kv_valid):
+  probs = _heads_major_probs(q, k, kv_valid)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+  return out, (q, k, v, kv_valid, probs, out)
+
+
+def _xla_backward(residuals, dout):
+  q, k, v, kv_valid, probs, out = residuals
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  dv = f32("bhqk,bqhd->bkhd", probs.astype(v.dtype), dout)
+  dprobs = f32("bqhd,bkhd->bhqk", dout, v)
+  # softmax: dlogits = p * (dp - sum_k p dp), and sum_k p dp = sum_d dout * out.
+  row_dot = f32("bqhd,bqhd->bhq", dout, out)
+  dlogits = (probs * (dprobs - row_dot[..., None])).astype(q.dtype)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  dq = f32("bhqk,bkhd->bqhd", dlogits, k) * scale
+  dk = f32("bhqk,bqhd->bkhd", dlogits, q) * scale
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+xla_attention.defvjp(_xla_forward, _xla_backward)
 
 
 class SoftmaxState(NamedTuple):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jova_jax.parallel.rules import gathered
+from jova_jax.parallel.rules import gathered, weights_sharded
 
 
 def _fan_in_init(key, shape, fan_in, scale=1.0):
@@ -34,7 +34,7 @@ def contract(x, kernel: nnx.Param, n_in: int, dtype):
   def product(x, w):
     return jax.lax.dot_general(x, gathered(w, axes), dims)
   x, w = x.astype(dtype), kernel[...].astype(dtype)
-  if jax.sharding.get_abstract_mesh().empty:
+  if not weights_sharded():
     return jax.lax.dot_general(x, w, dims)
   return jax.checkpoint(product)(x, w)
 

@@ -51,14 +51,20 @@ def sharding(mesh, names) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names))
 
 
-def gathered(w, names):
-  """A param as its layer uses it: the FSDP shards ("fsdp", "context" of `embed`) all-gathered,
-  tensor sharding kept. A no-op outside a mesh context."""
+def weights_sharded() -> bool:
+  """True under a mesh that splits params over their FSDP axes (`embed`: fsdp x context)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
-    return w
-  spec = logical_to_spec(tuple(None if n == "embed" else n for n in names))
-  return jax.lax.with_sharding_constraint(w, spec)
+    return False
+  shape = dict(mesh.shape)
+  return shape.get("fsdp", 1) * shape.get("context", 1) > 1
+
+
+def gathered(w, names):
+  """A param as its layer uses it: the FSDP shards (`embed` over fsdp x context) all-gathered,
+  tensor sharding kept. Call under a mesh (weights_sharded())."""
+  return jax.lax.with_sharding_constraint(
+      w, logical_to_spec(tuple(None if n == "embed" else n for n in names)))
 
 
 def constrain(x, names):

@@ -26,8 +26,8 @@ from jova_jax.training import objective, perf, state as train_state, steps as tr
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
 _BREAKDOWN = flags.DEFINE_bool(
-    "breakdown", False, "train: also time the forward, the forward+backward and the whole step "
-    "apart (interleaved, medians), giving backward and optimizer+EMA by difference.")
+    "breakdown", False, "train: also time the forward, the forward+backward and the update "
+    "(optimizer+EMA) apart from the whole step (interleaved, medians); backward by difference.")
 _PROFILE = flags.DEFINE_string(
     "profile", None, "train: write a jax.profiler trace of the timed steps here (TensorBoard).")
 
@@ -128,27 +128,39 @@ def bench_train(config) -> None:
 
 
 def _forward_and_grad(config, program, batch) -> dict:
-  """Timed calls of the training loss alone and with its gradient, on the step's params
-  (a copy: the step donates its state) and the same sharded batch."""
+  """Timed calls of the training loss alone, with its gradient, and of the step's update tail
+  (optimizer+EMA) alone, on copies of the step's state (the step donates its own) and the same
+  sharded batch."""
   params = train_state.init_state(program)["params"]
   key = jax.random.key(0)
   loss = lambda p, b: objective.training_loss(program.graphdef, p, b, key, config)  # noqa: E731
   forward, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss, has_aux=True))
+  update = jax.jit(train_steps.make_update(program), donate_argnums=0)
+  grads = jax.tree.map(lambda p: p * 1e-3, params)
+  holder = {"state": train_state.init_state(program)}  # its own buffers: the update donates them
 
   def call(fn):
     def run():
       with jax.set_mesh(program.mesh):
         return fn(params, batch)
     return run
-  return {"forward": call(forward), "forward+backward": call(grad)}
+
+  def run_update():
+    with jax.set_mesh(program.mesh):
+      holder["state"], metrics = update(holder["state"], grads, jax.numpy.float32(1.0))
+    return metrics["grad_norm"]
+  return {"forward": call(forward), "forward+backward": call(grad), "optimizer+EMA": run_update}
 
 
 def _print_breakdown(config, seconds: dict) -> None:
-  """Backward = (forward+backward) - forward; optimizer+EMA = step - (forward+backward)."""
+  """Forward, forward+backward and the update tail are timed apart; backward = (forward+backward)
+  - forward; the rest of the step (what the whole step costs beyond its parts) by difference."""
   forward_flops = summary.forward_flops(config, int(config.train.batch_size))
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
+  update = seconds["optimizer+EMA"]
   rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
-          ("optimizer+EMA", step - grad, None), ("step", step, 3 * forward_flops)]
+          ("optimizer+EMA", update, None), ("rest", step - grad - update, None),
+          ("step", step, 3 * forward_flops)]
   print(f"{'part':<14} {'ms':>8} {'% step':>7} {'GFLOP/s':>8}")
   for name, t, flops in rows:
     rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"

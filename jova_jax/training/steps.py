@@ -34,27 +34,20 @@ def accumulated_grads(loss_fn, params, batch, key, accum: int):
   return jax.tree.map(lambda x: x / accum, total)
 
 
-def make_train_step(program: Program):
-  config, graphdef, tx = program.config, program.graphdef, program.tx
-  accum = int(config.train.grad_accum)
+def make_update(program: Program):
+  """update(state, grads, loss) -> (state, metrics): clipping, AdamW, EMA and the counters; a
+  non-finite loss or gradient changes nothing but the counters. The train step's tail, apart so
+  `bench train --breakdown` can time it alone."""
+  config, tx = program.config, program.tx
   ema_decay = float(config.train.ema_decay)
-  base_key = jax.random.key(int(config.train.seed))
 
-  def train_step(state, batch):
+  def update(state, grads, loss):
     params = state["params"]
-
-    def loss_fn(trainable, batch, key):  # gradients of the trainable params only
-      return objective.training_loss(
-          graphdef, finetune.combine(trainable, state.get("frozen", {})), batch, key, config)
-
-    key = jax.random.fold_in(base_key, state["step"])
-    (loss, metrics), grads = accumulated_grads(loss_fn, params, batch, key, accum)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     # Finite loss and gradients give finite AdamW updates: checking the updates too cost a
     # reduction over them that kept XLA from fusing the update, the EMA and the selects.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step changes nothing but the counters.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_params = keep(optax.apply_updates(params, updates), params)
     # EMA warm-up: early on the average must not stay anchored to the random init.
@@ -62,17 +55,31 @@ def make_train_step(program: Program):
     decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
     ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
                        state["ema"], new_params)  # decay is float32: keep model.param_dtype
-    new_state = {
-        "params": new_params, "opt_state": keep(opt_state, state["opt_state"]),
-        "ema": keep(ema, state["ema"]), "step": state["step"] + 1,
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)}
-    if "frozen" in state:
-      new_state["frozen"] = state["frozen"]
+    new_state = dict(state, params=new_params, opt_state=keep(opt_state, state["opt_state"]),
+                     ema=keep(ema, state["ema"]), step=state["step"] + 1,
+                     nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32))
     # The lr this update applied (optax counts only the applied steps, not the skipped ones).
-    metrics = dict(metrics, grad_norm=grad_norm,
-                   lr=optim.applied_learning_rate(config, state["opt_state"]),
-                   nonfinite=new_state["nonfinite"])
-    return new_state, metrics
+    return new_state, {"grad_norm": grad_norm, "nonfinite": new_state["nonfinite"],
+                       "lr": optim.applied_learning_rate(config, state["opt_state"])}
+
+  return update
+
+
+def make_train_step(program: Program):
+  config, graphdef = program.config, program.graphdef
+  accum = int(config.train.grad_accum)
+  base_key = jax.random.key(int(config.train.seed))
+  update = make_update(program)
+
+  def train_step(state, batch):
+    def loss_fn(trainable, batch, key):  # gradients of the trainable params only
+      return objective.training_loss(
+          graphdef, finetune.combine(trainable, state.get("frozen", {})), batch, key, config)
+
+    key = jax.random.fold_in(base_key, state["step"])
+    (loss, metrics), grads = accumulated_grads(loss_fn, state["params"], batch, key, accum)
+    new_state, update_metrics = update(state, grads, loss)
+    return new_state, dict(metrics, **update_metrics)
 
   return train_step
 
