@@ -90,12 +90,13 @@ def bench_model(config) -> None:
   _report(config, seconds, "model forward+backward")
 
 
-def bench_train(config) -> None:
+def train_step_fns(config, breakdown: bool):
+  """(calls to time, compiled step): the real compiled train step on synthetic batches and, with
+  `breakdown`, its parts (forward, forward+backward, optimizer+EMA) on copies of its state."""
   mesh = mesh_lib.make_mesh(config)
   program = train_state.build_program(config, mesh)
   state = train_state.init_state(program)
   step = train_steps.compile_train_step(program)
-  mem = step.memory_analysis()
   data = SyntheticIterator(config, seed=0)
   sharding = program.batch_sharding
   batches = [jax.device_put(train_state.model_inputs(data.batch(i)), sharding) for i in range(2)]
@@ -108,8 +109,14 @@ def bench_train(config) -> None:
     return metrics["loss"]
 
   fns = {"step": one_step}
-  if _BREAKDOWN.value:
+  if breakdown:
     fns.update(_forward_and_grad(config, program, batches[0]))
+  return fns, step
+
+
+def bench_train(config) -> None:
+  fns, step = train_step_fns(config, _BREAKDOWN.value)
+  mem = step.memory_analysis()
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
   try:

@@ -25,11 +25,10 @@ import os
 import jax
 from absl import app, flags
 
-from jova_jax import bench, cli, config_lib, trainer
-from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax import cli, config_lib
+from jova_jax.tools import bench
 from jova_jax.errors import UserError
 from jova_jax.model import summary
-from jova_jax.parallel import mesh as mesh_lib
 
 # torch's OpenMP threads spin between parallel regions by default: on a machine shared with
 # other jobs (or with XLA's threads in this process) that made the peer's step up to 10x slower
@@ -211,24 +210,9 @@ def counted_forward_flops(peer: Peer) -> float:
 # --------------------------------------------------------------------------- ours, and the run
 
 def ours_fns(config) -> dict:
-  """`bench train`'s compiled train step and its forward / forward+backward (bench's)."""
-  mesh = mesh_lib.make_mesh(config)
-  program = trainer.build_program(config, mesh)
-  holder = {"state": trainer.init_state(program), "i": 0}
-  step = trainer.compile_train_step(program)
-  data = SyntheticIterator(config, seed=0)
-  batches = [jax.device_put(trainer.model_inputs(data.batch(i)), program.batch_sharding)
-             for i in range(2)]
-
-  def one_step():
-    with jax.set_mesh(mesh):
-      holder["state"], metrics = step(holder["state"], batches[holder["i"] % 2])
-    holder["i"] += 1
-    return metrics["loss"]
-
-  parts = bench._forward_and_grad(config, program, batches[0])
-  return {"ours step": one_step, "ours forward": parts["forward"],
-          "ours forward+backward": parts["forward+backward"]}
+  """`bench train --breakdown`'s compiled train step and its timed parts."""
+  fns, _ = bench.train_step_fns(config, breakdown=True)
+  return {f"ours {name}": fn for name, fn in fns.items()}
 
 
 def measure(config, rounds: int, compiled: bool) -> tuple[PeerSizes, Peer, dict]:
@@ -249,8 +233,8 @@ def measure(config, rounds: int, compiled: bool) -> tuple[PeerSizes, Peer, dict]
 
 def rows(config, sizes: PeerSizes, seconds: dict) -> list:
   """(side, part, seconds, FLOPs or None) for the table. backward = (forward+backward) -
-  forward and ours' optimizer+EMA = step - (forward+backward), as bench --breakdown; the
-  peer's clipping+AdamW and EMA are timed on their own (the same eager code on both sides)."""
+  forward, as bench --breakdown; ours' optimizer+EMA (the step's update tail) and the peer's
+  clipping+AdamW and EMA are each timed on their own."""
   batch = int(config.train.batch_size)
   out = []
   for side, fwd_flops in (("ours", summary.forward_flops(config, batch)),
@@ -261,7 +245,7 @@ def rows(config, sizes: PeerSizes, seconds: dict) -> list:
     fwd, grad, step = (seconds[f"{side} {k}"] for k in ("forward", "forward+backward", "step"))
     out += [(side, "forward", fwd, fwd_flops), (side, "backward", grad - fwd, 2 * fwd_flops)]
     if side == "ours":
-      out.append((side, "optimizer+EMA", step - grad, None))
+      out.append((side, "optimizer+EMA", seconds["ours optimizer+EMA"], None))
     else:
       out += [(side, "clip+AdamW", seconds["peer clip+AdamW"], None),
               (side, "EMA", seconds["peer EMA"], None)]
