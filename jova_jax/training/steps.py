@@ -42,24 +42,31 @@ def make_update(program: Program):
   ema_decay = float(config.train.ema_decay)
 
   def update(state, grads, loss):
-    params = state["params"]
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    # Finite loss and gradients give finite AdamW updates: checking the updates too cost a
-    # reduction over them that kept XLA from fusing the update, the EMA and the selects.
+    # Finite loss and gradients give finite AdamW updates (no reduction over the updates).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_params = keep(optax.apply_updates(params, updates), params)
     # EMA warm-up: early on the average must not stay anchored to the random init.
     step_f = state["step"].astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
-    ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
-                       state["ema"], new_params)  # decay is float32: keep model.param_dtype
-    new_state = dict(state, params=new_params, opt_state=keep(opt_state, state["opt_state"]),
-                     ema=keep(ema, state["ema"]), step=state["step"] + 1,
-                     nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32))
+
+    def apply(params, opt_state, ema):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+                         ema, params)  # decay is float32: keep model.param_dtype
+      return params, opt_state, ema
+
+    # A non-finite step changes nothing but the counters. A cond, not per-leaf selects: the
+    # selects read the old values after the update wrote them in place, so XLA copied every
+    # donated param, mu and nu first.
+    params, opt_state, ema = jax.lax.cond(
+        finite, apply, lambda *unchanged: unchanged, state["params"], state["opt_state"],
+        state["ema"])
+    nonfinite = jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)
+    new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1,
+                     nonfinite=nonfinite)
     # The lr this update applied (optax counts only the applied steps, not the skipped ones).
-    return new_state, {"grad_norm": grad_norm, "nonfinite": new_state["nonfinite"],
+    return new_state, {"grad_norm": grad_norm, "nonfinite": nonfinite,
                        "lr": optim.applied_learning_rate(config, state["opt_state"])}
 
   return update
