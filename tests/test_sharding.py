@@ -111,5 +111,5 @@ def test_init_params_is_sharded_and_deterministic():
   assert kernel.sharding.spec[1] == ("fsdp", "context")  # (layers, embed, ...) -> embed sharded
   np.testing.assert_array_equal(kernel, b["single_blocks"]["audio"]["qkv"]["kernel"])
   # Same values as an unsharded init: sharding must not change the model.
-  model = jova.JoVA(config, rngs=nnx.Rngs(params=0))
+  model = jova.JoVA(config_lib.model_spec(config), rngs=nnx.Rngs(params=0))
   np.testing.assert_allclose(kernel, model.single_blocks.audio.qkv.kernel[...], atol=0)

@@ -20,13 +20,12 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax.data.features import DatasetError, check_features, check_metadata, read_metadata
 from jova_jax.data.latent_norm import LatentNorm
 from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax.parallel import rules
 
-BATCH_AXES = ("data", "fsdp")
 _DROPS_SEED_OFFSET = 0x5EED  # the random drops draw from a stream apart from the shuffle's
 
 
@@ -55,7 +54,7 @@ class CheckedSource:
           f"{type(e).__name__}: {e}") from e
 
 
-def open_source(config, split: str) -> CheckedSource:
+def open_source(config, split: str, shapes=None) -> CheckedSource:
   """Opens a split after checking the dataset's metadata and schema against the config."""
   dataset_dir = os.fspath(config.data.dir)
   if not dataset_dir:
@@ -67,11 +66,11 @@ def open_source(config, split: str) -> CheckedSource:
     raise DatasetError(f"dataset {dataset_dir} (data.dir) has no dataset_info.json: not a finalized "
                        f"prepared dataset (run data_prep.prepare, or features.finalize)")
   metadata = read_metadata(dataset_dir)
-  check_metadata(metadata, config, dataset_dir)
+  check_metadata(metadata, config, dataset_dir, shapes)
   norm = LatentNorm.from_json(metadata.get("latent_norm"), config,
                               f"dataset {dataset_dir} (metadata.json)")
   builder = tfds.builder_from_directory(dataset_dir)
-  check_features(builder.info.features, config, dataset_dir)
+  check_features(builder.info.features, config, dataset_dir, shapes)
   if split not in builder.info.splits:
     raise DatasetError(f"dataset {dataset_dir} has no split {split!r}; it has "
                        f"{sorted(builder.info.splits.keys())}")
@@ -206,7 +205,7 @@ def eval_dataset(config, source, *, process_index: int | None = None,
 
 def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Per-process rows -> global arrays with the batch dim sharded over ("data", "fsdp")."""
-  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  sharding = rules.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
@@ -243,15 +242,17 @@ class DataIterator:
 
 def make_train_iterator(config, mesh, *, split: str | None = None, seed: int | None = None,
                         process_index: int | None = None,
-                        process_count: int | None = None) -> DataIterator:
+                        process_count: int | None = None, shapes=None) -> DataIterator:
+  """shapes: the run's config_lib.LatentShapes when the caller derived them."""
   seed = int(config.train.seed if seed is None else seed)
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
-    return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc),
+    return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc,
+                                          shapes=shapes),
                         mesh, "synthetic", seed, LatentNorm.identity(config))
   if config.data.source != "tfds":
     raise ValueError(f"data.source={config.data.source!r}: expected 'tfds' or 'synthetic'")
-  source = open_source(config, split or config.data.train_split)
+  source = open_source(config, split or config.data.train_split, shapes)
   ds = train_dataset(config, source, seed=seed, process_index=process_index,
                      process_count=process_count)
   return DataIterator(iter(ds), mesh, "tfds", seed, source.latent_norm)
@@ -272,16 +273,16 @@ class EvalBatches:
 
 
 def make_eval_iterator(config, mesh, *, split: str | None = None, process_index: int | None = None,
-                       process_count: int | None = None):
+                       process_count: int | None = None, shapes=None):
   """Eval batches: no shuffle, no text drop, no first-frame condition, last batch padded."""
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
     synthetic = SyntheticIterator(config, seed=int(config.train.seed) + 1, process_index=pi,
-                                  process_count=pc)
+                                  process_count=pc, shapes=shapes)
     batches = [_no_drops_batch(synthetic.batch(step)) for step in range(int(config.eval.batches))]
     return EvalBatches(batches, len(batches), mesh)
   split = split or config.data.eval_split
-  source = open_source(config, split)
+  source = open_source(config, split, shapes)
   ds = eval_dataset(config, source, process_index=process_index, process_count=process_count)
   return EvalBatches(ds, _eval_batch_count(len(source), int(config.train.batch_size)), mesh)
 

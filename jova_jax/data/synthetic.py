@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from jova_jax.config_lib import latent_shapes
+from jova_jax.config_lib import LatentShapes, latent_shapes
 
 
 class SyntheticIterator:
   """Yields this process's rows of global batch `step`, step = 0, 1, ...; state is the step."""
 
-  def __init__(self, config, *, seed: int, process_index: int = 0, process_count: int = 1):
+  def __init__(self, config, *, seed: int, process_index: int = 0, process_count: int = 1,
+               shapes: LatentShapes | None = None):
     self.config = config
+    self.shapes = shapes or latent_shapes(config)
     self.seed = int(seed)
     self.global_batch = int(config.train.batch_size)
     if self.global_batch % process_count:
@@ -45,7 +47,7 @@ class SyntheticIterator:
 
   def example(self, step: int, row: int) -> dict[str, np.ndarray]:
     c = self.config
-    shapes = latent_shapes(c)
+    shapes = self.shapes
     t, h, w, _ = shapes.video
     max_len, width = int(c.text.max_length), int(c.text.width)
     rng = np.random.default_rng([self.seed, step, row])

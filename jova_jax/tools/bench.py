@@ -50,9 +50,9 @@ def _timed(fn, steps: int) -> float:
   return _timed_interleaved({"fn": fn}, steps)["fn"]
 
 
-def _report(config, seconds: float, what: str) -> None:
-  flops = summary.train_step_flops(config)
-  tokens = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)
+def _report(config, spec: config_lib.RunSpec, seconds: float, what: str) -> None:
+  flops = summary.train_step_flops(spec.model, spec.batch_size)
+  tokens = spec.shapes.joint_tokens * spec.batch_size
   n = jax.device_count()
   measured = perf.measure_matmul_peak(dtype=_compute_dtype(config))
   print(f"{what}: {seconds * 1e3:.1f} ms/step, batch {config.train.batch_size}, "
@@ -79,15 +79,15 @@ def _compute_dtype(config):
 
 def bench_model(config) -> None:
   mesh = mesh_lib.make_mesh(config)
-  graphdef, _, _ = sharded.split_abstract(config)
-  params = sharded.init_params(config, mesh, seed=0)
+  program = train_state.build_program(config, mesh)
+  params = sharded.init_params(program.spec.model, mesh, seed=0, model=program.abstract.model)
   batch = train_state.model_inputs(SyntheticIterator(config, seed=0).batch(0))
-  batch = jax.device_put(batch, train_state.build_program(config, mesh).batch_sharding)
-  grad = jax.jit(jax.value_and_grad(
-      lambda p, b: objective.training_loss(graphdef, p, b, jax.random.key(0), config)[0]))
+  batch = jax.device_put(batch, program.batch_sharding)
+  grad = jax.jit(jax.value_and_grad(lambda p, b: objective.training_loss(
+      program.graphdef, p, b, jax.random.key(0), config)[0]))
   with jax.set_mesh(mesh):
     seconds = _timed(lambda: grad(params, batch), _STEPS.value)
-  _report(config, seconds, "model forward+backward")
+  _report(config, program.spec, seconds, "model forward+backward")
 
 
 def bench_train(config) -> None:
@@ -118,9 +118,9 @@ def bench_train(config) -> None:
     if _PROFILE.value:
       jax.profiler.stop_trace()
       print(f"profiler trace written to {_PROFILE.value} (tensorboard --logdir={_PROFILE.value})")
-  _report(config, seconds["step"], "train step")
+  _report(config, program.spec, seconds["step"], "train step")
   if _BREAKDOWN.value:
-    _print_breakdown(config, seconds)
+    _print_breakdown(program.spec, seconds)
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
@@ -143,9 +143,9 @@ def _forward_and_grad(config, program, batch) -> dict:
   return {"forward": call(forward), "forward+backward": call(grad)}
 
 
-def _print_breakdown(config, seconds: dict) -> None:
+def _print_breakdown(spec: config_lib.RunSpec, seconds: dict) -> None:
   """Backward = (forward+backward) - forward; optimizer+EMA = step - (forward+backward)."""
-  forward_flops = summary.forward_flops(config, int(config.train.batch_size))
+  forward_flops = summary.forward_flops(spec.model, spec.batch_size)
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
   rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
           ("optimizer+EMA", step - grad, None), ("step", step, 3 * forward_flops)]
