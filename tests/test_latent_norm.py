@@ -123,7 +123,8 @@ def test_codecs_with_published_constants_and_old_datasets_get_the_identity(tmp_p
     features.write_dataset(directory, config, {"train": _offset_examples(config, 2, 0)}, metadata)
     source = pipeline.open_source(_config(directory), "train")
     assert source.latent_norm.video.is_identity and source.latent_norm.audio.is_identity
-    example = pipeline.decode(0, source[0], max_length=8, norm=source.latent_norm)
+    example = pipeline.decode(0, source[0], spec=pipeline.batch_spec_of(config),
+                              norm=source.latent_norm)
     video, audio = _stored(source, 0)
     np.testing.assert_array_equal(example["video"], video)
     np.testing.assert_array_equal(example["audio"], audio)

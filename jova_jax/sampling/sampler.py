@@ -5,7 +5,7 @@ traced numbers, see solvers.SolverPlan) runs the model once on [conditional ; un
 (drop_text on the second half), applies separate video and audio guidance, then the solver's
 corrector and predictor. A given modality (audio-to-video, video-to-audio) enters at sigma 0
 and its latents are put back after every step, so it comes out unchanged. The batch is sharded
-over ("data", "fsdp"); each prompt's noise comes from its own seed alone, so a prompt gives the
+by rules.batch_sharding (act_batch); each prompt's noise comes from its own seed alone, so a prompt gives the
 same output whatever batch or position it lands in.
 """
 from __future__ import annotations

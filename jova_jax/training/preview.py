@@ -46,7 +46,7 @@ class TrainingPreview:
     source = pipeline.open_source(config, _preview_split(config), self.shapes)
     self.norm = source.latent_norm
     count = min(int(config.eval.sample_prompts), len(source))
-    examples = [pipeline.decode(i, source[i], max_length=self.shapes.text_tokens, norm=self.norm)
+    examples = [pipeline.decode(i, source[i], spec=program.batch_spec, norm=self.norm)
                 for i in range(count)]
     self.names = [f"i2v_{i}" for i in range(count)] + [f"text_{i}" for i in range(count)]
     self.references = [self.video_codec.decode(self.norm.video.denormalize(e["video"][None]))[0]

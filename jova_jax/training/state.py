@@ -15,13 +15,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax import config_lib
+from jova_jax.data import batch_spec
 from jova_jax.model import sharded
 from jova_jax.model.jova import JoVA
 from jova_jax.parallel import rules
 from jova_jax.training import finetune, optim
 
-# Batch keys the model consumes (the pipeline also yields record_index for bookkeeping).
-MODEL_KEYS = ("video", "audio", "mouth_mask", "text", "text_mask", "drop_text", "use_first_frame")
+MODEL_KEYS = batch_spec.MODEL_KEYS  # the batch keys the model consumes (data/batch_spec.py)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -95,17 +95,13 @@ class Program:
   def abstract_state(self) -> dict:
     return self.abstract.state
 
+  @property
+  def batch_spec(self) -> dict:
+    """{key: (per-example shape, dtype)} of the run's batches (data/batch_spec.py)."""
+    return batch_spec.example_spec(self.spec.shapes, self.spec.model.text_width)
+
   def abstract_batch(self):
-    s = self.spec.shapes
-    b = self.spec.batch_size
-    shapes = {
-        "video": ((b,) + s.video, jnp.float32), "audio": ((b,) + s.audio, jnp.float32),
-        "mouth_mask": ((b,) + s.video[:3], jnp.float32),
-        "text": ((b, s.text_tokens, self.spec.model.text_width), jnp.float32),
-        "text_mask": ((b, s.text_tokens), jnp.bool_), "drop_text": ((b,), jnp.bool_),
-        "use_first_frame": ((b,), jnp.bool_)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
-            for k, (shape, dtype) in shapes.items()}
+    return batch_spec.abstract_batch(self.batch_spec, self.spec.batch_size, self.batch_sharding)
 
 
 def build_program(config, mesh, spec: config_lib.RunSpec | None = None) -> Program:
