@@ -192,41 +192,59 @@ def _one_of(*names):
 
 
 _MESH_SIZE = (lambda v: v == -1 or v >= 1), "a size >= 1, or -1 (fills the rest)"
-_DTYPES = _one_of("float32", "bfloat16", "float16")
+
+# Every enum-valued key, declared once: its allowed values (validate refuses any other with
+# "key=value: expected one of ..."). The modules that read them keep the same names
+# (tests/test_config.py checks).
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ENUMS: dict[str, tuple[str, ...]] = {
+    "video.codec": ("pixels", "wan21"),
+    "audio.codec": ("mel", "mmaudio16k", "mmaudio44k"),
+    "text.encoder": ("minilm", "t5"),
+    "model.remat": ("none", "full", "save_dots", "offload_dots"),
+    "model.lora.targets": ("qkv", "out", "mlp", "embedders"),
+    "model.lora.towers": ("video", "audio"),
+    "flow.density": ("logit_normal", "uniform", "mode"),
+    "flow.prediction": ("velocity", "x0"),
+    "data.source": ("tfds", "synthetic"),
+    "train.schedule": ("cosine", "constant"),
+    "parallel.context_strategy": ("none", "all_gather", "ulysses", "ring"),
+    "parallel.attention_kernel": ("auto", "xla", "chunked", "cudnn", "splash"),
+    "sample.solver": ("euler", "unipc"),
+    "model.param_dtype": _DTYPE_NAMES,
+    "model.compute_dtype": _DTYPE_NAMES,
+    "train.frozen_dtype": _DTYPE_NAMES,
+}
 
 RULES = {
-    "video.codec": _one_of("pixels", "wan21"), "video.fps": _above(0),
+    **{key: _one_of(*names) for key, names in ENUMS.items()},
+    "video.fps": _above(0),
     "video.frames": _at_least(1), "video.height": _at_least(1), "video.width": _at_least(1),
     "video.temporal_factor": _at_least(1), "video.spatial_factor": _at_least(1),
     "video.latent_channels": _at_least(1),
-    "audio.codec": _one_of("mel", "mmaudio16k", "mmaudio44k"), "audio.sample_rate": _above(0),
+    "audio.sample_rate": _above(0),
     "audio.latent_channels": _at_least(1), "audio.latents_per_second": _above(0),
-    "text.encoder": _one_of("minilm", "t5"), "text.width": _at_least(1),
+    "text.width": _at_least(1),
     "text.max_length": _at_least(1),
     "model.hidden": _at_least(1), "model.heads": _at_least(1), "model.mlp_ratio": _above(0),
     "model.dual_blocks": _at_least(0), "model.single_blocks": _at_least(0),
     "model.video_patch": _at_least(1), "model.audio_patch": _at_least(1),
     "model.i2v_mask_channels": _at_least(0), "model.freq_dim": _at_least(2),
     "model.rope_theta": _above(0), "model.norm_eps": _above(0),
-    "model.param_dtype": _DTYPES, "model.compute_dtype": _DTYPES,
-    "model.remat": _one_of("none", "full", "save_dots", "offload_dots"),
     "model.scan_unroll": _at_least(1),
     "model.lora.rank": _at_least(0), "model.lora.alpha": _above(0),
     "model.lora.dropout": _fraction(upper_open=True),
-    "model.lora.targets": _one_of("qkv", "out", "mlp", "embedders"),
-    "model.lora.towers": _one_of("video", "audio"), "train.frozen_dtype": _DTYPES,
-    "flow.density": _one_of("logit_normal", "uniform", "mode"), "flow.logit_std": _above(0),
+    "flow.logit_std": _above(0),
     "flow.shift": _above(0), "flow.p_clean_audio": _fraction(), "flow.p_clean_video": _fraction(),
-    "flow.prediction": _one_of("velocity", "x0"), "flow.x0_min_sigma": _above(0),
+    "flow.x0_min_sigma": _above(0),
     "flow.sigma_data": _at_least(0),
     "loss.lambda_mouth": _at_least(0), "loss.lambda_audio": _at_least(0),
-    "data.source": _one_of("tfds", "synthetic"), "data.worker_count": _at_least(0),
+    "data.worker_count": _at_least(0),
     "data.max_train_clips": _at_least(0),
     "data.worker_buffer_size": _at_least(1), "data.read_threads": _at_least(1),
     "data.p_uncond": _fraction(), "data.p_i2v": _fraction(),
     "train.steps": _at_least(1), "train.batch_size": _at_least(1), "train.seed": _at_least(0),
-    "train.lr": _at_least(0), "train.schedule": _one_of("cosine", "constant"),
-    "train.warmup_steps": _at_least(0), "train.min_lr_ratio": _fraction(),
+    "train.lr": _at_least(0), "train.warmup_steps": _at_least(0), "train.min_lr_ratio": _fraction(),
     "train.weight_decay": _at_least(0), "train.b1": _fraction(upper_open=True),
     "train.b2": _fraction(upper_open=True), "train.eps": _above(0),
     "train.clip_norm": _at_least(0), "train.grad_accum": _at_least(1),
@@ -238,11 +256,8 @@ RULES = {
     "checkpoint.every_steps": _at_least(0), "checkpoint.keep": _at_least(0),
     "mesh.data": _MESH_SIZE, "mesh.fsdp": _MESH_SIZE, "mesh.context": _MESH_SIZE,
     "mesh.tensor": _MESH_SIZE, "mesh.dcn_data": _at_least(1), "mesh.dcn_fsdp": _at_least(1),
-    "parallel.context_strategy": _one_of("none", "all_gather", "ulysses", "ring"),
-    "parallel.attention_kernel": _one_of("auto", "xla", "chunked", "cudnn", "splash"),
     "parallel.attention_chunk": _at_least(1),
-    "sample.steps": _at_least(1), "sample.solver": _one_of("euler", "unipc"),
-    "sample.shift": _above(0), "sample.video_guidance": _at_least(0),
+    "sample.steps": _at_least(1), "sample.shift": _above(0), "sample.video_guidance": _at_least(0),
     "sample.audio_guidance": _at_least(0), "sample.batch_size": _at_least(1),
 }
 

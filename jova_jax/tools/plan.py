@@ -16,16 +16,13 @@ and prints XLA's memory_analysis next to the estimate. libtpu can live outside t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 
 import numpy as np
-from absl import app, flags
 from jax.sharding import AbstractMesh
-from ml_collections import config_flags
 
-from jova_jax import cli, config_lib
+from jova_jax import config_lib
 from jova_jax.model import attention, summary
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib, remat, rules
@@ -334,58 +331,3 @@ def resolve_mesh(config, mesh_flag: str, devices: int | None) -> dict[str, int]:
       raise ValueError(f"mesh {sizes} has a -1 axis: pass --devices=N or give every size in --mesh")
     devices = int(np.prod(list(sizes.values())))
   return mesh_lib.mesh_shape(config, devices)
-
-
-def main():
-  # Flags live here, not at import: tests import this module as a library.
-  config_flag = config_flags.DEFINE_config_file("config", None, "Config file.")
-  mesh_flag = flags.DEFINE_string("mesh", "", "axis=size,... over data,fsdp,context,tensor "
-                                  "(default: the config's mesh.*)")
-  devices_flag = flags.DEFINE_integer("devices", None, "Device count, when an axis is -1.")
-  chip_flag = flags.DEFINE_enum("chip", "v5p", sorted(CHIPS), "Accelerator to plan for.")
-  batch_flag = flags.DEFINE_integer("batch_size", None, "Global batch (default train.batch_size).")
-  mfu_flag = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
-  compile_flag = flags.DEFINE_enum("compile", "auto", ["auto", "yes", "no"],
-                                   "AOT-compile the train step for a TPU topology (auto: when "
-                                   "libtpu is importable and --chip is a TPU).")
-  topology_flag = flags.DEFINE_string("topology", None, "TPU topology of one slice, e.g. "
-                                      "v5p:4x4x8 (default: from --chip and the device count); "
-                                      "--config.mesh.dcn_data=N compiles for N such slices.")
-
-  def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_flag.value
-    if config is None:
-      raise app.UsageError("--config is required, e.g. --config=configs/jova_24b.py")
-    if batch_flag.value is not None:
-      config.train.batch_size = batch_flag.value
-    try:
-      mesh_shape = resolve_mesh(config, mesh_flag.value, devices_flag.value)
-      plan = make_plan(config, mesh_shape, chip_flag.value, mfu_flag.value)
-    except ValueError as e:  # bad mesh / config: the message names the flag or key
-      raise app.UsageError(str(e)) from e
-    print(format_plan(plan, config), flush=True)
-
-    is_tpu = CHIPS[chip_flag.value].tpu_generation is not None
-    has_libtpu = importlib.util.find_spec("libtpu") is not None
-    if compile_flag.value == "yes" and not (is_tpu and has_libtpu):
-      raise app.UsageError(
-          f"--compile=yes needs a TPU --chip (got {chip_flag.value}) and an importable libtpu "
-          f"(found: {has_libtpu}; pip install --target DIR libtpu, then PYTHONPATH=DIR)")
-    if compile_flag.value == "no" or not (is_tpu and has_libtpu):
-      why = ("--compile=no" if compile_flag.value == "no" else
-             f"{chip_flag.value} is not a TPU" if not is_tpu else "libtpu is not installed")
-      print(f"AOT compile skipped ({why}): figures above are the analytic accounting only.")
-      return
-    slices = int(np.prod(list(mesh_lib.dcn_shape(config).values())))
-    topology = topology_flag.value or topology_name(chip_flag.value, plan.devices // slices)
-    print(f"compiling the train step for {slices} x {topology} ...", flush=True)
-    compiled = compile_for_tpu(config, topology, slices)
-    print(format_memory_analysis(compiled.memory_analysis()))
-
-  cli.run(run)
-
-
-if __name__ == "__main__":
-  main()
