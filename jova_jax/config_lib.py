@@ -83,6 +83,92 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
   return head_dim - 4 * s, 2 * s, 2 * s
 
 
+# ------------------------------------------------------------------ the run's spec
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What JoVA(...) is built from: config.model plus the few video/audio/text/parallel facts
+  the model needs (built once per run by run_spec, or model_spec for the model alone)."""
+  shapes: LatentShapes
+  text_width: int
+  per_video_frame: float  # audio_positions_per_video_frame
+  hidden: int
+  heads: int
+  mlp_ratio: float
+  dual_blocks: int
+  single_blocks: int
+  video_patch: tuple[int, int, int]
+  audio_patch: int
+  i2v: bool
+  i2v_mask_channels: int
+  freq_dim: int
+  rope_theta: float
+  norm_eps: float
+  compute_dtype: str
+  param_dtype: str
+  remat: str
+  scan_unroll: int
+  context_strategy: str
+  attention_kernel: str
+  attention_chunk: int
+  lora: object = None  # FrozenConfigDict of model.lora (model/lora.py), or None
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden // self.heads
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.hidden * self.mlp_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything a run derives from its config, derived once (run_spec) and passed down."""
+  shapes: LatentShapes
+  model: ModelSpec
+  batch_size: int
+  grad_accum: int
+
+  def check_mesh(self, mesh_shape: dict, *, batch: bool = True) -> None:
+    """The checks of validate that need the mesh, from the spec alone (batch=False: not the
+    train batch's, for a model that only samples)."""
+    m = self.model
+    errors = _mesh_errors(m.heads, m.mlp_dim, m.context_strategy,
+                          self.batch_size if batch else None, mesh_shape)
+    if errors:
+      raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def _model_spec(config, shapes: LatentShapes) -> ModelSpec:
+  m, p = config.model, config.parallel
+  lora = m.get("lora")
+  return ModelSpec(
+      shapes=shapes, text_width=int(config.text.width),
+      per_video_frame=audio_positions_per_video_frame(config), hidden=int(m.hidden),
+      heads=int(m.heads), mlp_ratio=float(m.mlp_ratio), dual_blocks=int(m.dual_blocks),
+      single_blocks=int(m.single_blocks), video_patch=tuple(int(x) for x in m.video_patch),
+      audio_patch=int(m.audio_patch), i2v=bool(m.i2v), i2v_mask_channels=int(m.i2v_mask_channels),
+      freq_dim=int(m.freq_dim), rope_theta=float(m.rope_theta), norm_eps=float(m.norm_eps),
+      compute_dtype=str(m.compute_dtype), param_dtype=str(m.param_dtype), remat=str(m.remat),
+      scan_unroll=int(m.scan_unroll), context_strategy=str(p.context_strategy),
+      attention_kernel=str(p.attention_kernel), attention_chunk=int(p.attention_chunk),
+      lora=ml_collections.FrozenConfigDict(lora) if lora is not None else None)
+
+
+def run_spec(config, mesh_shape: dict | None = None) -> RunSpec:
+  """Validates config (with the mesh's checks when mesh_shape is given) and derives the run's
+  shapes and model spec: the one entry into this module a run makes."""
+  validate(config, mesh_shape)
+  shapes = latent_shapes(config)
+  return RunSpec(shapes=shapes, model=_model_spec(config, shapes),
+                 batch_size=int(config.train.batch_size), grad_accum=int(config.train.grad_accum))
+
+
+def model_spec(config) -> ModelSpec:
+  """The model's spec alone (validated): for a model built outside a run (tests, tools)."""
+  return run_spec(config).model
+
+
 # ------------------------------------------------------------------ ranges and enums
 # (check(value) -> bool, what is expected) per key of configs/base.py; a key a config lacks is
 # skipped. The enums are those of the modules that read them (a test keeps them in step).
@@ -106,41 +192,59 @@ def _one_of(*names):
 
 
 _MESH_SIZE = (lambda v: v == -1 or v >= 1), "a size >= 1, or -1 (fills the rest)"
-_DTYPES = _one_of("float32", "bfloat16", "float16")
+
+# Every enum-valued key, declared once: its allowed values (validate refuses any other with
+# "key=value: expected one of ..."). The modules that read them keep the same names
+# (tests/test_config.py checks).
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ENUMS: dict[str, tuple[str, ...]] = {
+    "video.codec": ("pixels", "wan21"),
+    "audio.codec": ("mel", "mmaudio16k", "mmaudio44k"),
+    "text.encoder": ("minilm", "t5"),
+    "model.remat": ("none", "full", "save_dots", "offload_dots"),
+    "model.lora.targets": ("qkv", "out", "mlp", "embedders"),
+    "model.lora.towers": ("video", "audio"),
+    "flow.density": ("logit_normal", "uniform", "mode"),
+    "flow.prediction": ("velocity", "x0"),
+    "data.source": ("tfds", "synthetic"),
+    "train.schedule": ("cosine", "constant"),
+    "parallel.context_strategy": ("none", "all_gather", "ulysses", "ring"),
+    "parallel.attention_kernel": ("auto", "xla", "chunked", "cudnn", "splash"),
+    "sample.solver": ("euler", "unipc"),
+    "model.param_dtype": _DTYPE_NAMES,
+    "model.compute_dtype": _DTYPE_NAMES,
+    "train.frozen_dtype": _DTYPE_NAMES,
+}
 
 RULES = {
-    "video.codec": _one_of("pixels", "wan21"), "video.fps": _above(0),
+    **{key: _one_of(*names) for key, names in ENUMS.items()},
+    "video.fps": _above(0),
     "video.frames": _at_least(1), "video.height": _at_least(1), "video.width": _at_least(1),
     "video.temporal_factor": _at_least(1), "video.spatial_factor": _at_least(1),
     "video.latent_channels": _at_least(1),
-    "audio.codec": _one_of("mel", "mmaudio16k", "mmaudio44k"), "audio.sample_rate": _above(0),
+    "audio.sample_rate": _above(0),
     "audio.latent_channels": _at_least(1), "audio.latents_per_second": _above(0),
-    "text.encoder": _one_of("minilm", "t5"), "text.width": _at_least(1),
+    "text.width": _at_least(1),
     "text.max_length": _at_least(1),
     "model.hidden": _at_least(1), "model.heads": _at_least(1), "model.mlp_ratio": _above(0),
     "model.dual_blocks": _at_least(0), "model.single_blocks": _at_least(0),
     "model.video_patch": _at_least(1), "model.audio_patch": _at_least(1),
     "model.i2v_mask_channels": _at_least(0), "model.freq_dim": _at_least(2),
     "model.rope_theta": _above(0), "model.norm_eps": _above(0),
-    "model.param_dtype": _DTYPES, "model.compute_dtype": _DTYPES,
-    "model.remat": _one_of("none", "full", "save_dots", "offload_dots"),
     "model.scan_unroll": _at_least(1),
     "model.lora.rank": _at_least(0), "model.lora.alpha": _above(0),
     "model.lora.dropout": _fraction(upper_open=True),
-    "model.lora.targets": _one_of("qkv", "out", "mlp", "embedders"),
-    "model.lora.towers": _one_of("video", "audio"), "train.frozen_dtype": _DTYPES,
-    "flow.density": _one_of("logit_normal", "uniform", "mode"), "flow.logit_std": _above(0),
+    "flow.logit_std": _above(0),
     "flow.shift": _above(0), "flow.p_clean_audio": _fraction(), "flow.p_clean_video": _fraction(),
-    "flow.prediction": _one_of("velocity", "x0"), "flow.x0_min_sigma": _above(0),
+    "flow.x0_min_sigma": _above(0),
     "flow.sigma_data": _at_least(0),
     "loss.lambda_mouth": _at_least(0), "loss.lambda_audio": _at_least(0),
-    "data.source": _one_of("tfds", "synthetic"), "data.worker_count": _at_least(0),
+    "data.worker_count": _at_least(0),
     "data.max_train_clips": _at_least(0),
     "data.worker_buffer_size": _at_least(1), "data.read_threads": _at_least(1),
     "data.p_uncond": _fraction(), "data.p_i2v": _fraction(),
     "train.steps": _at_least(1), "train.batch_size": _at_least(1), "train.seed": _at_least(0),
-    "train.lr": _at_least(0), "train.schedule": _one_of("cosine", "constant"),
-    "train.warmup_steps": _at_least(0), "train.min_lr_ratio": _fraction(),
+    "train.lr": _at_least(0), "train.warmup_steps": _at_least(0), "train.min_lr_ratio": _fraction(),
     "train.weight_decay": _at_least(0), "train.b1": _fraction(upper_open=True),
     "train.b2": _fraction(upper_open=True), "train.eps": _above(0),
     "train.clip_norm": _at_least(0), "train.grad_accum": _at_least(1),
@@ -152,11 +256,8 @@ RULES = {
     "checkpoint.every_steps": _at_least(0), "checkpoint.keep": _at_least(0),
     "mesh.data": _MESH_SIZE, "mesh.fsdp": _MESH_SIZE, "mesh.context": _MESH_SIZE,
     "mesh.tensor": _MESH_SIZE, "mesh.dcn_data": _at_least(1), "mesh.dcn_fsdp": _at_least(1),
-    "parallel.context_strategy": _one_of("none", "all_gather", "ulysses", "ring"),
-    "parallel.attention_kernel": _one_of("auto", "xla", "chunked", "cudnn", "splash"),
     "parallel.attention_chunk": _at_least(1),
-    "sample.steps": _at_least(1), "sample.solver": _one_of("euler", "unipc"),
-    "sample.shift": _above(0), "sample.video_guidance": _at_least(0),
+    "sample.steps": _at_least(1), "sample.shift": _above(0), "sample.video_guidance": _at_least(0),
     "sample.audio_guidance": _at_least(0), "sample.batch_size": _at_least(1),
 }
 
@@ -222,20 +323,30 @@ def validate(config, mesh_shape: dict | None = None) -> None:
     errors.append(f"audio latent length is {shapes.audio[0]}: clip too short "
                   f"(video.frames={v.frames}, video.fps={v.fps})")
   if mesh_shape:
-    tensor = mesh_shape.get("tensor", 1)
-    if m.heads % tensor:
-      errors.append(f"model.heads={m.heads} is not divisible by mesh tensor={tensor}")
-    if int(m.hidden * m.mlp_ratio) % tensor:
-      errors.append(f"FFN width {int(m.hidden * m.mlp_ratio)} (model.hidden*model.mlp_ratio) is not "
-                    f"divisible by mesh tensor={tensor}")
-    batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-    if config.train.batch_size % batch_shards:
-      errors.append(f"train.batch_size={config.train.batch_size} is not divisible by the batch "
-                    f"shards data*fsdp={batch_shards}")
-    if config.parallel.context_strategy == "ulysses":
-      ctx = mesh_shape.get("context", 1)
-      if (m.heads // tensor) % ctx:
-        errors.append(f"parallel.context_strategy=ulysses needs heads per tensor shard "
-                      f"({m.heads}//{tensor}) divisible by mesh context={ctx}")
+    errors += _mesh_errors(int(m.heads), int(m.hidden * m.mlp_ratio),
+                           config.parallel.context_strategy, int(config.train.batch_size),
+                           mesh_shape)
   if errors:
     raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def _mesh_errors(heads: int, ffn: int, strategy: str, batch_size: int | None,
+                 mesh_shape: dict) -> list:
+  """Divisibility of heads, FFN width, batch (None: not checked) and Ulysses heads by the mesh
+  axes."""
+  errors, tensor = [], mesh_shape.get("tensor", 1)
+  if heads % tensor:
+    errors.append(f"model.heads={heads} is not divisible by mesh tensor={tensor}")
+  if ffn % tensor:
+    errors.append(f"FFN width {ffn} (model.hidden*model.mlp_ratio) is not "
+                  f"divisible by mesh tensor={tensor}")
+  batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  if batch_size is not None and batch_size % batch_shards:
+    errors.append(f"train.batch_size={batch_size} is not divisible by the batch "
+                  f"shards data*fsdp={batch_shards}")
+  if strategy == "ulysses":
+    ctx = mesh_shape.get("context", 1)
+    if (heads // tensor) % ctx:
+      errors.append(f"parallel.context_strategy=ulysses needs heads per tensor shard "
+                    f"({heads}//{tensor}) divisible by mesh context={ctx}")
+  return errors

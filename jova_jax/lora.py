@@ -33,14 +33,14 @@ def merged_config(config) -> ml_collections.ConfigDict:
 
 def merge(workdir: str, out: str, lora_scale: float = 1.0) -> str:
   """Writes the merged run to out; returns its step directory."""
-  directory, _ = loading.locate_checkpoint(workdir)
-  with checkpoint.Checkpointer(directory, every_steps=1, keep=1, read_only=True) as ckpt:
+  where = checkpoint.locate(workdir)  # resolved once, for every read below
+  with checkpoint.Checkpointer(where.directory, every_steps=1, keep=1, read_only=True) as ckpt:
     step = ckpt.latest_step()
   if step is None:
     raise UserError(f"--workdir={workdir}: expected a run with a checkpoint, found none")
   trees = {}
   for subtree in ("params", "ema"):
-    config, mesh, _, params = loading.load_run(workdir, subtree=subtree, lora_scale=lora_scale)
+    config, mesh, _, params = loading.load_run(where, subtree=subtree, lora_scale=lora_scale)
     if not finetune.uses_base(config):
       raise UserError(f"--workdir={workdir}: expected a LoRA run (model.lora.rank > 0), found "
                       f"model.lora.rank={config.model.lora.rank}")

@@ -2,7 +2,7 @@ r"""Batch generation from a trained run.
 
   python -m jova_jax.sample --workdir=RUN --prompts=prompts.jsonl --outdir=OUT
   python -m jova_jax.sample --checkpoint=RUN/checkpoints/5000 --prompts=... --outdir=... \
-      --steps=40 --solver=unipc --video_guidance=5 --audio_guidance=4 --set=mesh.tensor=1
+      --steps=40 --solver=unipc --video_guidance=5 --audio_guidance=4 --config.mesh.tensor=1
   python -m jova_jax.sample --workdir=LORA_RUN --lora_scale=0.8 ...   # base + adapters
 
 Each prompt line is a JSON object with either video_caption, audio_caption and transcript or
@@ -13,6 +13,9 @@ timings) per prompt, each under a temporary name first (a crash never leaves a t
 that looks finished). Bad lines and prompts that fail to read or write are reported and
 skipped; the exit status is 1 if any was, 2 on a user error (one line), before the model loads
 when it is about the output folder. Unset flags take the run's config.sample.* values.
+
+`--config.KEY=VALUE` overrides a key of the run's saved config, as `python -m jova_jax.train`
+takes them (VALUE as JSON, else a string); `--set=KEY=VALUE` is its deprecated alias.
 """
 import os
 import sys
@@ -43,8 +46,25 @@ flags.DEFINE_float("lora_scale", 1.0, "A LoRA run's adapters count this many tim
                    "model alone).")
 flags.DEFINE_bool("contact_sheet", False, "Also write <outdir>/contact_sheet.png: each sample's "
                   "frames, its I2V reference image and its mel spectrogram.")
-flags.DEFINE_multi_string("set", [], "Override a key of the run's config, KEY=VALUE (JSON value), "
-                          "e.g. --set=mesh.tensor=1 --set=parallel.attention_kernel=xla.")
+flags.DEFINE_multi_string("set", [], "Deprecated alias of --config.KEY=VALUE: KEY=VALUE.")
+_CONFIG_PREFIX = "--config."
+
+
+def config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without its --config.KEY=VALUE arguments, their 'KEY=VALUE' overrides): the run's
+  config comes from its checkpoint, so these are applied to it by loading.load_run."""
+  rest, overrides = [], []
+  for arg in argv:
+    if arg.startswith(_CONFIG_PREFIX):
+      if "=" not in arg:
+        cli.fail(f"{arg}: expected --config.KEY=VALUE, e.g. --config.mesh.tensor=1")
+      overrides.append(arg[len(_CONFIG_PREFIX):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+_OVERRIDES: list[str] = []  # --config.KEY=VALUE of this command line (config_overrides)
 
 
 def main(argv):
@@ -55,15 +75,17 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir and --checkpoint")
   if not FLAGS.prompts or not FLAGS.outdir:
     raise app.UsageError("--prompts and --outdir are required")
+  if FLAGS.set:
+    print("warning: --set is deprecated; use --config.KEY=VALUE", file=sys.stderr)
   generate.check_outdir(FLAGS.outdir)  # before the model loads: a bad folder fails at once
   metrics.quiet_library_logs()
   mesh_lib.initialize_distributed()
   try:
     config, mesh, graphdef, params = loading.load_run(
-        FLAGS.workdir or FLAGS.checkpoint, overrides=FLAGS.set, subtree=FLAGS.weights,
+        FLAGS.workdir or FLAGS.checkpoint, overrides=_OVERRIDES + FLAGS.set, subtree=FLAGS.weights,
         lora_scale=FLAGS.lora_scale)
     prompts, errors = prompt_lib.read_prompts(FLAGS.prompts, default_seed=FLAGS.seed, config=config)
-  except (KeyError, TypeError, ValueError) as e:  # a bad --set or checkpoint entry, named
+  except (KeyError, TypeError, ValueError) as e:  # a bad override or checkpoint entry, named
     cli.fail(cli.one_line(e))
   for e in errors:
     print(e, file=sys.stderr)
@@ -92,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.argv, _OVERRIDES[:] = config_overrides(sys.argv)
   cli.run(main)

@@ -10,16 +10,17 @@ import tensorflow_datasets as tfds
 from jax.sharding import PartitionSpec as P
 
 from jova_jax.config_lib import latent_shapes
+from jova_jax.data import batch_spec
 from jova_jax.data import features as F
 from jova_jax.data import pipeline as PL
 from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax.parallel import rules
 from jova_jax.parallel.mesh import make_mesh
 from tests.conftest import load
 from tests.datasets import make_examples
 
 NUM_TRAIN, NUM_EVAL = 16, 10
-KEYS = ("video", "audio", "mouth_mask", "text", "text_mask", "drop_text", "use_first_frame",
-        "record_index")
+KEYS = batch_spec.MODEL_KEYS + batch_spec.BOOKKEEPING_KEYS
 
 
 def tiny_config(dataset_dir=""):
@@ -356,3 +357,25 @@ def test_synthetic_shapes_and_determinism(dataset):
     resumed.set_state({"source": "tfds", "seed": 5, "state": {"next_index": 0}})
   with pytest.raises(ValueError, match=r"state is for seed 4 \(train.seed\) but this iterator uses seed 5"):
     resumed.set_state({"source": "synthetic", "seed": 4, "state": {"step": 0}})
+
+
+# ------------------------------------------------------------------ the batch table
+def test_every_batch_source_follows_the_batch_table(dataset):
+  """The pipeline's decode, synthetic data and the trainer's abstract batch all give the keys,
+  per-example shapes and dtypes of data/batch_spec.example_spec."""
+  from jova_jax.training import state as train_state
+  config = tiny_config(dataset[0])
+  table = PL.batch_spec_of(config)
+  source = PL.open_source(config, "train")
+  decoded = PL.decode(0, source[0], spec=table, norm=source.latent_norm)
+  synthetic = SyntheticIterator(config, seed=0).example(0, 0)
+  for name, example in (("decode", decoded), ("synthetic", synthetic)):
+    for key, value in example.items():
+      assert (value.shape, value.dtype) == table[key], (name, key)
+  assert set(batch_spec.MODEL_KEYS) <= set(synthetic) and set(decoded) <= set(synthetic)
+  mesh = make_mesh(config)
+  abstract = train_state.build_program(config, mesh).abstract_batch()
+  assert sorted(abstract) == sorted(batch_spec.MODEL_KEYS)
+  for key, leaf in abstract.items():
+    assert (leaf.shape[1:], leaf.dtype) == table[key], key
+    assert leaf.sharding == rules.batch_sharding(mesh), key

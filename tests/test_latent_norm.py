@@ -15,7 +15,7 @@ from jova_jax import codecs, config_lib
 from jova_jax.data import features, latent_norm, pipeline
 from jova_jax.media import io as media
 from jova_jax.sampling import generate, loading, prompts as prompt_lib, sampler as sampler_lib
-from jova_jax.training import loop, preview
+from jova_jax.training import loop, preview, state as train_state
 from tests.conftest import load
 from tests.datasets import make_examples
 
@@ -123,7 +123,8 @@ def test_codecs_with_published_constants_and_old_datasets_get_the_identity(tmp_p
     features.write_dataset(directory, config, {"train": _offset_examples(config, 2, 0)}, metadata)
     source = pipeline.open_source(_config(directory), "train")
     assert source.latent_norm.video.is_identity and source.latent_norm.audio.is_identity
-    example = pipeline.decode(0, source[0], max_length=8, norm=source.latent_norm)
+    example = pipeline.decode(0, source[0], spec=pipeline.batch_spec_of(config),
+                              norm=source.latent_norm)
     video, audio = _stored(source, 0)
     np.testing.assert_array_equal(example["video"], video)
     np.testing.assert_array_equal(example["audio"], audio)
@@ -216,8 +217,8 @@ def test_preview_decodes_outputs_and_references_in_codec_space(measured_run):
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.dir = moved
   config.eval.update(sample_prompts=2, sample_steps=1)
-  _, mesh, graphdef, params = loading.load_run(workdir)
-  shown = preview.TrainingPreview(config, mesh, graphdef, workdir)
+  _, mesh, _, params = loading.load_run(workdir)
+  shown = preview.TrainingPreview(config, train_state.build_program(config, mesh), workdir)
   tol = dict(rtol=1e-5, atol=1e-5)
   codec = codecs.get_video_codec(config)
   for i, (video, _) in enumerate(stored):

@@ -48,7 +48,7 @@ def _params(config, seed=0):
   """Fresh params, every leaf but the adapters' B moved off its init (the zero-initialised
   adaLN gates and output layers would hide any difference in the outputs)."""
   flat = finetune.flatten(jax.jit(lambda: nnx.to_pure_dict(
-      nnx.state(JoVA(config, rngs=nnx.Rngs(params=seed)), nnx.Param)))())
+      nnx.state(JoVA(config_lib.model_spec(config), rngs=nnx.Rngs(params=seed)), nnx.Param)))())
   keys = iter(jax.random.split(jax.random.key(seed + 100), len(flat)))
   return finetune.unflatten({k: v if k.endswith("lora/b") else
                              v + 0.05 * jax.random.normal(next(keys), v.shape)

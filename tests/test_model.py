@@ -127,26 +127,26 @@ def test_bad_configs_fail_at_construction_naming_the_keys():
   c = load("tiny")
   c.model.heads = 3
   with pytest.raises(config_lib.ConfigError, match=r"model.hidden=64 .*model.heads=3"):
-    jova.JoVA(c, rngs=nnx.Rngs(0))
+    jova.JoVA(config_lib.model_spec(c), rngs=nnx.Rngs(0))
   c = load("tiny")
   c.model.update(hidden=16, heads=4)  # head_dim 4 < 6
   with pytest.raises(config_lib.ConfigError, match="head_dim=4 "):
-    jova.JoVA(c, rngs=nnx.Rngs(0))
+    jova.JoVA(config_lib.model_spec(c), rngs=nnx.Rngs(0))
   c = load("tiny")
   c.model.video_patch = (1, 3, 3)
   with pytest.raises(config_lib.ConfigError, match=r"video_patch=\(1, 3, 3\)"):
-    jova.JoVA(c, rngs=nnx.Rngs(0))
+    jova.JoVA(config_lib.model_spec(c), rngs=nnx.Rngs(0))
   c = load("tiny")
   with pytest.raises(config_lib.ConfigError, match="mesh tensor=8"):
     config_lib.validate(c, {"data": 1, "fsdp": 1, "context": 1, "tensor": 8})
   c = load("tiny")
   c.model.remat = "sometimes"
   with pytest.raises(ValueError, match="model.remat='sometimes'"):
-    jova.JoVA(c, rngs=nnx.Rngs(0))
+    jova.JoVA(config_lib.model_spec(c), rngs=nnx.Rngs(0))
 
 
 def test_audio_tower_copied_from_video_tower():
-  model = jova.JoVA(load("tiny"), rngs=nnx.Rngs(0))
+  model = jova.JoVA(config_lib.model_spec(load("tiny")), rngs=nnx.Rngs(0))
   copied = jova.copy_video_tower_to_audio(model)
   assert "dual_blocks/audio/qkv/kernel" in copied and "single_blocks/audio/fc1/kernel" in copied
   np.testing.assert_array_equal(model.dual_blocks.audio.qkv.kernel[...],
@@ -160,7 +160,7 @@ def test_audio_tower_copied_from_video_tower():
 
 def test_every_param_has_logical_axes_from_the_table():
   from jova_jax.parallel import rules
-  model = jova.JoVA(load("tiny"), rngs=nnx.Rngs(0))
+  model = jova.JoVA(config_lib.model_spec(load("tiny")), rngs=nnx.Rngs(0))
   axes = jova.param_logical_axes(model)
   for names in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)):
     rules.logical_to_spec(names)  # raises on a name missing from the table
@@ -197,7 +197,7 @@ def test_jova_24b_summary_is_abstract_and_counts_right(capsys):
 
 def test_flop_formula_matches_xla_cost_analysis():
   c = load("tiny")  # one block of each kind: XLA counts a scanned loop body once
-  model = jova.JoVA(c, rngs=nnx.Rngs(0))
+  model = jova.JoVA(config_lib.model_spec(c), rngs=nnx.Rngs(0))
   s = config_lib.latent_shapes(c)
   args = (jnp.zeros((1,) + s.video), jnp.zeros((1,) + s.audio),
           jnp.zeros((1, s.text_tokens, c.text.width)), jnp.ones((1, s.text_tokens), bool),
@@ -206,6 +206,6 @@ def test_flop_formula_matches_xla_cost_analysis():
   compiled = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).lower(state, *args).compile()
   xla = compiled.cost_analysis()
   xla = xla[0] if isinstance(xla, (list, tuple)) else xla
-  ours = summary.forward_flops(c, batch=1)
+  ours = summary.forward_flops(config_lib.model_spec(c), batch=1)
   # XLA also counts elementwise ops (norms, RoPE, softmax); matmuls dominate.
   assert 0.8 < ours / xla["flops"] < 1.05, (ours, xla["flops"])

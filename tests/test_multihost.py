@@ -201,7 +201,7 @@ def test_two_processes_sample_each_prompt_once(run_dir, pipeline, tmp_path):
   out = tmp_path / "out"
   cmd = [sys.executable, "-m", "jova_jax.sample", f"--workdir={run_dir[0]}",
          f"--prompts={prompts}", f"--outdir={out}", "--steps=2", "--batch_size=4",
-         "--set=mesh.tensor=1"]
+         "--config.mesh.tensor=1"]
   procs = two_processes(cmd, 23000 + os.getpid() % 20000)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, text in zip(procs, outs):

@@ -104,7 +104,7 @@ def test_state_memory_shrinks_like_one_over_fsdp(compiled_state_bytes):
 @pytest.mark.parametrize("name", list(_MESHES))
 def test_plan_state_bytes_match_compiled(compiled_state_bytes, name):
   config, mesh_shape, compiled = compiled_state_bytes[name]
-  rows = plan.state_bytes(config, mesh_shape)
+  rows = plan.state_bytes(config, plan.planned_model(config, mesh_shape), mesh_shape)
   planned = rows["params"] + rows["optimizer (mu+nu)"] + rows["ema"]
   print(f"{name}: plan {planned} B, compiled arguments less batch {compiled} B")
   # The compiled arguments also hold a few int32 scalars (step, nonfinite, optimizer counts).
@@ -143,12 +143,15 @@ def test_dcn_traffic_per_step():
   config.mesh.update(dict(data=1, fsdp=16, context=4, tensor=1, dcn_data=2))
   config.train.grad_accum = 8
   shape = mesh_lib.mesh_shape(config, 128)
-  _, shard = plan.param_counts(config, shape)
-  assert plan.dcn_bytes(config, shape) == {"gradient all-reduce": 4 * shard}
+  model = plan.planned_model(config, shape)
+  _, shard = plan.param_counts(model, shape)
+  assert plan.dcn_bytes(config, model, shape) == {"gradient all-reduce": 4 * shard}
   config.mesh.update(dcn_data=1, dcn_fsdp=2)
   shape = mesh_lib.mesh_shape(config, 128)
-  _, shard = plan.param_counts(config, shape)
-  assert plan.dcn_bytes(config, shape) == {"fsdp param gathers": 2 * 8 * 2 * shard,
+  model = plan.planned_model(config, shape)
+  _, shard = plan.param_counts(model, shape)
+  assert plan.dcn_bytes(config, model, shape) == {"fsdp param gathers": 2 * 8 * 2 * shard,
                                            "fsdp gradient reduce-scatters": 8 * 4 * shard}
   config.mesh.dcn_fsdp = 1
-  assert plan.dcn_bytes(config, mesh_lib.mesh_shape(config, 64)) == {}
+  shape = mesh_lib.mesh_shape(config, 64)
+  assert plan.dcn_bytes(config, plan.planned_model(config, shape), shape) == {}

@@ -310,3 +310,24 @@ def test_cli(run_dir, tmp_path):
       text=True, timeout=300)
   assert missing.returncode != 0 and f"checkpoint {tmp_path / 'none'} does not exist" in \
       missing.stderr
+
+
+def test_cli_config_overrides_and_the_deprecated_set(run_dir, tmp_path):
+  """--config.KEY=VALUE overrides the run's config as train's flags do; --set still works,
+  with a one-line deprecation warning."""
+  from jova_jax import sample
+  assert sample.config_overrides(["x", "--config.mesh.tensor=1", "--steps=2"]) == (
+      ["x", "--steps=2"], ["mesh.tensor=1"])
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text(json.dumps(dict(CAPTIONS, seed=3)) + "\n")
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "jova_jax.sample", f"--workdir={run_dir[0]}",
+       f"--prompts={prompts}", f"--outdir={out}", "--steps=1", "--batch_size=4",
+       "--config.sample.video_guidance=2.5", "--set=sample.audio_guidance=1.5"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stderr.count("--set is deprecated") == 1
+  settings = json.loads((out / "sample_00001.json").read_text())["settings"]
+  assert settings["video_guidance"] == 2.5 and settings["audio_guidance"] == 1.5

@@ -4,11 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax import config_lib
 from jova_jax.model import jova, sharded
-from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.parallel import mesh as mesh_lib, rules
 from jova_jax.training import objective
 from tests.conftest import load
 
@@ -64,7 +63,7 @@ def test_sharded_loss_and_grad_equal_single_device(reference, axes):
   config_lib.validate(config, dict(mesh.shape))
   shardings = sharded.param_shardings(config, mesh)
   p = jax.device_put(params, shardings)
-  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  batch_sharding = rules.batch_sharding(mesh)
   b = jax.device_put(batch, batch_sharding)
   with jax.set_mesh(mesh):
     step = jax.jit(lambda p, b: _loss_and_grad(graphdef, p, b, config),
@@ -111,5 +110,5 @@ def test_init_params_is_sharded_and_deterministic():
   assert kernel.sharding.spec[1] == ("fsdp", "context")  # (layers, embed, ...) -> embed sharded
   np.testing.assert_array_equal(kernel, b["single_blocks"]["audio"]["qkv"]["kernel"])
   # Same values as an unsharded init: sharding must not change the model.
-  model = jova.JoVA(config, rngs=nnx.Rngs(params=0))
+  model = jova.JoVA(config_lib.model_spec(config), rngs=nnx.Rngs(params=0))
   np.testing.assert_allclose(kernel, model.single_blocks.audio.qkv.kernel[...], atol=0)

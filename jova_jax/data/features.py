@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import example_serializer
 
-from jova_jax.config_lib import latent_shapes
+from jova_jax.config_lib import LatentShapes, latent_shapes
 from jova_jax.errors import UserError
 
 DATASET_NAME = "jova"
@@ -40,9 +40,10 @@ class DatasetError(UserError):
   """A prepared dataset that cannot be written or read; the message names the path and the key."""
 
 
-def dataset_features(config) -> tfds.features.FeaturesDict:
-  """The TFDS schema of one example (docs/design.md section 4), shapes from the config."""
-  shapes = latent_shapes(config)
+def dataset_features(config, shapes: LatentShapes | None = None) -> tfds.features.FeaturesDict:
+  """The TFDS schema of one example (docs/design.md section 4), shapes from the config
+  (shapes: the run's, when the caller derived them)."""
+  shapes = shapes or latent_shapes(config)
   t, h, w, _ = shapes.video
 
   def tensor(shape, dtype):
@@ -229,9 +230,10 @@ def read_metadata(dataset_dir) -> dict:
     raise DatasetError(f"dataset {dataset_dir}: metadata.json is not valid JSON: {e}") from e
 
 
-def check_metadata(metadata: dict, config, dataset_dir) -> None:
+def check_metadata(metadata: dict, config, dataset_dir,
+                   shapes: LatentShapes | None = None) -> None:
   """Raises DatasetError listing every way the dataset disagrees with the config."""
-  shapes = latent_shapes(config)
+  shapes = shapes or latent_shapes(config)
   v, a, t = config.video, config.audio, config.text
   expected = [  # (metadata key path, config keys it derives from, value the config implies)
       (("video_codec", "name"), "video.codec", v.codec),
@@ -263,9 +265,10 @@ def check_metadata(metadata: dict, config, dataset_dir) -> None:
     raise DatasetError(f"dataset {dataset_dir}: " + "; ".join(errors))
 
 
-def check_features(features: tfds.features.FeaturesDict, config, dataset_dir) -> None:
+def check_features(features: tfds.features.FeaturesDict, config, dataset_dir,
+                   shapes: LatentShapes | None = None) -> None:
   """Raises DatasetError if the stored schema (features.json) differs from the config's."""
-  want = dataset_features(config)
+  want = dataset_features(config, shapes)
   errors = []
   for key, feature in want.items():
     if key not in features.keys():

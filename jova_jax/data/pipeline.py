@@ -4,7 +4,7 @@ the mesh.
 train: source -> shuffle(seed) -> repeat -> this process's slice -> decode (float32, latents
 normalised with the dataset's statistics, data/latent_norm.py) -> random drops
 (per-example RNG from (seed, index): exact resume) -> batch(B / processes) -> iter (+mp_prefetch)
--> jax.make_array_from_process_local_data, batch sharded over ("data", "fsdp"). Repeating before
+-> jax.make_array_from_process_local_data, batch sharded by rules.batch_sharding. Repeating before
 batching lets a split smaller than one global batch train (its examples recur within a batch).
 eval: one in-order pass, the last batch filled with repeats marked example_valid=False, which
 the eval step leaves out of its losses.
@@ -20,13 +20,14 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jova_jax.config_lib import latent_shapes
+from jova_jax.data import batch_spec
 from jova_jax.data.features import DatasetError, check_features, check_metadata, read_metadata
 from jova_jax.data.latent_norm import LatentNorm
 from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax.parallel import rules
 
-BATCH_AXES = ("data", "fsdp")
 _DROPS_SEED_OFFSET = 0x5EED  # the random drops draw from a stream apart from the shuffle's
 
 
@@ -55,7 +56,7 @@ class CheckedSource:
           f"{type(e).__name__}: {e}") from e
 
 
-def open_source(config, split: str) -> CheckedSource:
+def open_source(config, split: str, shapes=None) -> CheckedSource:
   """Opens a split after checking the dataset's metadata and schema against the config."""
   dataset_dir = os.fspath(config.data.dir)
   if not dataset_dir:
@@ -67,39 +68,41 @@ def open_source(config, split: str) -> CheckedSource:
     raise DatasetError(f"dataset {dataset_dir} (data.dir) has no dataset_info.json: not a finalized "
                        f"prepared dataset (run data_prep.prepare, or features.finalize)")
   metadata = read_metadata(dataset_dir)
-  check_metadata(metadata, config, dataset_dir)
+  check_metadata(metadata, config, dataset_dir, shapes)
   norm = LatentNorm.from_json(metadata.get("latent_norm"), config,
                               f"dataset {dataset_dir} (metadata.json)")
   builder = tfds.builder_from_directory(dataset_dir)
-  check_features(builder.info.features, config, dataset_dir)
+  check_features(builder.info.features, config, dataset_dir, shapes)
   if split not in builder.info.splits:
     raise DatasetError(f"dataset {dataset_dir} has no split {split!r}; it has "
                        f"{sorted(builder.info.splits.keys())}")
   return CheckedSource(builder, dataset_dir, split, norm)
 
 
-def decode(index: int, record: dict, *, max_length: int, norm: LatentNorm) -> dict[str, np.ndarray]:
-  """A stored record -> float32 model inputs: latents normalised by `norm` (codec space -> model
-  space), text padded or cut to max_length with its mask."""
+def decode(index: int, record: dict, *, spec: dict, norm: LatentNorm) -> dict[str, np.ndarray]:
+  """A stored record -> the model inputs of `spec` (data/batch_spec.example_spec): latents
+  normalised by `norm` (codec space -> model space), text padded or cut to its length with its
+  mask."""
+  max_length = spec["text_mask"][0][0]
   emb = np.asarray(record["text_emb"], np.float32)[:max_length]
   text = np.zeros((max_length, emb.shape[-1]), np.float32)
   text[:len(emb)] = emb
-  return {
+  return batch_spec.conform({
       "video": norm.video.normalize(np.asarray(record["video_latent"], np.float32)),
       "audio": norm.audio.normalize(np.asarray(record["audio_latent"], np.float32)),
       "mouth_mask": (np.asarray(record["mouth_mask"]) > 0).astype(np.float32),
       "text": text,
       "text_mask": np.arange(max_length) < len(emb),
-      "record_index": np.int32(index),
-  }
+      "record_index": index,
+  }, spec)
 
 
 def _with_index(index: int, record: dict) -> tuple[int, dict]:
   return index, record
 
 
-def _decode_pair(pair, *, max_length: int, norm: LatentNorm) -> dict[str, np.ndarray]:
-  return decode(*pair, max_length=max_length, norm=norm)
+def _decode_pair(pair, *, spec: dict, norm: LatentNorm) -> dict[str, np.ndarray]:
+  return decode(*pair, spec=spec, norm=norm)
 
 
 def add_random_drops(example: dict, rng: np.random.Generator, *, p_uncond: float,
@@ -147,8 +150,13 @@ def _to_iter(ds: grain.MapDataset, config) -> grain.IterDataset:
   return it
 
 
+def batch_spec_of(config, shapes=None) -> dict:
+  """The run's batch table (data/batch_spec.py); shapes: the run's, when derived already."""
+  return batch_spec.example_spec(shapes or latent_shapes(config), int(config.text.width))
+
+
 def train_dataset(config, source, *, seed: int, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
+                  process_count: int | None = None, spec: dict | None = None) -> grain.IterDataset:
   """Endless, shuffled local batches (numpy) for this process."""
   process_index, process_count = _process(process_index, process_count)
   p_i2v = float(config.data.p_i2v) if config.model.i2v else 0.0
@@ -157,7 +165,7 @@ def train_dataset(config, source, *, seed: int, process_index: int | None = None
     ds = ds[:int(config.data.max_train_clips)]
   ds = ds.map_with_index(_with_index).shuffle(seed=seed).repeat()
   ds = process_slice(ds, process_index, process_count)
-  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length),
+  ds = ds.map(functools.partial(_decode_pair, spec=spec or batch_spec_of(config),
                                 norm=source.latent_norm))
   ds = ds.random_map(functools.partial(add_random_drops, p_uncond=float(config.data.p_uncond),
                                        p_i2v=p_i2v), seed=seed + _DROPS_SEED_OFFSET)
@@ -189,7 +197,7 @@ def _eval_batch_count(num_examples: int, global_batch: int) -> int:
 
 
 def eval_dataset(config, source, *, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, spec: dict | None = None) -> grain.IterDataset:
   """One in-order pass in whole global batches, the last one padded with repeats of the first
   records (example_valid False); every process yields the same number of batches."""
   process_index, process_count = _process(process_index, process_count)
@@ -197,7 +205,7 @@ def eval_dataset(config, source, *, process_index: int | None = None,
   padded = _eval_batch_count(len(source), global_batch) * global_batch
   ds = grain.MapDataset.source(_Cycled(source, padded)).map_with_index(_with_index)
   ds = process_slice(ds, process_index, process_count)
-  ds = ds.map(functools.partial(_decode_pair, max_length=int(config.text.max_length),
+  ds = ds.map(functools.partial(_decode_pair, spec=spec or batch_spec_of(config),
                                 norm=source.latent_norm)).map(_no_drops)
   ds = ds.map(functools.partial(_mark_padding, num_real=len(source)))
   ds = ds.batch(_local_batch_size(config, process_count), drop_remainder=True)
@@ -205,8 +213,8 @@ def eval_dataset(config, source, *, process_index: int | None = None,
 
 
 def to_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Per-process rows -> global arrays with the batch dim sharded over ("data", "fsdp")."""
-  sharding = NamedSharding(mesh, P(BATCH_AXES))
+  """Per-process rows -> global arrays with the batch dim sharded by rules.batch_sharding."""
+  sharding = rules.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
@@ -243,17 +251,19 @@ class DataIterator:
 
 def make_train_iterator(config, mesh, *, split: str | None = None, seed: int | None = None,
                         process_index: int | None = None,
-                        process_count: int | None = None) -> DataIterator:
+                        process_count: int | None = None, shapes=None) -> DataIterator:
+  """shapes: the run's config_lib.LatentShapes when the caller derived them."""
   seed = int(config.train.seed if seed is None else seed)
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
-    return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc),
+    return DataIterator(SyntheticIterator(config, seed=seed, process_index=pi, process_count=pc,
+                                          shapes=shapes),
                         mesh, "synthetic", seed, LatentNorm.identity(config))
   if config.data.source != "tfds":
     raise ValueError(f"data.source={config.data.source!r}: expected 'tfds' or 'synthetic'")
-  source = open_source(config, split or config.data.train_split)
+  source = open_source(config, split or config.data.train_split, shapes)
   ds = train_dataset(config, source, seed=seed, process_index=process_index,
-                     process_count=process_count)
+                     process_count=process_count, spec=batch_spec_of(config, shapes))
   return DataIterator(iter(ds), mesh, "tfds", seed, source.latent_norm)
 
 
@@ -272,17 +282,18 @@ class EvalBatches:
 
 
 def make_eval_iterator(config, mesh, *, split: str | None = None, process_index: int | None = None,
-                       process_count: int | None = None):
+                       process_count: int | None = None, shapes=None):
   """Eval batches: no shuffle, no text drop, no first-frame condition, last batch padded."""
   if config.data.source == "synthetic":
     pi, pc = _process(process_index, process_count)
     synthetic = SyntheticIterator(config, seed=int(config.train.seed) + 1, process_index=pi,
-                                  process_count=pc)
+                                  process_count=pc, shapes=shapes)
     batches = [_no_drops_batch(synthetic.batch(step)) for step in range(int(config.eval.batches))]
     return EvalBatches(batches, len(batches), mesh)
   split = split or config.data.eval_split
-  source = open_source(config, split)
-  ds = eval_dataset(config, source, process_index=process_index, process_count=process_count)
+  source = open_source(config, split, shapes)
+  ds = eval_dataset(config, source, process_index=process_index, process_count=process_count,
+                    spec=batch_spec_of(config, shapes))
   return EvalBatches(ds, _eval_batch_count(len(source), int(config.train.batch_size)), mesh)
 
 

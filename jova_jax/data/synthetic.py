@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from jova_jax.config_lib import latent_shapes
+from jova_jax.config_lib import LatentShapes, latent_shapes
+from jova_jax.data import batch_spec
 
 
 class SyntheticIterator:
   """Yields this process's rows of global batch `step`, step = 0, 1, ...; state is the step."""
 
-  def __init__(self, config, *, seed: int, process_index: int = 0, process_count: int = 1):
+  def __init__(self, config, *, seed: int, process_index: int = 0, process_count: int = 1,
+               shapes: LatentShapes | None = None):
     self.config = config
+    self.shapes = shapes or latent_shapes(config)
+    self.spec = batch_spec.example_spec(self.shapes, int(config.text.width))
     self.seed = int(seed)
     self.global_batch = int(config.train.batch_size)
     if self.global_batch % process_count:
@@ -45,9 +49,9 @@ class SyntheticIterator:
 
   def example(self, step: int, row: int) -> dict[str, np.ndarray]:
     c = self.config
-    shapes = latent_shapes(c)
+    shapes = self.shapes
     t, h, w, _ = shapes.video
-    max_len, width = int(c.text.max_length), int(c.text.width)
+    max_len, width = self.spec["text"][0]
     rng = np.random.default_rng([self.seed, step, row])
     # A mouth box on the latent grid, the same in every frame, like faces.py's boxes.
     bh, bw = max(1, h // 4), max(1, w // 4)
@@ -57,7 +61,7 @@ class SyntheticIterator:
     length = int(rng.integers(1, max_len + 1))
     text = np.zeros((max_len, width), np.float32)
     text[:length] = rng.standard_normal((length, width), np.float32)
-    return {
+    return batch_spec.conform({
         "video": rng.standard_normal(shapes.video, np.float32),
         "audio": rng.standard_normal(shapes.audio, np.float32),
         "mouth_mask": mouth,
@@ -65,5 +69,5 @@ class SyntheticIterator:
         "text_mask": np.arange(max_len) < length,
         "drop_text": np.bool_(rng.random() < c.data.p_uncond),
         "use_first_frame": np.bool_(bool(c.model.i2v) and rng.random() < c.data.p_i2v),
-        "record_index": np.int32(step * self.global_batch + row),
-    }
+        "record_index": step * self.global_batch + row,
+    }, self.spec)

@@ -69,22 +69,24 @@ class JoVA(nnx.Module):
   Returns (velocity_video, velocity_audio) in the input shapes, float32.
   """
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    config_lib.validate(config)
-    m = config.model
-    self.shapes = config_lib.latent_shapes(config)
-    self.dtype = DTYPES[m.compute_dtype]
-    self.video_patch = tuple(m.video_patch)
-    self.audio_patch = int(m.audio_patch)
-    self.i2v = bool(m.i2v)
-    self.i2v_mask_channels = int(m.i2v_mask_channels)
-    self.head_dim = m.hidden // m.heads
-    self.rope_theta = float(m.rope_theta)
-    self.per_video_frame = config_lib.audio_positions_per_video_frame(config)
-    self.remat = m.remat
-    self.scan_unroll = int(m.scan_unroll)
-    remat.policy(m.remat)  # fail at construction on an unknown policy
-    hidden, eps = m.hidden, m.norm_eps
+  def __init__(self, spec: config_lib.ModelSpec, *, rngs: nnx.Rngs):
+    """spec: the typed model config (config_lib.model_spec / run_spec(...).model)."""
+    if not isinstance(spec, config_lib.ModelSpec):
+      raise TypeError(f"JoVA takes a config_lib.ModelSpec (config_lib.model_spec(config)), "
+                      f"got {type(spec).__name__}")
+    self.shapes = spec.shapes
+    self.dtype = DTYPES[spec.compute_dtype]
+    self.video_patch = tuple(spec.video_patch)
+    self.audio_patch = int(spec.audio_patch)
+    self.i2v = bool(spec.i2v)
+    self.i2v_mask_channels = int(spec.i2v_mask_channels)
+    self.head_dim = spec.head_dim
+    self.rope_theta = float(spec.rope_theta)
+    self.per_video_frame = spec.per_video_frame
+    self.remat = spec.remat
+    self.scan_unroll = int(spec.scan_unroll)
+    remat.policy(spec.remat)  # fail at construction on an unknown policy
+    hidden, eps, text_width = spec.hidden, spec.norm_eps, spec.text_width
     t, h, w, cv = self.shapes.video
     la, ca = self.shapes.audio
     pt, ph, pw = self.video_patch
@@ -93,25 +95,24 @@ class JoVA(nnx.Module):
                           dtype=self.dtype)
     self.audio_in = Dense(self.audio_patch * ca, hidden, ("patch", "embed"), rngs=rngs,
                           dtype=self.dtype)
-    self.text_video = TextProjection(config.text.width, hidden, self.dtype, rngs=rngs)
-    self.text_audio = TextProjection(config.text.width, hidden, self.dtype, rngs=rngs)
+    self.text_video = TextProjection(text_width, hidden, self.dtype, rngs=rngs)
+    self.text_audio = TextProjection(text_width, hidden, self.dtype, rngs=rngs)
     # Replaces the whole prompt (one valid token) when text is dropped for CFG.
-    self.null_text = nnx.Param(jax.random.normal(rngs.params(), (config.text.width,)) * 0.02,
+    self.null_text = nnx.Param(jax.random.normal(rngs.params(), (text_width,)) * 0.02,
                                axes=("text_embed",))
-    self.sigma_video = emb.SigmaEmbedding(m.freq_dim, hidden, rngs=rngs)
-    self.sigma_audio = emb.SigmaEmbedding(m.freq_dim, hidden, rngs=rngs)
+    self.sigma_video = emb.SigmaEmbedding(spec.freq_dim, hidden, rngs=rngs)
+    self.sigma_audio = emb.SigmaEmbedding(spec.freq_dim, hidden, rngs=rngs)
     block_cfg = BlockConfig(
-        hidden=hidden, heads=m.heads, mlp_dim=int(hidden * m.mlp_ratio), eps=eps, dtype=self.dtype,
-        context_strategy=config.parallel.context_strategy,
-        attention_kernel=config.parallel.attention_kernel,
-        attention_chunk=config.parallel.attention_chunk)
-    self.dual_blocks = _stacked_blocks(block_cfg, False, m.dual_blocks, rngs)
-    self.single_blocks = _stacked_blocks(block_cfg, True, m.single_blocks, rngs)
+        hidden=hidden, heads=spec.heads, mlp_dim=spec.mlp_dim, eps=eps, dtype=self.dtype,
+        context_strategy=spec.context_strategy, attention_kernel=spec.attention_kernel,
+        attention_chunk=spec.attention_chunk)
+    self.dual_blocks = _stacked_blocks(block_cfg, False, spec.dual_blocks, rngs)
+    self.single_blocks = _stacked_blocks(block_cfg, True, spec.single_blocks, rngs)
     self.final_video = FinalLayer(hidden, pt * ph * pw * cv, eps, self.dtype, rngs=rngs)
     self.final_audio = FinalLayer(hidden, self.audio_patch * ca, eps, self.dtype, rngs=rngs)
-    if lora.enabled(m.get("lora")):
-      lora.attach(self, m.lora, rngs)
-    _store_params_in(self, jnp.dtype(m.param_dtype))
+    if lora.enabled(spec.lora):
+      lora.attach(self, spec.lora, rngs)
+    _store_params_in(self, jnp.dtype(spec.param_dtype))
 
   # -------------------------------------------------------------------------- inputs
   def _video_input(self, video, first_frame, use_first_frame):

@@ -19,13 +19,13 @@ import re
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType
 
 from jova_jax import config_lib
 from jova_jax.model import joint_layout
 from jova_jax.model.attention import joint_attention
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.parallel import rules
 from jova_jax.parallel.rules import MESH_AXES
 from jova_jax.training import state as train_state, steps as train_steps
 
@@ -48,8 +48,8 @@ def layout_collectives(strategy: str, shard_major: bool, lengths=TINY_LENGTHS) -
   batch, heads, head_dim = 8, 4, 16
 
   def spec(shape, dtype, video):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, P(("data", "fsdp"), "context" if video else None)))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=rules.sharding(
+        mesh, ("act_batch", "act_video_length" if video else None)))
 
   video = [i == len(lengths) - 1 for i in range(len(lengths))]
   tokens = [spec((batch, n, heads, head_dim), jnp.float32, v) for n, v in zip(lengths, video)]

@@ -14,7 +14,7 @@ from absl import app
 from ml_collections import config_flags
 
 from jova_jax import cli, config_lib
-from jova_jax.model.sharded import split_abstract
+from jova_jax.model import sharded
 
 _VIDEO_TOWER = {"video_in", "text_video", "sigma_video", "final_video"}
 _AUDIO_TOWER = {"audio_in", "text_audio", "sigma_audio", "final_audio", "null_text"}
@@ -29,11 +29,13 @@ def _leaves(tree, prefix=()):
       yield prefix + (key,), value
 
 
-def param_table(config) -> dict[tuple[str, str], int]:
-  """{(tower, component): params}; component = top-level module or blocks/stream."""
-  _, params, _ = split_abstract(config)
+def param_table(model) -> dict[tuple[str, str], int]:
+  """{(tower, component): params}; component = top-level module or blocks/stream.
+  model: a sharded.AbstractModel (or a spec or config, traced here)."""
+  if not isinstance(model, sharded.AbstractModel):
+    model = sharded.abstract_model(model)
   table = collections.Counter()
-  for path, leaf in _leaves(params):
+  for path, leaf in _leaves(model.params):
     n = int(np.prod(leaf.shape))
     top = path[0]
     if top in ("dual_blocks", "single_blocks"):
@@ -45,11 +47,10 @@ def param_table(config) -> dict[tuple[str, str], int]:
   return dict(table)
 
 
-def forward_flops(config, batch: int = 1) -> float:
+def forward_flops(m: config_lib.ModelSpec, batch: int = 1) -> float:
   """Matmul + attention FLOPs of one forward pass (2 per multiply-add)."""
-  m = config.model
-  s = config_lib.latent_shapes(config)
-  h, mlp = m.hidden, int(m.hidden * m.mlp_ratio)
+  s = m.shapes
+  h, mlp = m.hidden, m.mlp_dim
   per_token_block = 2 * (3 * h * h + h * h + 2 * h * mlp)  # qkv, out, fc1, fc2
   tokens = s.audio_tokens + 2 * s.text_tokens + s.video_tokens
   blocks = m.dual_blocks + m.single_blocks
@@ -60,19 +61,19 @@ def forward_flops(config, batch: int = 1) -> float:
   cin = cv * (2 if m.i2v else 1) + (m.i2v_mask_channels if m.i2v else 0)
   embed = 2 * s.video_tokens * h * pt * ph * pw * (cin + cv)  # video in + out
   embed += 2 * s.audio_tokens * h * m.audio_patch * ca * 2     # audio in + out
-  embed += 2 * 2 * s.text_tokens * (config.text.width * h + h * h)  # two text projections
+  embed += 2 * 2 * s.text_tokens * (m.text_width * h + h * h)  # two text projections
   return float(batch * (blocks * (tokens * per_token_block + attention) + embed))
 
 
-def train_step_flops(config, batch: int | None = None) -> float:
+def train_step_flops(m: config_lib.ModelSpec, batch: int) -> float:
   """Forward + backward (about 2x forward) = 3x forward."""
-  batch = config.train.batch_size if batch is None else batch
-  return 3.0 * forward_flops(config, batch)
+  return 3.0 * forward_flops(m, batch)
 
 
 def format_summary(config) -> str:
-  table = param_table(config)
-  s = config_lib.latent_shapes(config)
+  spec = config_lib.run_spec(config)
+  table = param_table(spec.model)
+  s = spec.shapes
   lines = [f"{'tower':<6} {'component':<24} {'params':>16}"]
   for tower in ("video", "audio"):
     rows = sorted((c, n) for (t, c), n in table.items() if t == tower)
@@ -83,10 +84,10 @@ def format_summary(config) -> str:
   lines.append(f"{'all':<6} {'TOTAL':<24} {total:>16,}  ({total / 1e9:.2f} B)")
   lines.append(f"tokens per sample: video {s.video_tokens}, audio {s.audio_tokens}, "
                f"text 2 x {s.text_tokens}, joint {s.joint_tokens}")
-  per_sample = train_step_flops(config, batch=1)
+  per_sample = train_step_flops(spec.model, batch=1)
   lines.append(f"train step FLOPs: {per_sample:.3e} per sample, "
-               f"{per_sample * config.train.batch_size:.3e} per step "
-               f"(batch {config.train.batch_size})")
+               f"{per_sample * spec.batch_size:.3e} per step "
+               f"(batch {spec.batch_size})")
   return "\n".join(lines)
 
 

@@ -7,6 +7,8 @@ is sharded over fsdp, an activation's embed never is: its batch already uses fsd
 """
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -49,6 +51,20 @@ def logical_to_spec(names) -> P:
 
 def sharding(mesh, names) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(names))
+
+
+BATCH_AXES = _RULES["act_batch"]  # the mesh axes a batch's leading dim is split over
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """The one sharding of every batch (leading dim over act_batch's axes, the rest replicated):
+  the pipeline's global arrays, the train and eval steps' inputs, the sampler's conditions."""
+  return sharding(mesh, ("act_batch",))
+
+
+def batch_shards(mesh) -> int:
+  """How many ways a batch is split (the product of act_batch's mesh axes)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def weights_sharded() -> bool:

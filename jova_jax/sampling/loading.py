@@ -5,24 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 
 from jova_jax import config_lib, text
-from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.training import checkpoint, finetune
-
-def locate_checkpoint(path: str) -> tuple[str, int | None]:
-  """(checkpoints dir, step or None for the latest) from a workdir, checkpoints dir or step dir."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path.rstrip("/")).isdigit():
-    return os.path.dirname(path.rstrip("/")), int(os.path.basename(path.rstrip("/")))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), None
-  return path, None
-
+from jova_jax.training import checkpoint, finetune, state as train_state
 
 def apply_overrides(config, overrides: list[str]):
   """'a.b=value' strings (value as JSON, else a string) onto a copy of config."""
@@ -47,29 +34,27 @@ def apply_overrides(config, overrides: list[str]):
   return config
 
 
-def load_run(path: str, *, overrides=(), subtree: str | None = None, mesh=None,
+def load_run(path, *, overrides=(), subtree: str | None = None, mesh=None,
              lora_scale: float = 1.0):
-  """(config, mesh, graphdef, params) of a checkpoint; params ('ema' by default, 'params'
-  when the run kept no EMA) are read straight into their shardings on the current mesh, with
-  a run's frozen params or LoRA base (adapters scaled by lora_scale: finetune.py)."""
-  directory, step = locate_checkpoint(path)
-  with checkpoint.Checkpointer(directory, every_steps=1, keep=1, read_only=True) as ckpt:
+  """(config, mesh, graphdef, params) of a checkpoint (path: a workdir, checkpoints dir or step
+  dir, or checkpoint.locate's Location of one); params ('ema' by default, 'params' when the run
+  kept no EMA) are read straight into their shardings on the current mesh (the run's
+  abstract_state), with a run's frozen params or LoRA base (adapters scaled by lora_scale:
+  finetune.py)."""
+  where = checkpoint.locate(path)
+  with checkpoint.Checkpointer(where.directory, every_steps=1, keep=1, read_only=True) as ckpt:
     try:
-      saved = ckpt.restore_config(step)
+      saved = ckpt.restore_config(where.step)
     except FileNotFoundError as e:
       raise FileNotFoundError(f"checkpoint {path}: {e}") from e
   config = apply_overrides(ml_collections.ConfigDict(saved), list(overrides))
-  config_lib.validate(config)
+  spec = config_lib.run_spec(config)
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(config)
   if subtree is None:
     subtree = "ema" if float(config.train.get("ema_decay", 0.0)) > 0 else "params"
-  graphdef, abstract, _ = sharded.split_abstract(config)
-  shardings = sharded.param_shardings(config, mesh)
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-  step_path = os.path.join(directory, str(step)) if step is not None else directory
-  params = finetune.load_model_params(config, step_path, target, subtree, lora_scale)
-  return config, mesh, graphdef, params
+  model = train_state.abstract_state(config, mesh, spec, training=False).model
+  params = finetune.load_model_params(config, where, model.params, subtree, lora_scale)
+  return config, mesh, model.graphdef, params
 
 
 def text_encoder_for(config):

@@ -5,7 +5,7 @@ traced numbers, see solvers.SolverPlan) runs the model once on [conditional ; un
 (drop_text on the second half), applies separate video and audio guidance, then the solver's
 corrector and predictor. A given modality (audio-to-video, video-to-audio) enters at sigma 0
 and its latents are put back after every step, so it comes out unchanged. The batch is sharded
-over ("data", "fsdp"); each prompt's noise comes from its own seed alone, so a prompt gives the
+by rules.batch_sharding (act_batch); each prompt's noise comes from its own seed alone, so a prompt gives the
 same output whatever batch or position it lands in.
 """
 from __future__ import annotations
@@ -17,13 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jova_jax import config_lib, flow
 from jova_jax.model import sharded
+from jova_jax.parallel import rules
 from jova_jax.sampling import solvers
 
-BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +96,12 @@ def _ode_step(graphdef, guided, flow_cfg, params, state, cond, sigma, w_pred, w_
 class LatentSampler:
   """Samples latents for batches of conditions with one model on one mesh."""
 
-  def __init__(self, config, mesh, graphdef, params):
+  def __init__(self, config, mesh, graphdef, params, *, shapes=None):
+    """shapes: the run's config_lib.LatentShapes when the caller derived them."""
     self.config, self.mesh, self.graphdef, self.params = config, mesh, graphdef, params
-    self.shapes = config_lib.latent_shapes(config)
-    self.batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    self._batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    self.shapes = shapes or config_lib.latent_shapes(config)
+    self.batch_shards = rules.batch_shards(mesh)
+    self._batch_sharding = rules.batch_sharding(mesh)
     self._steps = {}  # guided -> jitted step
 
   def _step_fn(self, guided: bool):

@@ -11,25 +11,23 @@ peak where the device is known), so MFU is meaningful on any backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
 
-from jova_jax import cli, config_lib
+from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import sharded, summary
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.training import objective, perf, state as train_state, steps as train_steps
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed iterations after the warm-up.")
-_BREAKDOWN = flags.DEFINE_bool(
-    "breakdown", False, "train: also time the forward, the forward+backward and the update "
-    "(optimizer+EMA) apart from the whole step (interleaved, medians); backward by difference.")
-_PROFILE = flags.DEFINE_string(
-    "profile", None, "train: write a jax.profiler trace of the timed steps here (TensorBoard).")
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What the command line asks of a benchmark (flags: jova_jax/bench.py)."""
+  steps: int = 5              # timed iterations after the warm-up
+  breakdown: bool = False     # train: forward, forward+backward, update and step timed apart
+  profile: str | None = None  # train: a jax.profiler trace of the timed steps goes here
 
 
 def _timed_interleaved(fns: dict, steps: int) -> dict:
@@ -50,9 +48,9 @@ def _timed(fn, steps: int) -> float:
   return _timed_interleaved({"fn": fn}, steps)["fn"]
 
 
-def _report(config, seconds: float, what: str) -> None:
-  flops = summary.train_step_flops(config)
-  tokens = config_lib.latent_shapes(config).joint_tokens * int(config.train.batch_size)
+def _report(config, spec: config_lib.RunSpec, seconds: float, what: str) -> None:
+  flops = summary.train_step_flops(spec.model, spec.batch_size)
+  tokens = spec.shapes.joint_tokens * spec.batch_size
   n = jax.device_count()
   measured = perf.measure_matmul_peak(dtype=_compute_dtype(config))
   print(f"{what}: {seconds * 1e3:.1f} ms/step, batch {config.train.batch_size}, "
@@ -77,17 +75,17 @@ def _compute_dtype(config):
   return {"bfloat16": jax.numpy.bfloat16}.get(config.model.compute_dtype, jax.numpy.float32)
 
 
-def bench_model(config) -> None:
+def bench_model(config, opts: Options = Options()) -> None:
   mesh = mesh_lib.make_mesh(config)
-  graphdef, _, _ = sharded.split_abstract(config)
-  params = sharded.init_params(config, mesh, seed=0)
+  program = train_state.build_program(config, mesh)
+  params = sharded.init_params(program.spec.model, mesh, seed=0, model=program.abstract.model)
   batch = train_state.model_inputs(SyntheticIterator(config, seed=0).batch(0))
-  batch = jax.device_put(batch, train_state.build_program(config, mesh).batch_sharding)
-  grad = jax.jit(jax.value_and_grad(
-      lambda p, b: objective.training_loss(graphdef, p, b, jax.random.key(0), config)[0]))
+  batch = jax.device_put(batch, program.batch_sharding)
+  grad = jax.jit(jax.value_and_grad(lambda p, b: objective.training_loss(
+      program.graphdef, p, b, jax.random.key(0), config)[0]))
   with jax.set_mesh(mesh):
-    seconds = _timed(lambda: grad(params, batch), _STEPS.value)
-  _report(config, seconds, "model forward+backward")
+    seconds = _timed(lambda: grad(params, batch), opts.steps)
+  _report(config, program.spec, seconds, "model forward+backward")
 
 
 def train_step_fns(config, breakdown: bool):
@@ -111,23 +109,23 @@ def train_step_fns(config, breakdown: bool):
   fns = {"step": one_step}
   if breakdown:
     fns.update(_forward_and_grad(config, program, batches[0]))
-  return fns, step
+  return fns, program, step
 
 
-def bench_train(config) -> None:
-  fns, step = train_step_fns(config, _BREAKDOWN.value)
+def bench_train(config, opts: Options = Options()) -> None:
+  fns, program, step = train_step_fns(config, opts.breakdown)
   mem = step.memory_analysis()
-  if _PROFILE.value:
-    jax.profiler.start_trace(_PROFILE.value)
+  if opts.profile:
+    jax.profiler.start_trace(opts.profile)
   try:
-    seconds = _timed_interleaved(fns, _STEPS.value)
+    seconds = _timed_interleaved(fns, opts.steps)
   finally:
-    if _PROFILE.value:
+    if opts.profile:
       jax.profiler.stop_trace()
-      print(f"profiler trace written to {_PROFILE.value} (tensorboard --logdir={_PROFILE.value})")
-  _report(config, seconds["step"], "train step")
-  if _BREAKDOWN.value:
-    _print_breakdown(config, seconds)
+      print(f"profiler trace written to {opts.profile} (tensorboard --logdir={opts.profile})")
+  _report(config, program.spec, seconds["step"], "train step")
+  if opts.breakdown:
+    _print_breakdown(program.spec, seconds)
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
@@ -159,10 +157,10 @@ def _forward_and_grad(config, program, batch) -> dict:
   return {"forward": call(forward), "forward+backward": call(grad), "optimizer+EMA": run_update}
 
 
-def _print_breakdown(config, seconds: dict) -> None:
+def _print_breakdown(spec: config_lib.RunSpec, seconds: dict) -> None:
   """Forward, forward+backward and the update tail are timed apart; backward = (forward+backward)
   - forward; the rest of the step (what the whole step costs beyond its parts) by difference."""
-  forward_flops = summary.forward_flops(config, int(config.train.batch_size))
+  forward_flops = summary.forward_flops(spec.model, spec.batch_size)
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
   update = seconds["optimizer+EMA"]
   rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
@@ -175,7 +173,7 @@ def _print_breakdown(config, seconds: dict) -> None:
   print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
 
 
-def bench_sample(config) -> None:
+def bench_sample(config, opts: Options = Options()) -> None:
   from jova_jax.tools import sample_bench
   sample_bench.bench_sample(config)
 
@@ -198,16 +196,16 @@ def _codec(config, kind: str):
   return build(config, config.weights_dir or None), config.weights_dir or "built in"
 
 
-def bench_codecs(config) -> None:
+def bench_codecs(config, opts: Options = Options()) -> None:
   """Encode/decode throughput of the configured codecs at the config's resolution and length
   (pretrained codecs read their weights from config.weights_dir, or run with random ones)."""
   import numpy as np
   v = config.video
   video, weights = _codec(config, "video")
   frames = np.random.default_rng(0).integers(0, 256, (1, v.frames, v.height, v.width, 3), np.uint8)
-  enc = _timed(lambda: video.encode(frames), _STEPS.value)
+  enc = _timed(lambda: video.encode(frames), opts.steps)
   latents = video.encode(frames)
-  dec = _timed(lambda: video.decode(latents), _STEPS.value)
+  dec = _timed(lambda: video.decode(latents), opts.steps)
   print(f"video {video.name} ({weights}) at {v.height}x{v.width}: encode {v.frames / enc:.1f} "
         f"frames/s, decode {v.frames / dec:.1f} frames/s; {v.frames}-frame clip: encode "
         f"{enc:.1f} s, decode {dec:.1f} s, peak host memory so far {_peak_rss_gib():.1f} GiB")
@@ -215,15 +213,15 @@ def bench_codecs(config) -> None:
   samples = config_lib.audio_num_samples(config)
   wave = np.random.default_rng(1).uniform(-0.5, 0.5, (1, samples)).astype(np.float32)
   seconds = samples / config.audio.sample_rate
-  enc = _timed(lambda: audio.encode(wave), _STEPS.value)
+  enc = _timed(lambda: audio.encode(wave), opts.steps)
   latents = audio.encode(wave)
-  dec = _timed(lambda: audio.decode(latents), _STEPS.value)
+  dec = _timed(lambda: audio.decode(latents), opts.steps)
   print(f"audio {audio.name} ({weights}): encode {seconds / enc:.1f} audio s/s, decode "
         f"{seconds / dec:.2f} audio s/s")
-  _bench_prepare_encode(video, audio, frames[0], wave[0])
+  _bench_prepare_encode(video, audio, frames[0], wave[0], opts.steps)
 
 
-def _bench_prepare_encode(video, audio, frames, wave) -> None:
+def _bench_prepare_encode(video, audio, frames, wave, steps: int) -> None:
   """What data_prep.prepare's encoders sustain: one clip per local device per call, the batch
   split over the devices (data_prep.encode)."""
   import numpy as np
@@ -232,7 +230,7 @@ def _bench_prepare_encode(video, audio, frames, wave) -> None:
   devices = jax.local_devices()
   sharding = encode.batch_sharding(devices)
   batch = [jax.device_put(np.stack([x] * len(devices)), sharding) for x in (frames, wave)]
-  seconds = _timed(lambda: (video.encode(batch[0]), audio.encode(batch[1])), _STEPS.value)
+  seconds = _timed(lambda: (video.encode(batch[0]), audio.encode(batch[1])), steps)
   per_device = 1.0 / seconds
   print(f"prepare encode (video + audio, {len(devices)} clips over {len(devices)} "
         f"{devices[0].platform} devices per call): {per_device:.3f} clips/s per device, "
@@ -241,15 +239,3 @@ def _bench_prepare_encode(video, audio, frames, wave) -> None:
 
 COMMANDS = {"model": bench_model, "train": bench_train, "sample": bench_sample,
             "codecs": bench_codecs}
-
-
-def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
-    raise app.UsageError(f"usage: python -m jova_jax.bench {{{'|'.join(COMMANDS)}}} --config=F")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required")
-  COMMANDS[argv[1]](_CONFIG.value)
-
-
-if __name__ == "__main__":
-  cli.run(main)

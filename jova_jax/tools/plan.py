@@ -16,19 +16,17 @@ and prints XLA's memory_analysis next to the estimate. libtpu can live outside t
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from jax.sharding import AbstractMesh
 
-from jova_jax import cli, config_lib
+from jova_jax import config_lib
 from jova_jax.model import attention, summary
-from jova_jax.model.sharded import split_abstract
+from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib, remat, rules
-from jova_jax.training import finetune
+from jova_jax.training import finetune, state as train_state
 
 GIB = 2**30
 
@@ -66,12 +64,19 @@ def _shards_of(mesh_axes, mesh_shape) -> int:
   return math.prod(mesh_shape[a] for a in axes)
 
 
-def param_counts(config, mesh_shape: dict, select=None) -> tuple[int, int]:
+def planned_model(config, mesh_shape: dict,
+                  spec: config_lib.RunSpec | None = None) -> sharded.AbstractModel:
+  """The planned run's model: training/state.abstract_state on an AbstractMesh of mesh_shape
+  (no devices needed)."""
+  mesh = AbstractMesh(tuple(int(mesh_shape[a]) for a in rules.MESH_AXES), rules.MESH_AXES)
+  return train_state.abstract_state(config, mesh, spec).model
+
+
+def param_counts(model: sharded.AbstractModel, mesh_shape: dict, select=None) -> tuple[int, int]:
   """(total params, params held by one device) of the params whose path `select` accepts
   (default all): each dim split by its logical axes' mesh sizes, rounded up as XLA pads
   uneven shards."""
-  _, params, axes = split_abstract(config)
-  params, axes = finetune.flatten(params), finetune.flatten(axes)
+  params, axes = finetune.flatten(model.params), finetune.flatten(model.axes)
   total = per_device = 0
   for path, leaf in params.items():
     if select is not None and not select(path):
@@ -84,14 +89,14 @@ def param_counts(config, mesh_shape: dict, select=None) -> tuple[int, int]:
   return total, per_device
 
 
-def state_bytes(config, mesh_shape: dict) -> dict[str, int]:
+def state_bytes(config, model: sharded.AbstractModel, mesh_shape: dict) -> dict[str, int]:
   """Per-device bytes of the train state: the trainable params, their AdamW mu + nu and EMA
   (all float32 like the params), plus the gradients that exist during the update (and their
   running sum over micro-batches when train.grad_accum > 1); frozen params (train.trainable,
   LoRA's base) in train.frozen_dtype, without any of those."""
   trainable = finetune.is_trainable(config)
-  _, per_device = param_counts(config, mesh_shape, trainable)
-  _, frozen = param_counts(config, mesh_shape, lambda path: not trainable(path))
+  _, per_device = param_counts(model, mesh_shape, trainable)
+  _, frozen = param_counts(model, mesh_shape, lambda path: not trainable(path))
   p = per_device * _DTYPE_BYTES[config.model.param_dtype]
   ema = p if float(config.train.ema_decay) > 0 else 0
   rows = {"frozen params": frozen * _DTYPE_BYTES[config.train.frozen_dtype]} if frozen else {}
@@ -102,14 +107,14 @@ def state_bytes(config, mesh_shape: dict) -> dict[str, int]:
 
 
 # ============================================================================ DCN traffic
-def dcn_bytes(config, mesh_shape: dict) -> dict[str, float]:
+def dcn_bytes(config, model: sharded.AbstractModel, mesh_shape: dict) -> dict[str, float]:
   """Bytes one device sends across slices (DCN) per optimizer step, ring collectives, by
   cause (empty with one slice). dcn_data slices: the float32 gradient all-reduce of its
   shard, once per step. dcn_fsdp slices: per micro-batch, the params gathered for the forward
   and again for the backward (compute dtype) and the gradients reduce-scattered (float32),
   each a (slices - 1) x its-shard exchange over DCN."""
   dcn = mesh_lib.dcn_shape(config)
-  _, shard = param_counts(config, mesh_shape)
+  _, shard = param_counts(model, mesh_shape)
   grad = shard * _DTYPE_BYTES[config.model.param_dtype]
   rows = {}
   if dcn["data"] > 1:
@@ -144,12 +149,13 @@ def _bytes_per_token_layer(config, tensor: int) -> dict[str, float]:
           "offload_dots": carry, "_every": every}
 
 
-def activation_bytes(config, mesh_shape: dict, batch_size: int) -> dict[str, float]:
+def activation_bytes(config, model: sharded.AbstractModel, mesh_shape: dict,
+                     batch_size: int) -> dict[str, float]:
   """Per-device activation bytes of one micro-batch: saved tensors x layers, the backward
   working set of one recomputed block, and the FSDP all-gather buffers of two blocks."""
   m = config.model
   remat.policy(m.remat)  # refuses an unknown policy with the key's name
-  s = config_lib.latent_shapes(config)
+  s = model.spec.shapes
   batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
   micro = batch_size // int(config.train.grad_accum)
   samples = micro / batch_shards
@@ -162,8 +168,7 @@ def activation_bytes(config, mesh_shape: dict, batch_size: int) -> dict[str, flo
     out["backward working set"] = tokens * per["_every"]
   # Each scanned block's weights are gathered over fsdp x context in the compute dtype (the next
   # one prefetched), and its float32 gradient exists whole before the reduce-scatter.
-  _, params, _ = split_abstract(config)
-  block_params = max(sum(math.prod(x.shape[1:]) for x in finetune.flatten(params[k]).values())
+  block_params = max(sum(math.prod(x.shape[1:]) for x in finetune.flatten(model.params[k]).values())
                      for k in ("dual_blocks", "single_blocks"))  # the larger (dual) block
   out["fsdp gather buffers"] = block_params / mesh_shape["tensor"] * (
       2 * _DTYPE_BYTES[m.compute_dtype] + 4)
@@ -171,13 +176,12 @@ def activation_bytes(config, mesh_shape: dict, batch_size: int) -> dict[str, flo
 
 
 # ============================================================================ FLOPs
-def step_flops(config, batch_size: int) -> dict[str, float]:
+def step_flops(m: config_lib.ModelSpec, batch_size: int) -> dict[str, float]:
   """Model FLOPs of one optimizer step (3 x forward, what MFU counts) and the hardware FLOPs
   with the remat policy's recomputation."""
-  m = config.model
-  s = config_lib.latent_shapes(config)
-  model = summary.train_step_flops(config, batch_size)
-  forward = summary.forward_flops(config, batch_size)
+  s = m.shapes
+  model = summary.train_step_flops(m, batch_size)
+  forward = summary.forward_flops(m, batch_size)
   attention_fwd = (m.dual_blocks + m.single_blocks) * attention.attention_flops(
       batch_size, s.joint_tokens, m.heads, m.hidden // m.heads)
   recompute = {"none": 0.0, "full": forward, "save_dots": attention_fwd,
@@ -195,6 +199,7 @@ class Plan:
   rows: dict  # name -> bytes per device
   flops: dict
   mfu: float
+  dcn: dict  # name -> bytes each device sends across slices per step (dcn_bytes)
   trainable_params: int | None = None  # None: all params train
 
   @property
@@ -217,17 +222,15 @@ class Plan:
 def make_plan(config, mesh_shape: dict, chip: str, mfu: float = 0.4) -> Plan:
   if chip not in CHIPS:
     raise ValueError(f"--chip={chip!r}: expected one of {sorted(CHIPS)}")
-  config_lib.validate(config, mesh_shape)
-  batch = int(config.train.batch_size)
-  accum = int(config.train.grad_accum)
-  if batch % accum:
-    raise config_lib.ConfigError(f"train.batch_size={batch} is not divisible by "
-                                 f"train.grad_accum={accum}")
-  total, _ = param_counts(config, mesh_shape)
-  trainable, _ = param_counts(config, mesh_shape, finetune.is_trainable(config))
-  rows = {**state_bytes(config, mesh_shape), **activation_bytes(config, mesh_shape, batch)}
-  return Plan(dict(mesh_shape), chip, batch, total, rows, step_flops(config, batch), mfu,
-              trainable if trainable < total else None)
+  spec = config_lib.run_spec(config, mesh_shape)  # batch % grad_accum included
+  model = planned_model(config, mesh_shape, spec)
+  batch = spec.batch_size
+  total, _ = param_counts(model, mesh_shape)
+  trainable, _ = param_counts(model, mesh_shape, finetune.is_trainable(config))
+  rows = {**state_bytes(config, model, mesh_shape),
+          **activation_bytes(config, model, mesh_shape, batch)}
+  return Plan(dict(mesh_shape), chip, batch, total, rows, step_flops(spec.model, batch), mfu,
+              dcn_bytes(config, model, mesh_shape), trainable if trainable < total else None)
 
 
 def format_plan(plan: Plan, config) -> str:
@@ -255,7 +258,7 @@ def format_plan(plan: Plan, config) -> str:
   lines.append(f"FLOPs per step: {f['model']:.3e} model, {f['hardware']:.3e} with remat "
                f"recompute; step time {plan.step_seconds:.2f} s at {plan.mfu:.0%} MFU "
                f"({chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak per device)")
-  dcn = dcn_bytes(config, plan.mesh_shape)
+  dcn = plan.dcn
   if dcn:
     total = sum(dcn.values())
     lines.append(f"DCN per step, sent by each device: {total / GIB:.2f} GiB ("
@@ -328,58 +331,3 @@ def resolve_mesh(config, mesh_flag: str, devices: int | None) -> dict[str, int]:
       raise ValueError(f"mesh {sizes} has a -1 axis: pass --devices=N or give every size in --mesh")
     devices = int(np.prod(list(sizes.values())))
   return mesh_lib.mesh_shape(config, devices)
-
-
-def main():
-  # Flags live here, not at import: tests import this module as a library.
-  config_flag = config_flags.DEFINE_config_file("config", None, "Config file.")
-  mesh_flag = flags.DEFINE_string("mesh", "", "axis=size,... over data,fsdp,context,tensor "
-                                  "(default: the config's mesh.*)")
-  devices_flag = flags.DEFINE_integer("devices", None, "Device count, when an axis is -1.")
-  chip_flag = flags.DEFINE_enum("chip", "v5p", sorted(CHIPS), "Accelerator to plan for.")
-  batch_flag = flags.DEFINE_integer("batch_size", None, "Global batch (default train.batch_size).")
-  mfu_flag = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
-  compile_flag = flags.DEFINE_enum("compile", "auto", ["auto", "yes", "no"],
-                                   "AOT-compile the train step for a TPU topology (auto: when "
-                                   "libtpu is importable and --chip is a TPU).")
-  topology_flag = flags.DEFINE_string("topology", None, "TPU topology of one slice, e.g. "
-                                      "v5p:4x4x8 (default: from --chip and the device count); "
-                                      "--config.mesh.dcn_data=N compiles for N such slices.")
-
-  def run(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_flag.value
-    if config is None:
-      raise app.UsageError("--config is required, e.g. --config=configs/jova_24b.py")
-    if batch_flag.value is not None:
-      config.train.batch_size = batch_flag.value
-    try:
-      mesh_shape = resolve_mesh(config, mesh_flag.value, devices_flag.value)
-      plan = make_plan(config, mesh_shape, chip_flag.value, mfu_flag.value)
-    except ValueError as e:  # bad mesh / config: the message names the flag or key
-      raise app.UsageError(str(e)) from e
-    print(format_plan(plan, config), flush=True)
-
-    is_tpu = CHIPS[chip_flag.value].tpu_generation is not None
-    has_libtpu = importlib.util.find_spec("libtpu") is not None
-    if compile_flag.value == "yes" and not (is_tpu and has_libtpu):
-      raise app.UsageError(
-          f"--compile=yes needs a TPU --chip (got {chip_flag.value}) and an importable libtpu "
-          f"(found: {has_libtpu}; pip install --target DIR libtpu, then PYTHONPATH=DIR)")
-    if compile_flag.value == "no" or not (is_tpu and has_libtpu):
-      why = ("--compile=no" if compile_flag.value == "no" else
-             f"{chip_flag.value} is not a TPU" if not is_tpu else "libtpu is not installed")
-      print(f"AOT compile skipped ({why}): figures above are the analytic accounting only.")
-      return
-    slices = int(np.prod(list(mesh_lib.dcn_shape(config).values())))
-    topology = topology_flag.value or topology_name(chip_flag.value, plan.devices // slices)
-    print(f"compiling the train step for {slices} x {topology} ...", flush=True)
-    compiled = compile_for_tpu(config, topology, slices)
-    print(format_memory_analysis(compiled.memory_analysis()))
-
-  cli.run(run)
-
-
-if __name__ == "__main__":
-  main()

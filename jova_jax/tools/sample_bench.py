@@ -13,19 +13,22 @@ import time
 import numpy as np
 
 from jova_jax import config_lib
+from jova_jax.data import batch_spec
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.sampling import sampler as sampler_lib
+from jova_jax.training import state as train_state
 
 
-def random_conditions(config, batch: int, seed: int = 0) -> dict:
-  """Text-to-audio+video conditions with random text embeddings (as Pipeline.conditions)."""
-  shapes = config_lib.latent_shapes(config)
+def random_conditions(spec: config_lib.RunSpec, batch: int, seed: int = 0) -> dict:
+  """Text-to-audio+video conditions with random text embeddings (as Pipeline.conditions),
+  text shapes from the batch table (data/batch_spec.py)."""
+  shapes = spec.shapes
+  table = batch_spec.example_spec(shapes, spec.model.text_width)
   rng = np.random.default_rng(seed)
   t, h, w, cv = shapes.video
-  length = int(config.text.max_length)
-  return {"text": rng.standard_normal((batch, length, int(config.text.width)), np.float32),
-          "text_mask": np.ones((batch, length), bool),
+  return {"text": rng.standard_normal((batch,) + table["text"][0], table["text"][1]),
+          "text_mask": np.ones((batch,) + table["text_mask"][0], table["text_mask"][1]),
           "first_frame": np.zeros((batch, h, w, cv), np.float32),
           "use_first_frame": np.zeros(batch, bool), "given_video": np.zeros(batch, bool),
           "given_audio": np.zeros(batch, bool),
@@ -34,14 +37,14 @@ def random_conditions(config, batch: int, seed: int = 0) -> dict:
 
 
 def bench_sample(config, batch_size: int | None = None, repeats: int = 1) -> dict:
+  spec = config_lib.run_spec(config)
   mesh = mesh_lib.make_mesh(config)
-  config_lib.validate(config)
-  graphdef, _, _ = sharded.split_abstract(config)
-  params = sharded.init_params(config, mesh, seed=0)
-  sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params)
+  model = train_state.abstract_state(config, mesh, spec, training=False).model
+  params = sharded.init_params(spec.model, mesh, seed=0, model=model)
+  sampler = sampler_lib.LatentSampler(config, mesh, model.graphdef, params, shapes=spec.shapes)
   batch = batch_size or config.sample.get("batch_size", None) or sampler.batch_shards
   settings = sampler_lib.Settings.from_config(config)
-  cond = random_conditions(config, batch)
+  cond = random_conditions(spec, batch)
   seeds = list(range(batch))
 
   start = time.perf_counter()

@@ -89,14 +89,15 @@ def peer_forward_flops(p: PeerSizes, batch: int = 1) -> float:
 def match_sizes(config) -> PeerSizes:
   """Our model's sizes; the frame count and text length minimising |FLOPs ratio - 1| +
   |tokens ratio - 1| against ours (per sample)."""
-  m, s = config.model, config_lib.latent_shapes(config)
+  m, spec = config.model, config_lib.run_spec(config)
+  s = spec.shapes
   t, h, w, cv = s.video
   cin = cv * (2 if m.i2v else 1) + (m.i2v_mask_channels if m.i2v else 0)
   base = PeerSizes(hidden=m.hidden, heads=m.heads, ffn=int(m.hidden * m.mlp_ratio),
                    layers=m.dual_blocks + m.single_blocks, patch=tuple(m.video_patch),
                    in_channels=cin, out_channels=cv, text_dim=config.text.width,
                    freq_dim=m.freq_dim, frames=t, height=h, width=w, text_len=s.text_tokens)
-  flops, tokens = summary.forward_flops(config), s.joint_tokens
+  flops, tokens = summary.forward_flops(spec.model), s.joint_tokens
   pt = m.video_patch[0]
   candidates = (dataclasses.replace(base, frames=f, text_len=n)
                 for f in range(pt, 4 * t + 1, pt) for n in range(1, 4 * tokens + 1))
@@ -211,7 +212,7 @@ def counted_forward_flops(peer: Peer) -> float:
 
 def ours_fns(config) -> dict:
   """`bench train --breakdown`'s compiled train step and its timed parts."""
-  fns, _ = bench.train_step_fns(config, breakdown=True)
+  fns, _, _ = bench.train_step_fns(config, breakdown=True)
   return {f"ours {name}": fn for name, fn in fns.items()}
 
 
@@ -237,7 +238,7 @@ def rows(config, sizes: PeerSizes, seconds: dict) -> list:
   clipping+AdamW and EMA are each timed on their own."""
   batch = int(config.train.batch_size)
   out = []
-  for side, fwd_flops in (("ours", summary.forward_flops(config, batch)),
+  for side, fwd_flops in (("ours", summary.forward_flops(config_lib.run_spec(config).model, batch)),
                           ("eager", peer_forward_flops(sizes, batch)),
                           ("compiled", peer_forward_flops(sizes, batch))):
     if f"{side} step" not in seconds:
@@ -257,8 +258,9 @@ def rows(config, sizes: PeerSizes, seconds: dict) -> list:
 
 def format_report(config, sizes: PeerSizes, peer: Peer, seconds: dict, counted: float) -> str:
   import diffusers
-  s, batch = config_lib.latent_shapes(config), int(config.train.batch_size)
-  ours, theirs = summary.train_step_flops(config), 3 * peer_forward_flops(sizes, batch)
+  spec = config_lib.run_spec(config)
+  s, batch = spec.shapes, spec.batch_size
+  ours, theirs = summary.train_step_flops(spec.model, batch), 3 * peer_forward_flops(sizes, batch)
   n_params = sum(p.numel() for p in peer.model.parameters())
   lines = [
       f"peer: diffusers {diffusers.__version__} WanTransformer3DModel, torch {torch.__version__}"

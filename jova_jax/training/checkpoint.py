@@ -13,19 +13,18 @@ commit_success.txt marker), so a save cut short by preemption is never listed or
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from flax import nnx
 
 from jova_jax.errors import UserError
+from jova_jax.training.locate import Location, absolute_path, locate  # noqa: F401 (API)
 from jova_jax.training.preemption import PreemptionWatcher
 
 __all__ = ["Checkpointer", "CheckpointError", "load_params", "format_report", "key_path",
-           "PreemptionWatcher"]
+           "PreemptionWatcher", "Location", "locate", "absolute_path"]
 
 _STATE, _DATA, _CONFIG = "state", "data_state", "config"
 BROKEN_DIR = "broken_checkpoints"  # beside the checkpoints dir: steps that failed to restore
@@ -33,15 +32,6 @@ BROKEN_DIR = "broken_checkpoints"  # beside the checkpoints dir: steps that fail
 
 class CheckpointError(UserError):
   """A checkpoint that cannot be resumed from; the message names the step directory."""
-
-
-# ------------------------------------------------------------------ paths
-
-def absolute_path(path) -> epath.Path:
-  """Orbax refuses relative paths ('Checkpoint path should be absolute'); users and scripts
-  pass workdirs like runs/demo. Remote paths (gs://...) are absolute already."""
-  path = str(path)
-  return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 # ------------------------------------------------------------------ pytree helpers
@@ -298,32 +288,20 @@ class Checkpointer:
 
 # ------------------------------------------------------------------ --init_from
 
-def _locate(path) -> tuple[epath.Path, int | None]:
-  """(checkpoints dir, step or None for the latest) from a workdir, checkpoints dir or step dir."""
-  path = absolute_path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"--init_from: {path} does not exist")
-  if (path / _STATE).exists() and path.name.isdigit():
-    return path.parent, int(path.name)
-  if (path / "checkpoints").is_dir():
-    return path / "checkpoints", None
-  return path, None
-
-
 def load_params(path, abstract_params, *, strict: bool = False, fallback=None,
                 subtree: str = "params"):
   """Reads only the `subtree` entry of a checkpoint's state ('params', or 'ema' for the
   sampler) into abstract_params' shardings.
 
   path: a run's workdir, its checkpoints dir, or one step dir (latest step unless a step
-  dir). A leaf is loaded when its key path and shape match; the checkpoint's dtype is cast
+  dir), or the Location locate() made of one. A leaf is loaded when its key path and shape match; the checkpoint's dtype is cast
   to the target's. Returns (params, report): params has abstract_params' structure, with
   loaded arrays, and for the other leaves the leaf of `fallback` (e.g. freshly initialised
   params) or, without one, the ShapeDtypeStruct of abstract_params; report names the step
   dir read and the leaves loaded, missing, unexpected or of another shape. strict=True raises
   unless every leaf matches both ways.
   """
-  directory, step = _locate(path)
+  directory, step = locate(path, "--init_from:")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
   with ocp.CheckpointManager(directory, options=options,
                              item_handlers=_handlers(ocp.PyTreeCheckpointHandler())) as manager:

@@ -41,7 +41,7 @@ def train(config, workdir: str, *, init_from: str | None = None,
   before (strict_resume: refused). A signal saves, then raises cli.Stopped (exit 128 + signum).
   """
   program = _checked_program(config, workdir)  # checks: nothing written
-  train_iter, eval_batches = _open_data(config, program.mesh)
+  train_iter, eval_batches = _open_data(config, program)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt, start_step, state = _resume_or_init(program, train_iter, ckpt_dir, init_from,
                                             strict_resume)
@@ -56,13 +56,13 @@ def train(config, workdir: str, *, init_from: str | None = None,
   train_step = train_steps.compile_train_step(program)
   eval_step = train_steps.compile_eval_step(program) if eval_batches is not None else None
   mesh_lib.barrier("compiled")
-  throughput = _Throughput(config)
+  throughput = _Throughput(program.spec)
 
   # ---------------------------------------------------------------- steps
   writer = MetricsWriter(workdir, int(config.train.steps), start_step=start_step)
   sample_every = int(config.eval.get("sample_every_steps", 0))
-  samples = (preview.TrainingPreview(config, program.mesh, program.graphdef, workdir,
-                                     writer.tensorboard) if sample_every else None)
+  samples = (preview.TrainingPreview(config, program, workdir, writer.tensorboard)
+             if sample_every else None)
   watcher = PreemptionWatcher(check_every=int(config.train.stop_check_every))
   run = _Run(program, train_iter, eval_batches, ckpt, train_step, eval_step, writer, samples,
              sample_every, watcher, throughput)
@@ -81,20 +81,24 @@ def train(config, workdir: str, *, init_from: str | None = None,
 
 # ============================================================================ before step 0
 def _checked_program(config, workdir: str) -> train_state.Program:
-  """The Program on its mesh, once the config and the workdir pass their checks."""
-  config_lib.validate(config)  # ranges and enums, before the mesh divides by them
+  """The Program on its mesh, once the config and the workdir pass their checks.
+
+  The one entry into config_lib of a run: run_spec validates (ranges and enums, before the
+  mesh divides by them) and derives the shapes and the model spec everything below takes."""
+  spec = config_lib.run_spec(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UserError(f"--workdir={workdir}: expected a folder, found a file")
   mesh_lib.initialize_distributed()
   mesh = mesh_lib.make_mesh(config)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
-  return train_state.build_program(config, mesh)
+  return train_state.build_program(config, mesh, spec)
 
 
-def _open_data(config, mesh):
+def _open_data(config, program: train_state.Program):
   """(train iterator, eval batches or None)."""
-  train_iter = pipeline.make_train_iterator(config, mesh)
-  eval_batches = (pipeline.make_eval_iterator(config, mesh)
+  mesh, shapes = program.mesh, program.spec.shapes
+  train_iter = pipeline.make_train_iterator(config, mesh, shapes=shapes)
+  eval_batches = (pipeline.make_eval_iterator(config, mesh, shapes=shapes)
                   if config.eval.every_steps else None)
   # The run keeps the statistics its batches are normalised with, in the config saved with it
   # and with every checkpoint: the sampler undoes them (data/latent_norm.py).
@@ -138,11 +142,11 @@ def _resume_or_init(program: train_state.Program, train_iter, ckpt_dir: str,
 class _Throughput:
   """Step time, examples/s, tokens/s, model FLOP/s and MFU over the steps since restart()."""
 
-  def __init__(self, config):
-    self.flops = summary.train_step_flops(config)
+  def __init__(self, spec: config_lib.RunSpec):
+    self.flops = summary.train_step_flops(spec.model, spec.batch_size)
     self.peak = perf.published_peak()
-    self.batch_size = int(config.train.batch_size)
-    self.tokens_per_step = config_lib.latent_shapes(config).joint_tokens * self.batch_size
+    self.batch_size = spec.batch_size
+    self.tokens_per_step = spec.shapes.joint_tokens * self.batch_size
     self.restart()
 
   def restart(self) -> None:

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from absl import logging
 
-from jova_jax import codecs, config_lib
+from jova_jax import codecs
 from jova_jax.data import pipeline
 from jova_jax.eval import contact_sheet
 from jova_jax.media import io as media
@@ -33,18 +33,20 @@ def _preview_split(config) -> str:
 class TrainingPreview:
   """Fixed prompts, sampled on demand with the params given; process 0 writes the files."""
 
-  def __init__(self, config, mesh, graphdef, workdir: str, tensorboard=None):
+  def __init__(self, config, program, workdir: str, tensorboard=None):
+    """program: the run's training/state.Program (mesh, graphdef, spec, batch sharding)."""
     self.config, self.workdir, self.tensorboard = config, workdir, tensorboard
     self.settings = sampler_lib.Settings.from_config(
         config, steps=config.eval.get("sample_steps") or None)
-    self.sampler = sampler_lib.LatentSampler(config, mesh, graphdef, params=None)
+    self.sampler = sampler_lib.LatentSampler(config, program.mesh, program.graphdef, params=None,
+                                             shapes=program.spec.shapes)
     self.video_codec = codecs.get_video_codec(config)
     self.audio_codec = codecs.get_audio_codec(config)
-    self.shapes = config_lib.latent_shapes(config)
-    source = pipeline.open_source(config, _preview_split(config))
+    self.shapes = program.spec.shapes
+    source = pipeline.open_source(config, _preview_split(config), self.shapes)
     self.norm = source.latent_norm
     count = min(int(config.eval.sample_prompts), len(source))
-    examples = [pipeline.decode(i, source[i], max_length=self.shapes.text_tokens, norm=self.norm)
+    examples = [pipeline.decode(i, source[i], spec=program.batch_spec, norm=self.norm)
                 for i in range(count)]
     self.names = [f"i2v_{i}" for i in range(count)] + [f"text_{i}" for i in range(count)]
     self.references = [self.video_codec.decode(self.norm.video.denormalize(e["video"][None]))[0]

@@ -140,5 +140,5 @@ def _log_compiled(compiled, program: Program) -> None:
                  mem.temp_size_in_bytes / 2**20)
   except Exception as e:  # Not every backend reports it.
     logging.info("memory_analysis unavailable on %s: %s", jax.default_backend(), e)
-  flops = summary.train_step_flops(program.config)
+  flops = summary.train_step_flops(program.spec.model, program.spec.batch_size)
   logging.info("train step: %.3e model FLOPs (analytic), %d devices", flops, jax.device_count())
