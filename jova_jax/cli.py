@@ -49,6 +49,23 @@ def fail(message: str) -> NoReturn:
   sys.exit(USER_ERROR)
 
 
+_CONFIG_PREFIX = "--config."
+
+
+def config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without its --config.KEY=VALUE arguments, their 'KEY=VALUE' overrides): the run's
+  config comes from its checkpoint, so these are applied to it by loading.load_run."""
+  rest, overrides = [], []
+  for arg in argv:
+    if arg.startswith(_CONFIG_PREFIX):
+      if "=" not in arg:
+        fail(f"{arg}: expected --config.KEY=VALUE, e.g. --config.mesh.tensor=1")
+      overrides.append(arg[len(_CONFIG_PREFIX):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
 def _config_file_errors(argv) -> str | None:
   """A missing file given to a config-file flag (ml_collections defers that error until the
   config is first read, deep inside main)."""

@@ -47,24 +47,7 @@ flags.DEFINE_float("lora_scale", 1.0, "A LoRA run's adapters count this many tim
 flags.DEFINE_bool("contact_sheet", False, "Also write <outdir>/contact_sheet.png: each sample's "
                   "frames, its I2V reference image and its mel spectrogram.")
 flags.DEFINE_multi_string("set", [], "Deprecated alias of --config.KEY=VALUE: KEY=VALUE.")
-_CONFIG_PREFIX = "--config."
-
-
-def config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """(argv without its --config.KEY=VALUE arguments, their 'KEY=VALUE' overrides): the run's
-  config comes from its checkpoint, so these are applied to it by loading.load_run."""
-  rest, overrides = [], []
-  for arg in argv:
-    if arg.startswith(_CONFIG_PREFIX):
-      if "=" not in arg:
-        cli.fail(f"{arg}: expected --config.KEY=VALUE, e.g. --config.mesh.tensor=1")
-      overrides.append(arg[len(_CONFIG_PREFIX):])
-    else:
-      rest.append(arg)
-  return rest, overrides
-
-
-_OVERRIDES: list[str] = []  # --config.KEY=VALUE of this command line (config_overrides)
+_OVERRIDES: list[str] = []  # --config.KEY=VALUE of this command line (cli.config_overrides)
 
 
 def main(argv):
@@ -114,5 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.argv, _OVERRIDES[:] = config_overrides(sys.argv)
+  sys.argv, _OVERRIDES[:] = cli.config_overrides(sys.argv)
   cli.run(main)

@@ -5,7 +5,7 @@ import librosa
 import numpy as np
 import pytest
 
-from jova_jax import codecs, config_lib
+from jova_jax import codecs, config_lib, text
 from jova_jax.codecs import mel
 from tests.conftest import load
 
@@ -137,15 +137,18 @@ def test_registry_builds_configured_codecs_with_jsonable_configs():
   json.dumps(audio.config())
 
 
-def test_registry_refuses_unknown_names():
+@pytest.mark.parametrize("key, value, build, match", [
+    ("video.codec", "vae9000", codecs.get_video_codec, r"video.codec='vae9000'.*known: pixels"),
+    ("audio.codec", "wav", codecs.get_audio_codec, r"audio.codec='wav'.*known: mel"),
+    ("text.encoder", "t9", text.get_text_encoder, r"text.encoder='t9'.*known: minilm"),
+    ("text.width", 512, text.get_text_encoder, r"text.width=512 .* width=384"),
+])
+def test_registries_refuse_unknown_names_and_wrong_widths(key, value, build, match):
   config = load("tiny")
-  config.video.codec = "vae9000"
-  with pytest.raises(ValueError, match=r"video.codec='vae9000'.*known: pixels"):
-    codecs.get_video_codec(config)
-  config = load("tiny")
-  config.audio.codec = "wav"
-  with pytest.raises(ValueError, match=r"audio.codec='wav'.*known: mel"):
-    codecs.get_audio_codec(config)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    build(config)
 
 
 def test_registry_refuses_mismatched_properties():

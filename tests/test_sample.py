@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jova_jax import config_lib, files
+from jova_jax import cli, config_lib, files
 from jova_jax.media import io as media
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib
@@ -315,8 +315,7 @@ def test_cli(run_dir, tmp_path):
 def test_cli_config_overrides_and_the_deprecated_set(run_dir, tmp_path):
   """--config.KEY=VALUE overrides the run's config as train's flags do; --set still works,
   with a one-line deprecation warning."""
-  from jova_jax import sample
-  assert sample.config_overrides(["x", "--config.mesh.tensor=1", "--steps=2"]) == (
+  assert cli.config_overrides(["x", "--config.mesh.tensor=1", "--steps=2"]) == (
       ["x", "--steps=2"], ["mesh.tensor=1"])
   prompts = tmp_path / "p.jsonl"
   prompts.write_text(json.dumps(dict(CAPTIONS, seed=3)) + "\n")

@@ -72,14 +72,3 @@ def test_misshapen_or_missing_tensor_is_refused(tmp_path):
 def test_weights_dir_without_files_is_refused(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"model.safetensors, tokenizer.json not found"):
     text.get_text_encoder(load("tiny"), weights_dir=str(tmp_path))
-
-
-def test_registry_refuses_unknown_encoder_and_wrong_width():
-  config = load("tiny")
-  config.text.encoder = "t9"
-  with pytest.raises(ValueError, match=r"text.encoder='t9'.*known: minilm"):
-    text.get_text_encoder(config)
-  config = load("tiny")
-  config.text.width = 512
-  with pytest.raises(ValueError, match=r"text.width=512 .* width=384"):
-    text.get_text_encoder(config)

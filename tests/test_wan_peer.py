@@ -21,7 +21,8 @@ def test_peer_matches_our_sizes_tokens_and_flops(name):
   assert sizes.ffn == int(m.hidden * m.mlp_ratio)
   assert (sizes.height, sizes.width, sizes.out_channels) == s.video[1:]
   assert abs(sizes.tokens / s.joint_tokens - 1) <= 0.02
-  assert abs(wan_peer.peer_forward_flops(sizes) / summary.forward_flops(config) - 1) <= 0.02
+  model = config_lib.run_spec(config).model
+  assert abs(wan_peer.peer_forward_flops(sizes) / summary.forward_flops(model) - 1) <= 0.02
 
 
 def test_demo_peer_is_the_issue_16_reference():

@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jova_jax.model import attention_kernels as kernels
+from jova_jax.parallel.rules import BATCH_AXES
 
 STRATEGIES = ("none", "all_gather", "ulysses", "ring")
 CONTEXT = "context"
-_BATCH_AXES = ("data", "fsdp")
 _HEAD_AXIS = "tensor"
 _OPAQUE_KERNELS = ("splash", "cudnn")
 
@@ -122,7 +122,7 @@ def _with_padding(body, length: int):
 
 def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local):
   batch, _, heads, _ = q.shape
-  batch_axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names)
+  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   # Axes that do not divide the array replicate it instead (e.g. batch 1 on fsdp=2).
   if batch % math.prod(mesh.shape[a] for a in batch_axes):
     batch_axes = ()
