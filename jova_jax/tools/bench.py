@@ -18,7 +18,7 @@ import jax
 
 from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
-from jova_jax.model import sharded, summary
+from jova_jax.model import summary
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.training import objective, perf, state as train_state, steps as train_steps
 
@@ -78,13 +78,9 @@ def _compute_dtype(config):
 def bench_model(config, opts: Options = Options()) -> None:
   mesh = mesh_lib.make_mesh(config)
   program = train_state.build_program(config, mesh)
-  params = sharded.init_params(program.spec.model, mesh, seed=0, model=program.abstract.model)
   batch = train_state.model_inputs(SyntheticIterator(config, seed=0).batch(0))
-  batch = jax.device_put(batch, program.batch_sharding)
-  grad = jax.jit(jax.value_and_grad(lambda p, b: objective.training_loss(
-      program.graphdef, p, b, jax.random.key(0), config)[0]))
-  with jax.set_mesh(mesh):
-    seconds = _timed(lambda: grad(params, batch), opts.steps)
+  parts = _step_parts(config, program, jax.device_put(batch, program.batch_sharding))
+  seconds = _timed(parts["forward+backward"], opts.steps)
   _report(config, program.spec, seconds, "model forward+backward")
 
 
@@ -108,7 +104,7 @@ def train_step_fns(config, breakdown: bool):
 
   fns = {"step": one_step}
   if breakdown:
-    fns.update(_forward_and_grad(config, program, batches[0]))
+    fns.update(_step_parts(config, program, batches[0]))
   return fns, program, step
 
 
@@ -132,7 +128,7 @@ def bench_train(config, opts: Options = Options()) -> None:
           f"{mem.output_size_in_bytes / 2**20:.1f} MiB")
 
 
-def _forward_and_grad(config, program, batch) -> dict:
+def _step_parts(config, program, batch) -> dict:
   """Timed calls of the training loss alone, with its gradient, and of the step's update tail
   (optimizer+EMA) alone, on copies of the step's state (the step donates its own) and the same
   sharded batch."""

@@ -232,13 +232,13 @@ def measure(config, rounds: int, compiled: bool) -> tuple[PeerSizes, Peer, dict]
   return sizes, peer, bench._timed_interleaved(fns, rounds)
 
 
-def rows(config, sizes: PeerSizes, seconds: dict) -> list:
+def rows(spec: config_lib.RunSpec, sizes: PeerSizes, seconds: dict) -> list:
   """(side, part, seconds, FLOPs or None) for the table. backward = (forward+backward) -
   forward, as bench --breakdown; ours' optimizer+EMA (the step's update tail) and the peer's
   clipping+AdamW and EMA are each timed on their own."""
-  batch = int(config.train.batch_size)
+  batch = spec.batch_size
   out = []
-  for side, fwd_flops in (("ours", summary.forward_flops(config_lib.run_spec(config).model, batch)),
+  for side, fwd_flops in (("ours", summary.forward_flops(spec.model, batch)),
                           ("eager", peer_forward_flops(sizes, batch)),
                           ("compiled", peer_forward_flops(sizes, batch))):
     if f"{side} step" not in seconds:
@@ -280,7 +280,7 @@ def format_report(config, sizes: PeerSizes, peer: Peer, seconds: dict, counted: 
       f"({100 * (theirs / ours - 1):+.1f}%); peer counted by FlopCounterMode (forward x 3) "
       f"{3 * batch * counted:.3e}",
       f"{'side':<9} {'part':<17} {'ms':>8} {'GFLOP/s':>8}"]
-  for side, part, t, flops in rows(config, sizes, seconds):
+  for side, part, t, flops in rows(spec, sizes, seconds):
     rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
     lines.append(f"{side:<9} {part:<17} {t * 1e3:8.1f} {rate}")
   for side in ("eager", "compiled"):
@@ -292,18 +292,16 @@ def format_report(config, sizes: PeerSizes, peer: Peer, seconds: dict, counted: 
 
 
 def main():
-  # Flags are defined here, not at import (the tests import this module). --config is bench's
-  # when importing bench defined it (it defines its flags at import), else ours.
+  # Flags are defined here, not at import (the tests import this module).
   from ml_collections import config_flags
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file("config", None, "Config file.")
+  config_flag = config_flags.DEFINE_config_file("config", None, "Config file.")
   rounds = flags.DEFINE_integer("rounds", 5, "Timed rounds after the warm-up (medians).")
   compile_flag = flags.DEFINE_enum("compile", "yes", ["yes", "no"],
                                    "Also time the peer under torch.compile.")
 
   def run(argv):
     del argv
-    config = flags.FLAGS["config"].value
+    config = config_flag.value
     if torch is None or importlib.util.find_spec("diffusers") is None:
       raise UserError("the peer needs torch and diffusers (requirements-dev.txt): "
                       "`make bench-peer` installs them into .venv-dev and runs this")
