@@ -87,7 +87,7 @@ def constrain(x, names):
   """with_sharding_constraint by logical names; a no-op outside a mesh context.
 
   Pins the batch axis to ("data", "fsdp") (without it XLA keeps full-batch activations on
-  fsdp meshes: 248 MiB of temporaries instead of 180 MiB at fsdp=8, docs/scaling.md), the
+  fsdp meshes: 248 MiB of temporaries instead of 184 MiB at fsdp=8, docs/scaling.md), the
   video sequence to `context`; the embed axis stays free (the partitioner picks it per op).
   """
   mesh = jax.sharding.get_abstract_mesh()
