@@ -209,3 +209,18 @@ def test_flop_formula_matches_xla_cost_analysis():
   ours = summary.forward_flops(config_lib.model_spec(c), batch=1)
   # XLA also counts elementwise ops (norms, RoPE, softmax); matmuls dominate.
   assert 0.8 < ours / xla["flops"] < 1.05, (ours, xla["flops"])
+
+
+def test_layer_norm_equals_the_textbook_formula_and_its_gradient():
+  """layers.layer_norm takes the mean as a product (so XLA writes the residual stream out once);
+  values and gradients equal the reduction formula."""
+  from jova_jax.model.layers import layer_norm
+
+  def reference(x, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
+  x = jax.random.normal(jax.random.key(3), (2, 7, 48)) * 3.0 + 1.5
+  w = jax.random.normal(jax.random.key(4), x.shape)
+  np.testing.assert_allclose(layer_norm(x, 1e-6), reference(x), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda x: jnp.sum(f(x, 1e-6) * w))(x) for f in (layer_norm, reference)]
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)

@@ -80,9 +80,17 @@ class RMSNorm(nnx.Module):
 
 
 def layer_norm(x, eps: float):
-  """LayerNorm without affine params: adaLN supplies shift and scale."""
+  """LayerNorm without affine params: adaLN supplies shift and scale.
+
+  The mean is a product with a (D, 2) averaging matrix rather than a reduction, so that x is a
+  dot operand: XLA then writes the residual stream out once per norm. As a reduction every use
+  of x was fused with the whole chain of residual adds before it, recomputing all earlier
+  layers' sums in each consumer (docs/performance.md, third round: the demo step -10%). Two
+  columns, because a one-column product is rewritten into a reduction.
+  """
   xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  averaging = jnp.zeros((x.shape[-1], 2), jnp.float32).at[:, 0].set(1.0 / x.shape[-1])
+  mean = jnp.dot(xf, averaging, precision=jax.lax.Precision.HIGHEST)[..., :1]
   var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
   return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
