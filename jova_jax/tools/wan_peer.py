@@ -265,7 +265,8 @@ def format_report(config, sizes: PeerSizes, peer: Peer, seconds: dict, counted: 
   lines = [
       f"peer: diffusers {diffusers.__version__} WanTransformer3DModel, torch {torch.__version__}"
       f", float32, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; ours: jax {jax.__version__} on "
+      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, GLIBC_TUNABLES="
+      f"{os.environ.get('GLIBC_TUNABLES', 'unset')} (both sides); ours: jax {jax.__version__} on "
       f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
       f"peer sizes: hidden {sizes.hidden}, heads {sizes.heads} (head_dim "
       f"{sizes.hidden // sizes.heads}), ffn {sizes.ffn}, layers {sizes.layers}, patch "

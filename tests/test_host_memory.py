@@ -1,0 +1,64 @@
+"""host_memory: entry points re-execute once with huge-page malloc, and it takes effect."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jova_jax import host_memory
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_environment_adds_the_tunable_once_and_respects_the_user():
+  env = host_memory.huge_page_environment({"PATH": "/bin"})
+  assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  assert host_memory.huge_page_environment({"JOVA_KEEP_MALLOC": "1"}) is None
+
+
+def _python(code: str, **env) -> str:
+  environ = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JOVA_KEEP_MALLOC")}
+  environ.update(env, PYTHONPATH=_REPO)
+  return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                        text=True, check=True, timeout=120).stdout.strip()
+
+
+_REEXEC = ("import os; from jova_jax import host_memory; print('start', flush=True); "
+           "host_memory.use_huge_page_malloc(); print(os.environ.get('GLIBC_TUNABLES'))")
+
+
+@pytest.mark.skipif(not host_memory._glibc(), reason="glibc tunables only")
+def test_a_process_reexecutes_itself_once_with_the_tunable():
+  # Twice "start": the process ran the code again after the re-exec, then went on.
+  assert _python(_REEXEC).split("\n") == ["start", "start", "glibc.malloc.hugetlb=1"]
+  assert _python(_REEXEC, JOVA_KEEP_MALLOC="1").split("\n") == ["start", "None"]
+
+
+def _thp_off() -> bool:
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return "[never]" in f.read()
+  except OSError:
+    return True
+
+
+# What XLA's CPU runtime does each step: malloc a large buffer, write it, free it (numpy would
+# not do: it madvises its own large arrays).
+_FAULTS = ("import ctypes, resource\n"
+           "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+           "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+           "for _ in range(4):\n"
+           "  p = libc.malloc(2**27); ctypes.memset(p, 1, 2**27); libc.free(ctypes.c_void_p(p))\n"
+           "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+
+
+@pytest.mark.skipif(not host_memory._glibc() or _thp_off(),
+                    reason="needs glibc and transparent huge pages (madvise or always)")
+def test_huge_page_malloc_cuts_the_page_faults_of_large_buffers():
+  plain = int(_python(_FAULTS))
+  huge = int(_python(_FAULTS, GLIBC_TUNABLES="glibc.malloc.hugetlb=1"))
+  assert plain > 4 * 2**27 // 4096 // 2, plain  # about one fault per 4 KiB page
+  assert huge * 20 < plain, (huge, plain)
