@@ -1,4 +1,4 @@
-"""host_memory: entry points re-execute once with huge-page malloc, and it takes effect."""
+"""host_memory: entry points re-execute once with the malloc tunables, and they take effect."""
 import os
 import subprocess
 import sys
@@ -10,13 +10,25 @@ from jova_jax import host_memory
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_environment_adds_the_tunable_once_and_respects_the_user():
-  env = host_memory.huge_page_environment({"PATH": "/bin"})
+_CPU_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                 "glibc.malloc.trim_threshold=4294967295")
+
+
+def test_environment_adds_the_tunables_once_and_respects_the_user():
+  env = host_memory.huge_page_environment({"PATH": "/bin"}, cpu_only=False)
   assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-  assert host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  assert host_memory.huge_page_environment({"JOVA_KEEP_MALLOC": "1"}) is None
+  env = host_memory.huge_page_environment({"PATH": "/bin"}, cpu_only=True)
+  assert env["GLIBC_TUNABLES"] == _CPU_TUNABLES
+  env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.rtld.x=1"}, cpu_only=False)
+  assert env["GLIBC_TUNABLES"] == "glibc.rtld.x=1:glibc.malloc.hugetlb=1"
+  for environ in ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"JOVA_KEEP_MALLOC": "1"}):
+    assert host_memory.huge_page_environment(environ, cpu_only=True) is None
+
+
+def test_cpu_only_host_follows_jax_platforms():
+  assert host_memory.cpu_only_host({"JAX_PLATFORMS": "cpu"})
+  assert not host_memory.cpu_only_host({"JAX_PLATFORMS": "cuda,cpu"})
+  assert not host_memory.cpu_only_host({"JAX_PLATFORMS": "tpu"})
 
 
 def _python(code: str, **env) -> str:
@@ -33,7 +45,8 @@ _REEXEC = ("import os; from jova_jax import host_memory; print('start', flush=Tr
 @pytest.mark.skipif(not host_memory._glibc(), reason="glibc tunables only")
 def test_a_process_reexecutes_itself_once_with_the_tunable():
   # Twice "start": the process ran the code again after the re-exec, then went on.
-  assert _python(_REEXEC).split("\n") == ["start", "start", "glibc.malloc.hugetlb=1"]
+  lines = _python(_REEXEC, JAX_PLATFORMS="cpu").split("\n")
+  assert lines == ["start", "start", _CPU_TUNABLES]
   assert _python(_REEXEC, JOVA_KEEP_MALLOC="1").split("\n") == ["start", "None"]
 
 
@@ -60,5 +73,6 @@ _FAULTS = ("import ctypes, resource\n"
 def test_huge_page_malloc_cuts_the_page_faults_of_large_buffers():
   plain = int(_python(_FAULTS))
   huge = int(_python(_FAULTS, GLIBC_TUNABLES="glibc.malloc.hugetlb=1"))
+  kept = int(_python(_FAULTS, GLIBC_TUNABLES=_CPU_TUNABLES))  # huge pages, faulted in once
   assert plain > 4 * 2**27 // 4096 // 2, plain  # about one fault per 4 KiB page
-  assert huge * 20 < plain, (huge, plain)
+  assert huge * 20 < plain and kept * 20 < plain, (huge, kept, plain)
