@@ -1,5 +1,5 @@
 """Large host buffers on transparent huge pages, and on CPU-only hosts kept between steps: every
-`python -m` entry point runs with glibc malloc tunables (cli.run calls `use_huge_page_malloc`
+`python -m` entry point runs with glibc malloc tunables (cli.run calls `use_malloc_tunables`
 first).
 
 Why: XLA's CPU runtime mallocs each execution's temporary buffer, and glibc serves a request
@@ -24,7 +24,7 @@ import os
 import pkgutil
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb"
+HUGE_PAGES = "glibc.malloc.hugetlb"
 # On CPU-only hosts: serve every request from the one main-arena heap and never give it back.
 _KEEP_FREED = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                "glibc.malloc.trim_threshold=4294967295")
@@ -40,26 +40,27 @@ def cpu_only_host(environ) -> bool:
   return not any(m.name.startswith(_ACCELERATOR_PLUGINS) for m in pkgutil.iter_modules())
 
 
-def _glibc() -> bool:
+def glibc() -> bool:
   try:
     return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
   except (ValueError, OSError):  # not a glibc system (macOS, musl)
     return False
 
 
-def huge_page_environment(environ, cpu_only: bool) -> dict | None:
+def malloc_environment(environ, cpu_only: bool) -> dict | None:
   """The environment to re-execute with, or None when this one needs no change."""
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if environ.get(OPT_OUT) or TUNABLE in tunables:
+  if environ.get(OPT_OUT) or HUGE_PAGES in tunables:
     return None
-  added = [f"{TUNABLE}=1", *(_KEEP_FREED if cpu_only else ())]
+  added = [f"{HUGE_PAGES}=1", *(_KEEP_FREED if cpu_only else ())]
   return dict(environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, *added])))
 
 
-def use_huge_page_malloc() -> None:
-  """Re-executes this process with the tunable set (returns only when nothing needs to change)."""
-  env = huge_page_environment(os.environ, cpu_only_host(os.environ))
-  if env is None or sys.platform != "linux" or not _glibc() or not sys.orig_argv:
+def use_malloc_tunables() -> None:
+  """Re-executes this process with the tunables added (returns only when nothing needs to
+  change)."""
+  env = malloc_environment(os.environ, cpu_only_host(os.environ))
+  if env is None or sys.platform != "linux" or not glibc() or not sys.orig_argv:
     return
   sys.stdout.flush()
   sys.stderr.flush()

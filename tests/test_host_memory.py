@@ -15,14 +15,14 @@ _CPU_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.m
 
 
 def test_environment_adds_the_tunables_once_and_respects_the_user():
-  env = host_memory.huge_page_environment({"PATH": "/bin"}, cpu_only=False)
+  env = host_memory.malloc_environment({"PATH": "/bin"}, cpu_only=False)
   assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-  env = host_memory.huge_page_environment({"PATH": "/bin"}, cpu_only=True)
+  env = host_memory.malloc_environment({"PATH": "/bin"}, cpu_only=True)
   assert env["GLIBC_TUNABLES"] == _CPU_TUNABLES
-  env = host_memory.huge_page_environment({"GLIBC_TUNABLES": "glibc.rtld.x=1"}, cpu_only=False)
+  env = host_memory.malloc_environment({"GLIBC_TUNABLES": "glibc.rtld.x=1"}, cpu_only=False)
   assert env["GLIBC_TUNABLES"] == "glibc.rtld.x=1:glibc.malloc.hugetlb=1"
   for environ in ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {"JOVA_KEEP_MALLOC": "1"}):
-    assert host_memory.huge_page_environment(environ, cpu_only=True) is None
+    assert host_memory.malloc_environment(environ, cpu_only=True) is None
 
 
 def test_cpu_only_host_follows_jax_platforms():
@@ -39,10 +39,10 @@ def _python(code: str, **env) -> str:
 
 
 _REEXEC = ("import os; from jova_jax import host_memory; print('start', flush=True); "
-           "host_memory.use_huge_page_malloc(); print(os.environ.get('GLIBC_TUNABLES'))")
+           "host_memory.use_malloc_tunables(); print(os.environ.get('GLIBC_TUNABLES'))")
 
 
-@pytest.mark.skipif(not host_memory._glibc(), reason="glibc tunables only")
+@pytest.mark.skipif(not host_memory.glibc(), reason="glibc tunables only")
 def test_a_process_reexecutes_itself_once_with_the_tunable():
   # Twice "start": the process ran the code again after the re-exec, then went on.
   lines = _python(_REEXEC, JAX_PLATFORMS="cpu").split("\n")
@@ -68,7 +68,7 @@ _FAULTS = ("import ctypes, resource\n"
            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
 
 
-@pytest.mark.skipif(not host_memory._glibc() or _thp_off(),
+@pytest.mark.skipif(not host_memory.glibc() or _thp_off(),
                     reason="needs glibc and transparent huge pages (madvise or always)")
 def test_huge_page_malloc_cuts_the_page_faults_of_large_buffers():
   plain = int(_python(_FAULTS))

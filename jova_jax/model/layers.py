@@ -86,7 +86,9 @@ def layer_norm(x, eps: float):
   dot operand: XLA then writes the residual stream out once per norm. As a reduction every use
   of x was fused with the whole chain of residual adds before it, recomputing all earlier
   layers' sums in each consumer (docs/performance.md, third round: the demo step -10%). Two
-  columns, because a one-column product is rewritten into a reduction.
+  columns, because a one-column product is rewritten into a reduction; HIGHEST, because TPU's
+  default matmul precision would round x to bfloat16. On accelerators the product costs about
+  as much as the reduction (one (D, 2) matmul per norm, padded to the MXU's width on TPU).
   """
   xf = x.astype(jnp.float32)
   averaging = jnp.zeros((x.shape[-1], 2), jnp.float32).at[:, 0].set(1.0 / x.shape[-1])
