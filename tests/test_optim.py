@@ -88,3 +88,54 @@ def test_learning_rate_warms_up_then_decays():
   assert float(lr(110)) == pytest.approx(0.1, abs=1e-3)
   c.train.schedule = "constant"
   assert float(optim.learning_rate(c)(100)) == pytest.approx(1.0)
+
+
+def _optax_step(tx, params, opt_state, ema, grads, decay):
+  """The reference: make_optimizer's optax chain, apply_updates, then the EMA."""
+  import optax
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, jax.tree.map(
+      lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 1.0])
+def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm):
+  import optax
+  c = load("tiny")
+  c.train.update(lr=1e-2, warmup_steps=2, clip_norm=clip_norm, weight_decay=0.1)
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"fc": {"kernel": jax.random.normal(k[0], (4, 5)), "bias": jax.random.normal(k[1], (5,))},
+            "norm": {"scale": jnp.ones(5)}}
+  tx = optim.make_optimizer(c)
+  fused = jax.jit(lambda p, s, e, g, d: optim.adamw_ema_update(
+      c, s, p, e, g, optax.tree.norm(g), jnp.bool_(True), d))
+  ref, ours = (params, tx.init(params), params), (params, tx.init(params), params)
+  for i in range(6):  # gradients alternately under and over the clip norm
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(k[2], i), x.shape)
+                         * (3.0 if i % 2 else 0.1), params)
+    ref = jax.jit(lambda p, s, e, g, d: _optax_step(tx, p, s, e, g, d))(*ref, grads, 0.9)
+    ours = fused(*ours, grads, jnp.float32(0.9))
+    assert jax.tree.structure(ours) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert int(optim._only(ours[1], optax.ScaleByAdamState).count) == 6
+
+
+def test_a_skipped_update_leaves_every_value_bit_for_bit():
+  """Non-finite gradients, also on the very first step (count 0: no bias correction to divide
+  by), change neither params, moments, EMA nor the counts."""
+  import optax
+  c = load("tiny")
+  c.train.update(lr=1e-2, warmup_steps=0, clip_norm=1.0, weight_decay=0.1)
+  params = {"fc": {"kernel": jnp.arange(6.0).reshape(2, 3) - 2.5, "bias": jnp.ones(3)}}
+  tx = optim.make_optimizer(c)
+  update = jax.jit(lambda p, s, e, g, ok: optim.adamw_ema_update(
+      c, s, p, e, g, optax.tree.norm(g), ok, jnp.float32(0.9)))
+  ema = jax.tree.map(lambda x: x * 0.5, params)
+  state = (params, tx.init(params), ema)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  for before in (state, update(*state, jax.tree.map(jnp.ones_like, params), jnp.bool_(True))):
+    after = update(*before, bad, jnp.bool_(False))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+      np.testing.assert_array_equal(a, b)

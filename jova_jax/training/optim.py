@@ -1,8 +1,14 @@
 """Optimizer: AdamW with weight decay masked off norms, biases and embeddings; warmup then
-cosine or constant; global-norm clipping."""
+cosine or constant; global-norm clipping; the EMA of the params.
+
+`make_optimizer` is the reference (optax) and owns the state's layout; `adamw_ema_update` is
+the train step's update: the same arithmetic written once per leaf, with the EMA, so XLA makes
+one pass per leaf and output instead of one per optax stage (tests/test_optim.py holds the two
+equal)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Params never decayed, by what they are (not by rank: stacked blocks add a `layers` axis, so a
@@ -35,10 +41,7 @@ def decay_mask(params):
 def applied_learning_rate(config, opt_state):
   """The learning rate the next update applies: the schedule at optax's own step count, which
   (unlike the trainer's step) stands still over skipped non-finite steps."""
-  counts = [s.count for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-      if isinstance(s, optax.ScaleByScheduleState)]
-  return learning_rate(config)(counts[0])
+  return learning_rate(config)(_only(opt_state, optax.ScaleByScheduleState).count)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -49,3 +52,61 @@ def make_optimizer(config) -> optax.GradientTransformation:
   chain.append(optax.adamw(learning_rate(config), b1=t.b1, b2=t.b2, eps=t.eps,
                            weight_decay=t.weight_decay, mask=decay_mask))
   return optax.chain(*chain)
+
+
+def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, ema_decay):
+  """(params, opt_state, ema) after one step of `make_optimizer(config)` and the EMA, or all
+  three unchanged where `apply` is False (a non-finite step: grads may hold NaN).
+
+  Skipping is done with coefficients, not a cond or per-leaf selects: when not applied, the
+  moments and the EMA keep weight 1 and the step has lr 0, which leaves every value bit for bit.
+  A cond made XLA copy the state into and out of the branch; selects copied every donated
+  buffer (docs/performance.md, "Fourth round")."""
+  t = config.train
+  adam = _only(opt_state, optax.ScaleByAdamState)
+  schedule = _only(opt_state, optax.ScaleByScheduleState)
+  count = jnp.where(apply, optax.safe_increment(adam.count), adam.count)
+  # The coefficients as optax forms them (1 - b1 in Python, then float32), so equal to the bit.
+  b1, b2 = jnp.where(apply, t.b1, 1.0), jnp.where(apply, t.b2, 1.0)
+  new_weight1, new_weight2 = jnp.where(apply, 1 - t.b1, 0.0), jnp.where(apply, 1 - t.b2, 0.0)
+  # Bias corrections of the applied count; 1 when skipped (count may still be 0).
+  correct1 = jnp.where(apply, 1 - t.b1 ** count, 1.0)
+  correct2 = jnp.where(apply, 1 - t.b2 ** count, 1.0)
+  step_size = jnp.where(apply, -learning_rate(config)(schedule.count), 0.0)
+  ema_weight = jnp.where(apply, ema_decay, 1.0)
+  # Global-norm clipping as one factor (optax divides, then multiplies: equal to an ulp). Two
+  # expressions of g made XLA write the clipped gradient out and read both.
+  clip = (jnp.where(grad_norm >= t.clip_norm, t.clip_norm / grad_norm, 1.0)
+          if t.clip_norm and t.clip_norm > 0 else jnp.float32(1.0))
+
+  def leaf(g, p, mu, nu, e, decays):
+    dtype = mu.dtype
+    g = jnp.where(apply, g * clip.astype(g.dtype), 0)
+    mu = new_weight1.astype(dtype) * g + b1.astype(dtype) * mu
+    nu = new_weight2.astype(dtype) * (g * g) + b2.astype(dtype) * nu
+    update = (mu / correct1.astype(dtype)) / (jnp.sqrt(nu / correct2.astype(dtype)) + t.eps)
+    if decays:
+      update = update + t.weight_decay * p
+    p = (p + step_size.astype(update.dtype) * update).astype(p.dtype)
+    e = (ema_weight * e + (1.0 - ema_weight) * p).astype(e.dtype)
+    return p, mu, nu, e
+
+  treedef = jax.tree.structure(params)
+  per_leaf = [leaf(*args) for args in zip(*(treedef.flatten_up_to(x) for x in (
+      grads, params, adam.mu, adam.nu, ema, decay_mask(params))))]
+  params, mu, nu, ema = (treedef.unflatten(list(xs)) for xs in zip(*per_leaf))
+  new = {optax.ScaleByAdamState: adam._replace(count=count, mu=mu, nu=nu),
+         optax.ScaleByScheduleState: schedule._replace(
+             count=jnp.where(apply, optax.safe_increment(schedule.count), schedule.count))}
+  opt_state = jax.tree.map(lambda s: new.get(type(s), s), opt_state,
+                           is_leaf=lambda s: type(s) in new)
+  return params, opt_state, ema
+
+
+def _only(opt_state, kind):
+  """The one `kind` state in make_optimizer's state (its layout is optax's, for checkpoints)."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, kind))
+           if isinstance(s, kind)]
+  if len(found) != 1:
+    raise ValueError(f"optimizer state: expected one {kind.__name__}, found {len(found)}")
+  return found[0]

@@ -38,7 +38,7 @@ def make_update(program: Program):
   """update(state, grads, loss) -> (state, metrics): clipping, AdamW, EMA and the counters; a
   non-finite loss or gradient changes nothing but the counters. The train step's tail, apart so
   `bench train --breakdown` can time it alone."""
-  config, tx = program.config, program.tx
+  config = program.config
   ema_decay = float(config.train.ema_decay)
 
   def update(state, grads, loss):
@@ -48,20 +48,9 @@ def make_update(program: Program):
     # EMA warm-up: early on the average must not stay anchored to the random init.
     step_f = state["step"].astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
-
-    def apply(params, opt_state, ema):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
-                         ema, params)  # decay is float32: keep model.param_dtype
-      return params, opt_state, ema
-
-    # A non-finite step changes nothing but the counters. A cond, not per-leaf selects: the
-    # selects read the old values after the update wrote them in place, so XLA copied every
-    # donated param, mu and nu first.
-    params, opt_state, ema = jax.lax.cond(
-        finite, apply, lambda *unchanged: unchanged, state["params"], state["opt_state"],
-        state["ema"])
+    params, opt_state, ema = optim.adamw_ema_update(
+        config, state["opt_state"], state["params"], state["ema"], grads, grad_norm, finite,
+        decay)
     nonfinite = jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)
     new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1,
                      nonfinite=nonfinite)
