@@ -15,6 +15,7 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 
 from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
@@ -105,7 +106,24 @@ def train_step_fns(config, breakdown: bool):
   fns = {"step": one_step}
   if breakdown:
     fns.update(_step_parts(config, program, batches[0]))
+    fns["params copy"] = _params_copy(program, state["params"])
   return fns, program, step
+
+
+def _params_copy(program, params):
+  """A timed copy of as many bytes per device as the params (one read, one write), taking its
+  turn with the step's parts so it meets the same caches: the yardstick of the update's
+  memory floor (perf.UPDATE_MIN_PASSES passes)."""
+  sharding = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec(program.mesh.axis_names))
+  per_device = perf.shard_bytes(params) // 4
+  holder = {"x": jax.device_put(jnp.zeros((jax.device_count() * per_device,), jnp.float32),
+                                sharding)}
+  copy = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+
+  def run():
+    holder["x"] = copy(holder["x"])
+    return holder["x"]
+  return run
 
 
 def bench_train(config, opts: Options = Options()) -> None:
@@ -121,7 +139,7 @@ def bench_train(config, opts: Options = Options()) -> None:
       print(f"profiler trace written to {opts.profile} (tensorboard --logdir={opts.profile})")
   _report(config, program.spec, seconds["step"], "train step")
   if opts.breakdown:
-    _print_breakdown(program.spec, seconds)
+    _print_breakdown(program.spec, seconds, perf.shard_bytes(program.abstract.state["params"]))
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
@@ -153,20 +171,26 @@ def _step_parts(config, program, batch) -> dict:
   return {"forward": call(forward), "forward+backward": call(grad), "optimizer+EMA": run_update}
 
 
-def _print_breakdown(spec: config_lib.RunSpec, seconds: dict) -> None:
+def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int) -> None:
   """Forward, forward+backward and the update tail are timed apart; backward = (forward+backward)
-  - forward; the rest of the step (what the whole step costs beyond its parts) by difference."""
+  - forward; the rest of the step (what the whole step costs beyond its parts) by difference.
+  The update's floor: the least memory traffic of any AdamW+EMA update at the copy's rate."""
   forward_flops = summary.forward_flops(spec.model, spec.batch_size)
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
   update = seconds["optimizer+EMA"]
+  floor = perf.UPDATE_MIN_PASSES / 2 * seconds["params copy"]
   rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
           ("optimizer+EMA", update, None), ("rest", step - grad - update, None),
-          ("step", step, 3 * forward_flops)]
+          ("step", step, 3 * forward_flops), ("update floor", floor, None)]
   print(f"{'part':<14} {'ms':>8} {'% step':>7} {'GFLOP/s':>8}")
   for name, t, flops in rows:
     rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
     print(f"{name:<14} {t * 1e3:8.1f} {100 * t / step:7.1f} {rate}")
   print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
+  print(f"update floor: {perf.UPDATE_MIN_PASSES} passes over the params' {params_bytes / 2**20:.1f} "
+        f"MiB per device at the rate of a copy timed alongside "
+        f"({2 * params_bytes / seconds['params copy'] / 1e9:.1f} GB/s); optimizer+EMA = "
+        f"{update / floor:.1f}x its floor")
 
 
 def bench_sample(config, opts: Options = Options()) -> None:
