@@ -105,7 +105,8 @@ def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm):
   c = load("tiny")
   c.train.update(lr=1e-2, warmup_steps=2, clip_norm=clip_norm, weight_decay=0.1)
   k = jax.random.split(jax.random.key(0), 3)
-  params = {"fc": {"kernel": jax.random.normal(k[0], (4, 5)), "bias": jax.random.normal(k[1], (5,))},
+  params = {"fc": {"kernel": jax.random.normal(k[0], (4, 5)),
+                   "bias": jax.random.normal(k[1], (5,))},
             "norm": {"scale": jnp.ones(5)}}
   tx = optim.make_optimizer(c)
   fused = jax.jit(lambda p, s, e, g, d: optim.adamw_ema_update(
@@ -139,3 +140,17 @@ def test_a_skipped_update_leaves_every_value_bit_for_bit():
     after = update(*before, bad, jnp.bool_(False))
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_shard_bytes_counts_one_devices_shard_of_each_array():
+  """The update floor of `bench train --breakdown` is per device: sharded leaves count their
+  shard, replicated ones all of it (concrete arrays and the abstract state alike)."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+  from jova_jax.training import perf
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  sharded = jax.device_put(jnp.zeros((16, 4), jnp.float32), NamedSharding(mesh, P("fsdp")))
+  replicated = jax.device_put(jnp.zeros((3,), jnp.bfloat16), NamedSharding(mesh, P()))
+  assert perf.shard_bytes({"w": sharded, "b": replicated}) == 2 * 4 * 4 + 3 * 2
+  abstract = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=sharded.sharding)
+  assert perf.shard_bytes([abstract]) == 2 * 4 * 4

@@ -114,10 +114,11 @@ def _params_copy(program, params):
   """A timed copy of as many bytes per device as the params (one read, one write), taking its
   turn with the step's parts so it meets the same caches: the yardstick of the update's
   memory floor (perf.UPDATE_MIN_PASSES passes)."""
-  sharding = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec(program.mesh.axis_names))
-  per_device = perf.shard_bytes(params) // 4
-  holder = {"x": jax.device_put(jnp.zeros((jax.device_count() * per_device,), jnp.float32),
-                                sharding)}
+  mesh = program.mesh
+  over_all_devices = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+  per_device = perf.shard_bytes(params) // 4  # float32 elements
+  holder = {"x": jax.device_put(jnp.zeros((mesh.size * per_device,), jnp.float32),
+                                over_all_devices)}
   copy = jax.jit(lambda x: x + 1.0, donate_argnums=0)
 
   def run():
@@ -187,8 +188,8 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int)
     rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
     print(f"{name:<14} {t * 1e3:8.1f} {100 * t / step:7.1f} {rate}")
   print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
-  print(f"update floor: {perf.UPDATE_MIN_PASSES} passes over the params' {params_bytes / 2**20:.1f} "
-        f"MiB per device at the rate of a copy timed alongside "
+  print(f"update floor: {perf.UPDATE_MIN_PASSES} passes over the params' "
+        f"{params_bytes / 2**20:.1f} MiB per device at the rate of a copy timed alongside "
         f"({2 * params_bytes / seconds['params copy'] / 1e9:.1f} GB/s); optimizer+EMA = "
         f"{update / floor:.1f}x its floor")
 
