@@ -141,16 +141,3 @@ def test_a_skipped_update_leaves_every_value_bit_for_bit():
     for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
       np.testing.assert_array_equal(a, b)
 
-
-def test_shard_bytes_counts_one_devices_shard_of_each_array():
-  """The update floor of `bench train --breakdown` is per device: sharded leaves count their
-  shard, replicated ones all of it (concrete arrays and the abstract state alike)."""
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-
-  from jova_jax.training import perf
-  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
-  sharded = jax.device_put(jnp.zeros((16, 4), jnp.float32), NamedSharding(mesh, P("fsdp")))
-  replicated = jax.device_put(jnp.zeros((3,), jnp.bfloat16), NamedSharding(mesh, P()))
-  assert perf.shard_bytes({"w": sharded, "b": replicated}) == 2 * 4 * 4 + 3 * 2
-  abstract = jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=sharded.sharding)
-  assert perf.shard_bytes([abstract]) == 2 * 4 * 4

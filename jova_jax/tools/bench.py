@@ -21,6 +21,7 @@ from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import summary
 from jova_jax.parallel import mesh as mesh_lib
+from jova_jax.tools import plan
 from jova_jax.training import objective, perf, state as train_state, steps as train_steps
 
 @dataclasses.dataclass(frozen=True)
@@ -106,17 +107,20 @@ def train_step_fns(config, breakdown: bool):
   fns = {"step": one_step}
   if breakdown:
     fns.update(_step_parts(config, program, batches[0]))
-    fns["params copy"] = _params_copy(program, state["params"])
   return fns, program, step
 
 
-def _params_copy(program, params):
-  """A timed copy of as many bytes per device as the params (one read, one write), taking its
-  turn with the step's parts so it meets the same caches: the yardstick of the update's
-  memory floor (perf.UPDATE_MIN_PASSES passes)."""
+# An AdamW+EMA update reads the gradient twice (its global norm comes first) and reads and
+# writes params, mu, nu and the EMA once: at least 10 passes over the params' bytes.
+UPDATE_MIN_PASSES = 10
+
+
+def _params_copy(program, params_bytes: int):
+  """A timed copy of params_bytes per device (one read, one write), taking its turn with the
+  step's parts so it meets the same caches: the yardstick of the update's memory floor."""
   mesh = program.mesh
   over_all_devices = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
-  per_device = perf.shard_bytes(params) // 4  # float32 elements
+  per_device = params_bytes // 4  # float32 elements
   holder = {"x": jax.device_put(jnp.zeros((mesh.size * per_device,), jnp.float32),
                                 over_all_devices)}
   copy = jax.jit(lambda x: x + 1.0, donate_argnums=0)
@@ -129,6 +133,10 @@ def _params_copy(program, params):
 
 def bench_train(config, opts: Options = Options()) -> None:
   fns, program, step = train_step_fns(config, opts.breakdown)
+  if opts.breakdown:
+    params_bytes = plan.state_bytes(config, program.abstract.model, dict(program.mesh.shape))[
+        "params"]
+    fns["params copy"] = _params_copy(program, params_bytes)
   mem = step.memory_analysis()
   if opts.profile:
     jax.profiler.start_trace(opts.profile)
@@ -140,7 +148,7 @@ def bench_train(config, opts: Options = Options()) -> None:
       print(f"profiler trace written to {opts.profile} (tensorboard --logdir={opts.profile})")
   _report(config, program.spec, seconds["step"], "train step")
   if opts.breakdown:
-    _print_breakdown(program.spec, seconds, perf.shard_bytes(program.abstract.state["params"]))
+    _print_breakdown(program.spec, seconds, params_bytes)
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
@@ -179,7 +187,7 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int)
   forward_flops = summary.forward_flops(spec.model, spec.batch_size)
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
   update = seconds["optimizer+EMA"]
-  floor = perf.UPDATE_MIN_PASSES / 2 * seconds["params copy"]
+  floor = UPDATE_MIN_PASSES / 2 * seconds["params copy"]
   rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
           ("optimizer+EMA", update, None), ("rest", step - grad - update, None),
           ("step", step, 3 * forward_flops), ("update floor", floor, None)]
@@ -188,7 +196,7 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int)
     rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
     print(f"{name:<14} {t * 1e3:8.1f} {100 * t / step:7.1f} {rate}")
   print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
-  print(f"update floor: {perf.UPDATE_MIN_PASSES} passes over the params' "
+  print(f"update floor: {UPDATE_MIN_PASSES} passes over the params' "
         f"{params_bytes / 2**20:.1f} MiB per device at the rate of a copy timed alongside "
         f"({2 * params_bytes / seconds['params copy'] / 1e9:.1f} GB/s); optimizer+EMA = "
         f"{update / floor:.1f}x its floor")

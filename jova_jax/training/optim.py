@@ -65,7 +65,11 @@ def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, em
   t = config.train
   adam = _only(opt_state, optax.ScaleByAdamState)
   schedule = _only(opt_state, optax.ScaleByScheduleState)
-  count = jnp.where(apply, optax.safe_increment(adam.count), adam.count)
+
+  def counted(count):  # optax's counts advance only over applied steps
+    return jnp.where(apply, optax.safe_increment(count), count)
+
+  count = counted(adam.count)
   # The coefficients as optax forms them (1 - b1 in Python, then float32), so equal to the bit.
   b1, b2 = jnp.where(apply, t.b1, 1.0), jnp.where(apply, t.b2, 1.0)
   new_weight1, new_weight2 = jnp.where(apply, 1 - t.b1, 0.0), jnp.where(apply, 1 - t.b2, 0.0)
@@ -96,8 +100,7 @@ def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, em
       grads, params, adam.mu, adam.nu, ema, decay_mask(params))))]
   params, mu, nu, ema = (treedef.unflatten(list(xs)) for xs in zip(*per_leaf))
   new = {optax.ScaleByAdamState: adam._replace(count=count, mu=mu, nu=nu),
-         optax.ScaleByScheduleState: schedule._replace(
-             count=jnp.where(apply, optax.safe_increment(schedule.count), schedule.count))}
+         optax.ScaleByScheduleState: schedule._replace(count=counted(schedule.count))}
   opt_state = jax.tree.map(lambda s: new.get(type(s), s), opt_state,
                            is_leaf=lambda s: type(s) in new)
   return params, opt_state, ema

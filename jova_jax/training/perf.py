@@ -1,7 +1,6 @@
 """Throughput accounting: device peak FLOP/s (published or measured) and MFU."""
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -35,17 +34,6 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> f
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return 2.0 * n ** 3 / best
-
-
-# An AdamW+EMA update reads the gradient twice (its global norm comes first) and reads and
-# writes params, mu, nu and the EMA once: 10 passes over the params' bytes, fused or not.
-UPDATE_MIN_PASSES = 10
-
-
-def shard_bytes(tree) -> int:
-  """Bytes of one device's shard of every array in tree."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-             for x in jax.tree.leaves(tree))
 
 
 def mfu(flops_per_step: float, step_time: float, peak_per_device: float | None,
