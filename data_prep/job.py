@@ -53,7 +53,7 @@ def prepared_clips(entries, work, workers: int, window: int):
   try:
     while True:
       for entry in itertools.islice(todo, window - len(pending)):
-        pending.append((entry, pool.submit(work, entry.path)))
+        pending.append((entry, submit_to(pool, work, entry.path)))
       if not pending:
         return
       entry, future = pending.popleft()
@@ -68,10 +68,22 @@ def prepared_clips(entries, work, workers: int, window: int):
           result = clips.ClipRejected("unreadable", f"{entry.path}: the worker process died on it")
           pool.shutdown(cancel_futures=True)
           pool = new_pool()
-        pending = collections.deque((e, pool.submit(work, e.path)) for e, _ in pending)
+        pending = collections.deque((e, submit_to(pool, work, e.path)) for e, _ in pending)
       yield entry, result
   finally:
     pool.shutdown(cancel_futures=True)
+
+
+def submit_to(pool, work, path) -> futures.Future:
+  """pool.submit(work, path); when a clip already in flight has broken the pool, a future that
+  fails with BrokenProcessPool instead of raising here, so prepared_clips handles the crash
+  when it reaches the head of the queue."""
+  try:
+    return pool.submit(work, path)
+  except BrokenProcessPool as broken:
+    failed = futures.Future()
+    failed.set_exception(broken)
+    return failed
 
 
 def run_shard(config, input_path: str, out_dir: str, *, num_shards: int = 1, shard_index: int = 0,

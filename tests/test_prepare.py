@@ -218,6 +218,22 @@ def test_a_worker_crash_rejects_only_its_clip():
       assert result == clip_id.upper()
 
 
+
+def test_a_submit_to_a_broken_pool_fails_at_the_result_not_at_the_submit():
+  """A clip crashing its worker while the clips behind it are still being submitted breaks the
+  pool under the submitting loop; that must surface where prepared_clips handles crashes."""
+  import multiprocessing
+  from concurrent import futures
+  from concurrent.futures.process import BrokenProcessPool
+  with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with pytest.raises(BrokenProcessPool):
+      pool.submit(_crash_on_bad, "bad").result()
+    with pytest.raises(BrokenProcessPool):
+      pool.submit(_crash_on_bad, "good")  # what prepared_clips used to call
+    with pytest.raises(BrokenProcessPool):
+      job.submit_to(pool, _crash_on_bad, "good").result()
+
+
 # ------------------------------------------------------------------ an existing dataset is never lost
 
 def _copy_of(dataset_dir, tmp_path):
