@@ -5,8 +5,14 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+# XLA CPU aborts the process when a collective's threads have not all met within its timeout; 8
+# fake devices beside another test worker on 2 cores can take longer (a context-parallel test
+# aborted in a clean-clone CI run).
+PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+    PATIENT_COLLECTIVES]))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests (and the training subprocesses they start) compile the same tiny programs many times.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jova_jax_xla_cache"))
@@ -53,7 +59,8 @@ def two_processes(cmd, port: int, devices: int = 2,
     env = {k: v for k, v in os.environ.items()
            if k not in ("JOVA_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
                         "TPU_WORKER_HOSTNAMES")}
-    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                             + PATIENT_COLLECTIVES,
                 coordinator: f"127.0.0.1:{port}", count: "2", index: str(pid)})
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
