@@ -100,7 +100,8 @@ def _optax_step(tx, params, opt_state, ema, grads, decay):
 
 
 @pytest.mark.parametrize("clip_norm", [0.0, 1.0])
-def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm):
+@pytest.mark.parametrize("fused_cpu", [False, True], ids=["xla", "cpu_kernel"])
+def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm, fused_cpu):
   import optax
   c = load("tiny")
   c.train.update(lr=1e-2, warmup_steps=2, clip_norm=clip_norm, weight_decay=0.1)
@@ -110,7 +111,7 @@ def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm):
             "norm": {"scale": jnp.ones(5)}}
   tx = optim.make_optimizer(c)
   fused = jax.jit(lambda p, s, e, g, d: optim.adamw_ema_update(
-      c, s, p, e, g, optax.tree.norm(g), jnp.bool_(True), d))
+      c, s, p, e, g, optax.tree.norm(g), jnp.bool_(True), d, fused_cpu))
   ref, ours = (params, tx.init(params), params), (params, tx.init(params), params)
   for i in range(6):  # gradients alternately under and over the clip norm
     grads = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(k[2], i), x.shape)
@@ -123,7 +124,8 @@ def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm):
   assert int(optim._only(ours[1], optax.ScaleByAdamState).count) == 6
 
 
-def test_a_skipped_update_leaves_every_value_bit_for_bit():
+@pytest.mark.parametrize("fused_cpu", [False, True], ids=["xla", "cpu_kernel"])
+def test_a_skipped_update_leaves_every_value_bit_for_bit(fused_cpu):
   """Non-finite gradients, also on the very first step (count 0: no bias correction to divide
   by), change neither params, moments, EMA nor the counts."""
   import optax
@@ -132,7 +134,7 @@ def test_a_skipped_update_leaves_every_value_bit_for_bit():
   params = {"fc": {"kernel": jnp.arange(6.0).reshape(2, 3) - 2.5, "bias": jnp.ones(3)}}
   tx = optim.make_optimizer(c)
   update = jax.jit(lambda p, s, e, g, ok: optim.adamw_ema_update(
-      c, s, p, e, g, optax.tree.norm(g), ok, jnp.float32(0.9)))
+      c, s, p, e, g, optax.tree.norm(g), ok, jnp.float32(0.9), fused_cpu))
   ema = jax.tree.map(lambda x: x * 0.5, params)
   state = (params, tx.init(params), ema)
   bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)

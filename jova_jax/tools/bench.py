@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
+from jova_jax.kernels import adamw_ema_cpu
 from jova_jax.model import summary
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.tools import plan
@@ -110,6 +111,9 @@ def train_step_fns(config, breakdown: bool):
   return fns, program, step
 
 
+# The breakdown's row for XLA's update, timed beside the fused CPU kernel the step uses.
+XLA_UPDATE = "  XLA's update"
+
 # An AdamW+EMA update reads the gradient twice (its global norm comes first) and reads and
 # writes params, mu, nu and the EMA once: at least 10 passes over the params' bytes.
 UPDATE_MIN_PASSES = 10
@@ -158,14 +162,12 @@ def bench_train(config, opts: Options = Options()) -> None:
 def _step_parts(config, program, batch) -> dict:
   """Timed calls of the training loss alone, with its gradient, and of the step's update tail
   (optimizer+EMA) alone, on copies of the step's state (the step donates its own) and the same
-  sharded batch."""
+  sharded batch. Where the step's update is the fused CPU kernel, XLA's update is timed too."""
   params = train_state.init_state(program)["params"]
   key = jax.random.key(0)
   loss = lambda p, b: objective.training_loss(program.graphdef, p, b, key, config)  # noqa: E731
   forward, grad = jax.jit(loss), jax.jit(jax.value_and_grad(loss, has_aux=True))
-  update = jax.jit(train_steps.make_update(program), donate_argnums=0)
   grads = jax.tree.map(lambda p: p * 1e-3, params)
-  holder = {"state": train_state.init_state(program)}  # its own buffers: the update donates them
 
   def call(fn):
     def run():
@@ -173,11 +175,22 @@ def _step_parts(config, program, batch) -> dict:
         return fn(params, batch)
     return run
 
-  def run_update():
-    with jax.set_mesh(program.mesh):
-      holder["state"], metrics = update(holder["state"], grads, jax.numpy.float32(1.0))
-    return metrics["grad_norm"]
-  return {"forward": call(forward), "forward+backward": call(grad), "optimizer+EMA": run_update}
+  def timed_update(fused_cpu):
+    update = jax.jit(train_steps.make_update(program, fused_cpu), donate_argnums=0)
+    holder = {"state": train_state.init_state(program)}  # its own buffers: the update donates them
+
+    def run():
+      with jax.set_mesh(program.mesh):
+        holder["state"], metrics = update(holder["state"], grads, jax.numpy.float32(1.0))
+      return metrics["grad_norm"]
+    return run
+
+  parts = {"forward": call(forward), "forward+backward": call(grad),
+           "optimizer+EMA": timed_update(None)}
+  state = program.abstract_state
+  if adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"], state["ema"]):
+    parts[XLA_UPDATE] = timed_update(False)
+  return parts
 
 
 def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int) -> None:
@@ -191,6 +204,8 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int)
   rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
           ("optimizer+EMA", update, None), ("rest", step - grad - update, None),
           ("step", step, 3 * forward_flops), ("update floor", floor, None)]
+  if XLA_UPDATE in seconds:  # beside the fused kernel: what the step's update would cost without
+    rows.insert(3, (XLA_UPDATE, seconds[XLA_UPDATE], None))
   print(f"{'part':<14} {'ms':>8} {'% step':>7} {'GFLOP/s':>8}")
   for name, t, flops in rows:
     rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
@@ -199,7 +214,10 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int)
   print(f"update floor: {UPDATE_MIN_PASSES} passes over the params' "
         f"{params_bytes / 2**20:.1f} MiB per device at the rate of a copy timed alongside "
         f"({2 * params_bytes / seconds['params copy'] / 1e9:.1f} GB/s); optimizer+EMA = "
-        f"{update / floor:.1f}x its floor")
+        f"{update / floor:.2f}x its floor")
+  if XLA_UPDATE in seconds:
+    print(f"optimizer+EMA is the fused CPU kernel (kernels/adamw_ema_cpu); XLA's update "
+          f"{seconds[XLA_UPDATE] * 1e3:.1f} ms, {seconds[XLA_UPDATE] / floor:.2f}x the floor")
 
 
 def bench_sample(config, opts: Options = Options()) -> None:

@@ -4,12 +4,14 @@ cosine or constant; global-norm clipping; the EMA of the params.
 `make_optimizer` is the reference (optax) and owns the state's layout; `adamw_ema_update` is
 the train step's update: the same arithmetic written once per leaf, with the EMA, so XLA makes
 one pass per leaf and output instead of one per optax stage (tests/test_optim.py holds the two
-equal)."""
+equal); on CPU the same arithmetic runs as one fused loop per leaf (kernels/adamw_ema_cpu)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jova_jax.kernels import adamw_ema_cpu
 
 # Params never decayed, by what they are (not by rank: stacked blocks add a `layers` axis, so a
 # scanned block's norm scale is 2-D): biases, norm scales and learned embeddings.
@@ -54,9 +56,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, ema_decay):
+def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, ema_decay,
+                     fused_cpu: bool = False):
   """(params, opt_state, ema) after one step of `make_optimizer(config)` and the EMA, or all
-  three unchanged where `apply` is False (a non-finite step: grads may hold NaN).
+  three unchanged where `apply` is False (a non-finite step: grads may hold NaN). `fused_cpu`:
+  the per-leaf arithmetic runs as kernels/adamw_ema_cpu's one loop per leaf, not XLA's.
 
   Skipping is done with coefficients, not a cond or per-leaf selects: when not applied, the
   moments and the EMA keep weight 1 and the step has lr 0, which leaves every value bit for bit.
@@ -70,40 +74,54 @@ def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, em
     return jnp.where(apply, optax.safe_increment(count), count)
 
   count = counted(adam.count)
-  # The coefficients as optax forms them (1 - b1 in Python, then float32), so equal to the bit.
-  b1, b2 = jnp.where(apply, t.b1, 1.0), jnp.where(apply, t.b2, 1.0)
-  new_weight1, new_weight2 = jnp.where(apply, 1 - t.b1, 0.0), jnp.where(apply, 1 - t.b2, 0.0)
-  # Bias corrections of the applied count; 1 when skipped (count may still be 0).
-  correct1 = jnp.where(apply, 1 - t.b1 ** count, 1.0)
-  correct2 = jnp.where(apply, 1 - t.b2 ** count, 1.0)
-  step_size = jnp.where(apply, -learning_rate(config)(schedule.count), 0.0)
-  ema_weight = jnp.where(apply, ema_decay, 1.0)
-  # Global-norm clipping as one factor (optax divides, then multiplies: equal to an ulp). Two
-  # expressions of g made XLA write the clipped gradient out and read both.
-  clip = (jnp.where(grad_norm >= t.clip_norm, t.clip_norm / grad_norm, 1.0)
-          if t.clip_norm and t.clip_norm > 0 else jnp.float32(1.0))
+  c = _step_coefficients(config, count, schedule.count, grad_norm, apply, ema_decay)
+  decays = decay_mask(params)
+  if fused_cpu:
+    params, mu, nu, ema = adamw_ema_cpu.update(c, grads, params, adam.mu, adam.nu, ema, decays)
+  else:
+    def leaf(g, p, mu, nu, e, decays):
+      dtype = mu.dtype
+      g = jnp.where(apply, g * c["clip"].astype(g.dtype), 0)
+      mu = c["new_weight1"].astype(dtype) * g + c["b1"].astype(dtype) * mu
+      nu = c["new_weight2"].astype(dtype) * (g * g) + c["b2"].astype(dtype) * nu
+      update = (mu / c["correct1"].astype(dtype)) / (jnp.sqrt(nu / c["correct2"].astype(dtype))
+                                                     + t.eps)
+      if decays:
+        update = update + t.weight_decay * p
+      p = (p + c["step_size"].astype(update.dtype) * update).astype(p.dtype)
+      e = (c["ema_weight"] * e + (1.0 - c["ema_weight"]) * p).astype(e.dtype)
+      return p, mu, nu, e
 
-  def leaf(g, p, mu, nu, e, decays):
-    dtype = mu.dtype
-    g = jnp.where(apply, g * clip.astype(g.dtype), 0)
-    mu = new_weight1.astype(dtype) * g + b1.astype(dtype) * mu
-    nu = new_weight2.astype(dtype) * (g * g) + b2.astype(dtype) * nu
-    update = (mu / correct1.astype(dtype)) / (jnp.sqrt(nu / correct2.astype(dtype)) + t.eps)
-    if decays:
-      update = update + t.weight_decay * p
-    p = (p + step_size.astype(update.dtype) * update).astype(p.dtype)
-    e = (ema_weight * e + (1.0 - ema_weight) * p).astype(e.dtype)
-    return p, mu, nu, e
-
-  treedef = jax.tree.structure(params)
-  per_leaf = [leaf(*args) for args in zip(*(treedef.flatten_up_to(x) for x in (
-      grads, params, adam.mu, adam.nu, ema, decay_mask(params))))]
-  params, mu, nu, ema = (treedef.unflatten(list(xs)) for xs in zip(*per_leaf))
+    treedef = jax.tree.structure(params)
+    per_leaf = [leaf(*args) for args in zip(*(treedef.flatten_up_to(x) for x in (
+        grads, params, adam.mu, adam.nu, ema, decays)))]
+    params, mu, nu, ema = (treedef.unflatten(list(xs)) for xs in zip(*per_leaf))
   new = {optax.ScaleByAdamState: adam._replace(count=count, mu=mu, nu=nu),
          optax.ScaleByScheduleState: schedule._replace(count=counted(schedule.count))}
   opt_state = jax.tree.map(lambda s: new.get(type(s), s), opt_state,
                            is_leaf=lambda s: type(s) in new)
   return params, opt_state, ema
+
+
+def _step_coefficients(config, count, schedule_count, grad_norm, apply, ema_decay) -> dict:
+  """The step's scalars (float32), named as kernels/adamw_ema_cpu.COEFFICIENTS; `count` is the
+  applied-step count after this step."""
+  t = config.train
+  where = lambda applied, skipped: jnp.where(apply, applied, skipped).astype(jnp.float32)  # noqa: E731
+  # Global-norm clipping as one factor (optax divides, then multiplies: equal to an ulp). Two
+  # expressions of g made XLA write the clipped gradient out and read both.
+  clip = (jnp.where(grad_norm >= t.clip_norm, t.clip_norm / grad_norm, 1.0)
+          if t.clip_norm and t.clip_norm > 0 else 1.0)
+  # The coefficients as optax forms them (1 - b1 in Python, then float32), so equal to the bit.
+  return {
+      "clip": jnp.asarray(clip, jnp.float32), "apply": where(1.0, 0.0),
+      "new_weight1": where(1 - t.b1, 0.0), "b1": where(t.b1, 1.0),
+      "new_weight2": where(1 - t.b2, 0.0), "b2": where(t.b2, 1.0),
+      # Bias corrections of the applied count; 1 when skipped (count may still be 0).
+      "correct1": where(1 - t.b1 ** count, 1.0), "correct2": where(1 - t.b2 ** count, 1.0),
+      "eps": jnp.float32(t.eps), "weight_decay": jnp.float32(t.weight_decay),
+      "step_size": where(-learning_rate(config)(schedule_count), 0.0),
+      "ema_weight": where(ema_decay, 1.0)}
 
 
 def _only(opt_state, kind):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
+from jova_jax.kernels import adamw_ema_cpu
 from jova_jax.model import summary
 from jova_jax.training import finetune, objective, optim
 from jova_jax.training.state import Program
@@ -34,15 +35,20 @@ def accumulated_grads(loss_fn, params, batch, key, accum: int):
   return jax.tree.map(lambda x: x / accum, total)
 
 
-def make_update(program: Program):
+def make_update(program: Program, fused_cpu: bool | None = None):
   """update(state, grads, loss) -> (state, metrics): clipping, AdamW, EMA and the counters; a
   non-finite loss or gradient changes nothing but the counters. The train step's tail, apart so
-  `bench train --breakdown` can time it alone."""
+  `bench train --breakdown` can time it alone. `fused_cpu`: the update as one loop per leaf
+  (kernels/adamw_ema_cpu); None: wherever it applies (a one-device CPU program)."""
   config = program.config
   ema_decay = float(config.train.ema_decay)
+  if fused_cpu is None:
+    state = program.abstract_state
+    fused_cpu = adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"],
+                                      state["ema"])
 
   def update(state, grads, loss):
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = adamw_ema_cpu.global_norm(grads) if fused_cpu else optax.tree.norm(grads)
     # Finite loss and gradients give finite AdamW updates (no reduction over the updates).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # EMA warm-up: early on the average must not stay anchored to the random init.
@@ -50,7 +56,7 @@ def make_update(program: Program):
     decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
     params, opt_state, ema = optim.adamw_ema_update(
         config, state["opt_state"], state["params"], state["ema"], grads, grad_norm, finite,
-        decay)
+        decay, fused_cpu)
     nonfinite = jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)
     new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1,
                      nonfinite=nonfinite)
