@@ -30,7 +30,7 @@ struct Chunk {
 
 // 32k floats: small enough that two threads share the work evenly, large enough that a claim
 // costs nothing next to it.
-constexpr int64_t kChunkElements = 1 << 15;
+constexpr int64_t kChunkElements = 1 << 17;
 
 std::vector<Chunk> Chunks(const std::vector<int64_t>& sizes) {
   std::vector<Chunk> chunks;
@@ -159,10 +159,8 @@ ffi::Error AdamwEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coefficients,
   std::copy_n(coefficients.typed_data(), sizeof(Coefficients) / sizeof(float),
               reinterpret_cast<float*>(&c));
   const std::vector<Chunk> chunks = Chunks(sizes);
-  // Last chunk first: the gradient's sum of squares just read the leaves in order, so the last
-  // ones may still be in the last-level cache.
   ParallelFor(pool, chunks.size(), [&](int64_t index) {
-    const Chunk& chunk = chunks[chunks.size() - 1 - index];
+    const Chunk& chunk = chunks[index];
     const int64_t leaf = chunk.leaf;
     UpdateRange(grads[leaf], state[0][leaf], state[1][leaf], state[2][leaf], state[3][leaf],
                 chunk.begin, chunk.end, c, decays[leaf] ? c.weight_decay : 0.0f);
