@@ -30,7 +30,7 @@ struct Chunk {
 
 // 32k floats: small enough that two threads share the work evenly, large enough that a claim
 // costs nothing next to it.
-constexpr int64_t kChunkElements = 1 << 17;
+constexpr int64_t kChunkElements = 1 << 15;
 
 std::vector<Chunk> Chunks(const std::vector<int64_t>& sizes) {
   std::vector<Chunk> chunks;
