@@ -70,16 +70,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
   shared->all_done.wait(lock, [&] { return shared->done.load() == shared->n; });
 }
 
-// Float32 data and sizes of args [first, first + count).
-ffi::Error Leaves(const ffi::RemainingArgs& args, size_t first, size_t count,
-                  std::vector<const float*>& data, std::vector<int64_t>* sizes) {
-  for (size_t i = first; i < first + count; ++i) {
+// Float32 data and sizes of the first `count` args.
+ffi::Error Leaves(const ffi::RemainingArgs& args, size_t count,
+                  std::vector<const float*>& data, std::vector<int64_t>& sizes) {
+  for (size_t i = 0; i < count; ++i) {
     auto buffer = args.get<ffi::AnyBuffer>(i);
     if (!buffer.has_value()) return buffer.error();
     if (buffer->element_type() != ffi::DataType::F32)
       return ffi::Error::InvalidArgument("adamw_ema_cpu: every leaf must be float32");
     data.push_back(static_cast<const float*>(buffer->untyped_data()));
-    if (sizes) sizes->push_back(static_cast<int64_t>(buffer->element_count()));
+    sizes.push_back(static_cast<int64_t>(buffer->element_count()));
   }
   return ffi::Error::Success();
 }
@@ -88,7 +88,7 @@ ffi::Error SumOfSquares(ffi::ThreadPool pool, ffi::RemainingArgs grads,
                         ffi::ResultBuffer<ffi::F32> out) {
   std::vector<const float*> data;
   std::vector<int64_t> sizes;
-  if (auto error = Leaves(grads, 0, grads.size(), data, &sizes); error.failure()) return error;
+  if (auto error = Leaves(grads, grads.size(), data, sizes); error.failure()) return error;
   const std::vector<Chunk> chunks = Chunks(sizes);
   std::vector<double> partial(chunks.size());
   ParallelFor(pool, chunks.size(), [&](int64_t c) {
@@ -145,7 +145,7 @@ ffi::Error AdamwEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coefficients,
     return ffi::Error::InvalidArgument("adamw_ema_cpu: wrong number of coefficients");
   std::vector<const float*> grads;
   std::vector<int64_t> sizes;
-  if (auto error = Leaves(args, 0, n, grads, &sizes); error.failure()) return error;
+  if (auto error = Leaves(args, n, grads, sizes); error.failure()) return error;
   std::vector<float*> state[4];  // p, mu, nu, EMA: the results' buffers
   for (size_t kind = 0; kind < 4; ++kind)
     for (size_t i = 0; i < n; ++i) {

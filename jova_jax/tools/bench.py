@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
-from jova_jax.kernels import adamw_ema_cpu
 from jova_jax.model import summary
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.tools import plan
@@ -187,8 +186,7 @@ def _step_parts(config, program, batch) -> dict:
 
   parts = {"forward": call(forward), "forward+backward": call(grad),
            "optimizer+EMA": timed_update(None)}
-  state = program.abstract_state
-  if adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"], state["ema"]):
+  if train_steps.uses_fused_cpu_update(program):
     parts[XLA_UPDATE] = timed_update(False)
   return parts
 

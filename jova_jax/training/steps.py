@@ -35,6 +35,13 @@ def accumulated_grads(loss_fn, params, batch, key, accum: int):
   return jax.tree.map(lambda x: x / accum, total)
 
 
+def uses_fused_cpu_update(program: Program) -> bool:
+  """Whether the train step's update runs as kernels/adamw_ema_cpu (a one-device CPU program
+  with float32 params, moments and EMA)."""
+  state = program.abstract_state
+  return adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"], state["ema"])
+
+
 def make_update(program: Program, fused_cpu: bool | None = None):
   """update(state, grads, loss) -> (state, metrics): clipping, AdamW, EMA and the counters; a
   non-finite loss or gradient changes nothing but the counters. The train step's tail, apart so
@@ -43,9 +50,7 @@ def make_update(program: Program, fused_cpu: bool | None = None):
   config = program.config
   ema_decay = float(config.train.ema_decay)
   if fused_cpu is None:
-    state = program.abstract_state
-    fused_cpu = adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"],
-                                      state["ema"])
+    fused_cpu = uses_fused_cpu_update(program)
 
   def update(state, grads, loss):
     grad_norm = adamw_ema_cpu.global_norm(grads) if fused_cpu else optax.tree.norm(grads)
