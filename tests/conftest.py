@@ -5,14 +5,20 @@ import subprocess
 import sys
 import tempfile
 
-# XLA CPU aborts the process when a collective's threads have not all met within its timeout; 8
-# fake devices beside another test worker on 2 cores can take longer (a context-parallel test
-# aborted in a clean-clone CI run).
+FAKE_DEVICES = 8
+# XLA CPU aborts the process when a collective's threads have not all met within its timeout.
 PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=900 "
                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
+    os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={FAKE_DEVICES}",
     PATIENT_COLLECTIVES]))
+# XLA CPU runs the fake devices' programs on one thread pool of max(cores, devices) threads. A
+# collective blocks its thread until every device arrives, and independent collectives (an
+# all-to-all beside a while loop that permutes) may start in different orders on different
+# devices: with one thread per device, every thread can end up waiting on a device that waits
+# for it. That deadlock hung a context-parallel test in CI; spare threads let each device run its
+# other collective. The pool size is read when jax's CPU client starts, so it is set here.
+os.environ.setdefault("PJRT_NPROC", str(max(4 * FAKE_DEVICES, os.cpu_count() or 1)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests (and the training subprocesses they start) compile the same tiny programs many times.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jova_jax_xla_cache"))
