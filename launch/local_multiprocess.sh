@@ -10,8 +10,9 @@
 #       read by jova_jax/parallel/mesh.py initialize_distributed (--distributed=env, gloo on CPU)
 #   JAX_PLATFORMS=cpu
 #   XLA_FLAGS=--xla_force_host_platform_device_count=K    K fake devices per process
-#   PJRT_NPROC=max(4K, cores)  XLA CPU's thread pool: one thread per fake device can deadlock
-#       collectives that start in different orders on different devices (tests/conftest.py)
+#   PJRT_NPROC=max(2K+1, cores)  XLA CPU's thread pool: one thread per fake device can deadlock
+#       collectives that start in different orders on different devices; more than needed spin
+#       (tests/conftest.py)
 #   JAX_COMPILATION_CACHE_DIR                              persistent compilation cache
 # Environment knobs: DEVICES_PER_PROCESS (K, default 4), PORT (default: a free port),
 # LOG_DIR (default: a temp dir; process i writes LOG_DIR/process_i.log, process 0 also to stdout),
@@ -36,7 +37,7 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jova_
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices}"
 cores=$(nproc)
-export PJRT_NPROC=${PJRT_NPROC:-$(( 4 * devices > cores ? 4 * devices : cores ))}
+export PJRT_NPROC=${PJRT_NPROC:-$(( 2 * devices + 1 > cores ? 2 * devices + 1 : cores ))}
 export JOVA_COORDINATOR="127.0.0.1:${port}" JOVA_NUM_PROCESSES="${num_processes}"
 
 pids=()      # live process ids
