@@ -11,8 +11,8 @@
 #   JAX_PLATFORMS=cpu
 #   XLA_FLAGS=--xla_force_host_platform_device_count=K    K fake devices per process
 #   PJRT_NPROC=max(2K+1, cores)  XLA CPU's thread pool: one thread per fake device can deadlock
-#       collectives that start in different orders on different devices; more than needed spin
-#       (tests/conftest.py)
+#       collectives that start in different orders on different devices; no more, as idle pool
+#       threads spin (the same rule as tests/conftest.py)
 #   JAX_COMPILATION_CACHE_DIR                              persistent compilation cache
 # Environment knobs: DEVICES_PER_PROCESS (K, default 4), PORT (default: a free port),
 # LOG_DIR (default: a temp dir; process i writes LOG_DIR/process_i.log, process 0 also to stdout),

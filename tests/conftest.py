@@ -16,12 +16,12 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [
 # collective blocks its thread until every device arrives, and independent collectives (an
 # all-to-all beside a while loop that permutes) may start in different orders on different
 # devices: with one thread per device, every thread can end up waiting on a device that waits
-# for it. That deadlock hung a context-parallel test in CI. Two threads per device (our programs
-# have at most two collectives in flight per device) and one spare let each device start its
-# other collective. Not more: idle pool threads spin, and at 4 per device the multi-device tests
-# ran 5x slower on 2 cores (docs/design.md). Read when jax's CPU client starts, so set here.
-XLA_POOL_THREADS = max(2 * FAKE_DEVICES + 1, os.cpu_count() or 1)
-os.environ.setdefault("PJRT_NPROC", str(XLA_POOL_THREADS))
+# for it. That deadlock hung a context-parallel test in CI, with two collectives in flight per
+# device. Two threads per device and one spare let each device start its other collective. Not
+# more: idle pool threads spin, and at 4 per device the multi-device tests ran 5x slower on 2
+# cores (docs/design.md). Read when jax's CPU client starts, so set here (and in the launcher,
+# launch/local_multiprocess.sh, for its processes).
+os.environ.setdefault("PJRT_NPROC", str(max(2 * FAKE_DEVICES + 1, os.cpu_count() or 1)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests (and the training subprocesses they start) compile the same tiny programs many times.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jova_jax_xla_cache"))
