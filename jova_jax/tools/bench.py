@@ -12,6 +12,7 @@ peak where the device is known), so MFU is meaningful on any backend.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 
 import jax
@@ -21,7 +22,7 @@ from jova_jax import config_lib
 from jova_jax.data.synthetic import SyntheticIterator
 from jova_jax.model import summary
 from jova_jax.parallel import mesh as mesh_lib
-from jova_jax.tools import plan
+from jova_jax.tools import plan, step_trace
 from jova_jax.training import objective, perf, state as train_state, steps as train_steps
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,9 @@ def bench_train(config, opts: Options = Options()) -> None:
       print(f"profiler trace written to {opts.profile} (tensorboard --logdir={opts.profile})")
   _report(config, program.spec, seconds["step"], "train step")
   if opts.breakdown:
-    _print_breakdown(program.spec, seconds, params_bytes)
+    with tempfile.TemporaryDirectory() as trace_dir:
+      profile = step_trace.profile_step(step, fns["step"], opts.steps, trace_dir)
+    _print_breakdown(program.spec, seconds, profile, params_bytes)
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
@@ -191,31 +194,50 @@ def _step_parts(config, program, batch) -> dict:
   return parts
 
 
-def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, params_bytes: int) -> None:
-  """Forward, forward+backward and the update tail are timed apart; backward = (forward+backward)
-  - forward; the rest of the step (what the whole step costs beyond its parts) by difference.
+def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, profile: step_trace.StepProfile,
+                     params_bytes: int) -> None:
+  """Two views of one step. Alone: forward, forward+backward and the update tail timed as
+  programs of their own, backward = (forward+backward) - forward, with GFLOP/s. In step: the
+  compiled step's own profile (tools/step_trace), each part the wall time its ops run, as a
+  share of the profiled step; what an update costs the step is this column's.
   The update's floor: the least memory traffic of any AdamW+EMA update at the copy's rate."""
   forward_flops = summary.forward_flops(spec.model, spec.batch_size)
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
   update = seconds["optimizer+EMA"]
   floor = UPDATE_MIN_PASSES / 2 * seconds["params copy"]
-  rows = [("forward", fwd, forward_flops), ("backward", grad - fwd, 2 * forward_flops),
-          ("optimizer+EMA", update, None), ("rest", step - grad - update, None),
-          ("step", step, 3 * forward_flops), ("update floor", floor, None)]
+  in_step = profile.seconds
+  traced_step = in_step["step"]
+  rows = [("forward", fwd, forward_flops, in_step[step_trace.FORWARD]),
+          ("backward", grad - fwd, 2 * forward_flops, in_step[step_trace.BACKWARD]),
+          ("optimizer+EMA", update, None, in_step[step_trace.UPDATE])]
   if XLA_UPDATE in seconds:  # beside the fused kernel: what the step's update would cost without
-    rows.insert(3, (XLA_UPDATE, seconds[XLA_UPDATE], None))
-  print(f"{'part':<14} {'ms':>8} {'% step':>7} {'GFLOP/s':>8}")
-  for name, t, flops in rows:
-    rate = f"{flops / t / 1e9:8.1f}" if flops and t > 0 else f"{'-':>8}"
-    print(f"{name:<14} {t * 1e3:8.1f} {100 * t / step:7.1f} {rate}")
-  print(f"backward / forward = {(grad - fwd) / fwd:.2f}")
+    rows.append((XLA_UPDATE, seconds[XLA_UPDATE], None, None))
+  rows += [("XLA's own ops", None, None, in_step[step_trace.OTHER]),
+           ("no op running", None, None, traced_step - in_step["ops"]),
+           ("step", step, 3 * forward_flops, traced_step), ("update floor", floor, None, None)]
+  print(f"{'part':<14} {'alone ms':>9} {'% step':>7} {'GFLOP/s':>8} {'in step ms':>11} "
+        f"{'% step':>7}")
+  for name, alone, flops, traced in rows:
+    rate = f"{flops / alone / 1e9:8.1f}" if flops and alone else f"{'-':>8}"
+    alone_cols = (f"{alone * 1e3:9.1f} {100 * alone / step:7.1f}" if alone is not None
+                  else f"{'-':>9} {'-':>7}")
+    traced_cols = (f"{traced * 1e3:11.1f} {100 * traced / traced_step:7.1f}"
+                   if traced is not None else f"{'-':>11} {'-':>7}")
+    print(f"{name:<14} {alone_cols} {rate} {traced_cols}")
+  print("in step: medians of the profiled steps; a part is the wall time any of its ops runs "
+        "(parts that overlap on two threads count in both). The ops that ran longest:")
+  for op_seconds, name, op_name in profile.heaviest:
+    print(f"  {op_seconds * 1e3:7.1f} ms {step_trace.phase_of(op_name):<13} {name:<28} "
+          f"{op_name or '(XLA)'}")
+  print(f"backward / forward = {(grad - fwd) / fwd:.2f} alone, "
+        f"{in_step[step_trace.BACKWARD] / in_step[step_trace.FORWARD]:.2f} in step")
   print(f"update floor: {UPDATE_MIN_PASSES} passes over the params' "
         f"{params_bytes / 2**20:.1f} MiB per device at the rate of a copy timed alongside "
         f"({2 * params_bytes / seconds['params copy'] / 1e9:.1f} GB/s); optimizer+EMA = "
-        f"{update / floor:.2f}x its floor")
+        f"{update / floor:.2f}x its floor alone, {in_step[step_trace.UPDATE] / floor:.2f}x in step")
   if XLA_UPDATE in seconds:
     print(f"optimizer+EMA is the fused CPU kernel (kernels/adamw_ema_cpu); XLA's update "
-          f"{seconds[XLA_UPDATE] * 1e3:.1f} ms, {seconds[XLA_UPDATE] / floor:.2f}x the floor")
+          f"{seconds[XLA_UPDATE] * 1e3:.1f} ms alone, {seconds[XLA_UPDATE] / floor:.2f}x the floor")
 
 
 def bench_sample(config, opts: Options = Options()) -> None:

@@ -42,6 +42,11 @@ def uses_fused_cpu_update(program: Program) -> bool:
   return adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"], state["ema"])
 
 
+# The update's ops carry this in their op_name, so a profile of the step can tell them apart
+# (tools/step_trace).
+UPDATE_SCOPE = "optimizer_ema"
+
+
 def make_update(program: Program, fused_cpu: bool | None = None):
   """update(state, grads, loss) -> (state, metrics): clipping, AdamW, EMA and the counters; a
   non-finite loss or gradient changes nothing but the counters. The train step's tail, apart so
@@ -53,21 +58,22 @@ def make_update(program: Program, fused_cpu: bool | None = None):
     fused_cpu = uses_fused_cpu_update(program)
 
   def update(state, grads, loss):
-    grad_norm = adamw_ema_cpu.global_norm(grads) if fused_cpu else optax.tree.norm(grads)
-    # Finite loss and gradients give finite AdamW updates (no reduction over the updates).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # EMA warm-up: early on the average must not stay anchored to the random init.
-    step_f = state["step"].astype(jnp.float32)
-    decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
-    params, opt_state, ema = optim.adamw_ema_update(
-        config, state["opt_state"], state["params"], state["ema"], grads, grad_norm, finite,
-        decay, fused_cpu)
-    nonfinite = jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)
-    new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1,
-                     nonfinite=nonfinite)
-    # The lr this update applied (optax counts only the applied steps, not the skipped ones).
-    return new_state, {"grad_norm": grad_norm, "nonfinite": nonfinite,
-                       "lr": optim.applied_learning_rate(config, state["opt_state"])}
+    with jax.named_scope(UPDATE_SCOPE):
+      grad_norm = adamw_ema_cpu.global_norm(grads) if fused_cpu else optax.tree.norm(grads)
+      # Finite loss and gradients give finite AdamW updates (no reduction over the updates).
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # EMA warm-up: early on the average must not stay anchored to the random init.
+      step_f = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+      params, opt_state, ema = optim.adamw_ema_update(
+          config, state["opt_state"], state["params"], state["ema"], grads, grad_norm, finite,
+          decay, fused_cpu)
+      nonfinite = jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32)
+      new_state = dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1,
+                       nonfinite=nonfinite)
+      # The lr this update applied (optax counts only the applied steps, not the skipped ones).
+      return new_state, {"grad_norm": grad_norm, "nonfinite": nonfinite,
+                         "lr": optim.applied_learning_rate(config, state["opt_state"])}
 
   return update
 
