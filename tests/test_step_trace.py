@@ -33,11 +33,11 @@ def _toy_step():
 
 def test_instructions_of_a_compiled_step_get_their_part():
   compiled, _ = _toy_step()
-  op_names = step_trace.instruction_op_names(compiled.as_text())
+  text = compiled.as_text()
+  op_names = step_trace.instruction_op_names(text)
   phases = {step_trace.phase_of(op_name) for op_name in op_names.values()}
   assert {step_trace.FORWARD, step_trace.BACKWARD, step_trace.UPDATE} <= phases
   # The loop holds update ops; it is a container, so it is not timed as one op itself.
-  text = compiled.as_text()
   loops = [line.split("=")[0].split()[-1].lstrip("%") for line in text.splitlines()
            if " while(" in line]
   assert loops and not set(loops) & set(op_names)

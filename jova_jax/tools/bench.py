@@ -225,7 +225,7 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, profile: step_trac
                    if traced is not None else f"{'-':>11} {'-':>7}")
     print(f"{name:<14} {alone_cols} {rate} {traced_cols}")
   print("in step: medians of the profiled steps; a part is the wall time any of its ops runs "
-        "(parts that overlap on two threads count in both). The ops that ran longest:")
+        "(parts whose ops overlap on different threads count in both). The ops that ran longest:")
   for op_seconds, name, op_name in profile.heaviest:
     print(f"  {op_seconds * 1e3:7.1f} ms {step_trace.phase_of(op_name):<13} {name:<28} "
           f"{op_name or '(XLA)'}")
