@@ -46,16 +46,24 @@ def test_peer_flops_by_hand():
   assert wan_peer.peer_forward_flops(longer) > wan_peer.peer_forward_flops(p)
 
 
+def test_step_ratios_pair_the_rounds():
+  """A slow round slows both sides: its ratio is taken within the round, not across medians."""
+  times = {"ours step": [1.0, 3.0, 1.2], "compiled step": [2.0, 6.0, 1.0]}
+  assert wan_peer.step_ratios(times, "compiled") == pytest.approx([0.5, 0.5, 1.2])
+
+
 def test_one_round_of_both_steps():
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")
   config = load("tiny")
-  sizes, peer, seconds = wan_peer.measure(config, rounds=1, compiled=False)
+  sizes, peer, times = wan_peer.measure(config, rounds=1, compiled=False)
   counted = wan_peer.counted_forward_flops(peer)
   assert counted == pytest.approx(wan_peer.peer_forward_flops(sizes), rel=1e-6)
   assert {"ours step", "eager step", "eager forward+backward", "peer clip+AdamW",
-          "peer EMA"} <= set(seconds)
-  assert all(t > 0 for t in seconds.values())
-  report = wan_peer.format_report(config, sizes, peer, seconds, counted)
-  assert "ours / peer eager: step time" in report
+          "peer EMA"} <= set(times)
+  assert all(len(t) == 1 and t[0] > 0 for t in times.values())
+  report = wan_peer.format_report(config, sizes, peer, times, counted)
+  ratio = times["ours step"][0] / times["eager step"][0]
+  assert f"ours / peer eager: step time {ratio:.2f}x" in report
+  assert f"round by round {ratio:.2f}x (range {ratio:.2f}-{ratio:.2f} over 1 rounds)" in report
   assert "compiled" not in report

@@ -12,6 +12,7 @@ peak where the device is known), so MFU is meaningful on any backend.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
 import time
 
@@ -33,18 +34,24 @@ class Options:
   profile: str | None = None  # train: a jax.profiler trace of the timed steps goes here
 
 
-def _timed_interleaved(fns: dict, steps: int) -> dict:
-  """Median seconds per call of each fn, after one warm-up call each (compilation). The fns
-  take turns every round, so a machine busy with other work slows them all alike."""
+def round_times(fns: dict, rounds: int) -> dict:
+  """Seconds per call of each fn in each round, after one warm-up call each (compilation). The
+  fns take turns every round, so a machine busy with other work slows them all alike, and
+  ratios taken within a round compare calls that met the same load."""
   for fn in fns.values():
     jax.block_until_ready(fn())
   times = {name: [] for name in fns}
-  for _ in range(steps):
+  for _ in range(rounds):
     for name, fn in fns.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+  return times
+
+
+def _timed_interleaved(fns: dict, steps: int) -> dict:
+  """Median seconds per call of each fn over `steps` interleaved rounds (round_times)."""
+  return {name: statistics.median(t) for name, t in round_times(fns, steps).items()}
 
 
 def _timed(fn, steps: int) -> float:

@@ -9,8 +9,9 @@ height and width, and its frame count and text length are chosen so its tokens p
 (video + text) and its FLOPs per step are those of ours (match_sizes: within 2% each on the
 demo). One peer step = forward + MSE loss + backward + global-norm clipping + AdamW (fused)
 + EMA, float32, torch on 2 threads; ours is `bench train`'s compiled step (it has an EMA).
-Every part of both sides takes turns each round (bench._timed_interleaved: medians after a
-warm-up), so a machine busy with other work slows them all alike. FLOPs are analytic on both
+Every part of both sides takes turns each round (bench.round_times, after a warm-up), so a
+machine busy with other work slows them all alike; the table gives medians, and each verdict
+line also the step ratio taken round by round, whose range shows the noise. FLOPs are analytic on both
 sides (model/summary.py and peer_forward_flops; backward = 2x forward); the peer's are checked
 against torch's FlopCounterMode. Needs torch and diffusers (requirements-dev.txt); the size
 matching (match_sizes, peer_forward_flops) does not.
@@ -21,6 +22,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import statistics
 
 import jax
 from absl import app, flags
@@ -217,7 +219,7 @@ def ours_fns(config) -> dict:
 
 
 def measure(config, rounds: int, compiled: bool) -> tuple[PeerSizes, Peer, dict]:
-  """(peer sizes, peer, {name: median seconds}) with every part of both sides interleaved."""
+  """(peer sizes, peer, {name: seconds of each round}) with every part of both sides interleaved."""
   torch.set_num_threads(THREADS)
   sizes = match_sizes(config)
   peer = build_peer(sizes, config)
@@ -229,7 +231,7 @@ def measure(config, rounds: int, compiled: bool) -> tuple[PeerSizes, Peer, dict]
   fns["peer EMA"] = lambda: ema_update(peer)
   for fn in fns.values():  # a second warm-up: torch.compile may recompile on its second call
     jax.block_until_ready(fn())
-  return sizes, peer, bench._timed_interleaved(fns, rounds)
+  return sizes, peer, bench.round_times(fns, rounds)
 
 
 def rows(spec: config_lib.RunSpec, sizes: PeerSizes, seconds: dict) -> list:
@@ -256,8 +258,16 @@ def rows(spec: config_lib.RunSpec, sizes: PeerSizes, seconds: dict) -> list:
   return out
 
 
-def format_report(config, sizes: PeerSizes, peer: Peer, seconds: dict, counted: float) -> str:
+def step_ratios(times: dict, side: str) -> list[float]:
+  """Our step time over the peer side's, round by round: both met the same load in a round, so
+  their spread shows what the machine's noise does to the verdict."""
+  return [ours / theirs for ours, theirs in zip(times["ours step"], times[f"{side} step"])]
+
+
+def format_report(config, sizes: PeerSizes, peer: Peer, times: dict, counted: float) -> str:
+  """The table of medians, then each peer side's step ratio: of the medians, and round by round."""
   import diffusers
+  seconds = {name: statistics.median(t) for name, t in times.items()}
   spec = config_lib.run_spec(config)
   s, batch = spec.shapes, spec.batch_size
   ours, theirs = summary.train_step_flops(spec.model, batch), 3 * peer_forward_flops(sizes, batch)
@@ -287,8 +297,11 @@ def format_report(config, sizes: PeerSizes, peer: Peer, seconds: dict, counted: 
   for side in ("eager", "compiled"):
     if f"{side} step" in seconds:
       r = seconds["ours step"] / seconds[f"{side} step"]
+      paired = step_ratios(times, side)
       lines.append(f"ours / peer {side}: step time {r:.2f}x, FLOP rate "
-                   f"{ours / seconds['ours step'] / (theirs / seconds[f'{side} step']):.2f}x")
+                   f"{ours / seconds['ours step'] / (theirs / seconds[f'{side} step']):.2f}x; "
+                   f"round by round {statistics.median(paired):.2f}x (range {min(paired):.2f}-"
+                   f"{max(paired):.2f} over {len(paired)} rounds)")
   return "\n".join(lines)
 
 
@@ -309,8 +322,8 @@ def main():
     if config is None:
       raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
     print(f"load average before: {os.getloadavg()}", flush=True)
-    sizes, peer, seconds = measure(config, rounds.value, compile_flag.value == "yes")
-    print(format_report(config, sizes, peer, seconds, counted_forward_flops(peer)))
+    sizes, peer, times = measure(config, rounds.value, compile_flag.value == "yes")
+    print(format_report(config, sizes, peer, times, counted_forward_flops(peer)))
     print(f"load average after: {os.getloadavg()}")
 
   cli.run(run)
