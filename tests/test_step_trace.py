@@ -43,6 +43,25 @@ def test_instructions_of_a_compiled_step_get_their_part():
   assert loops and not set(loops) & set(op_names)
 
 
+def test_instructions_get_their_kind_from_the_ops_they_hold():
+  """A matmul, a transposed copy concatenated to it, and a sine: one instruction of each kind
+  (the matmul's fusion holds a dot, the concatenation only moves values)."""
+  def f(x, w):
+    y = x @ w
+    return jnp.concatenate([y, y.T], axis=0), jnp.sin(x)
+
+  text = jax.jit(f).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+  kinds = step_trace.instruction_kinds(text)
+  op_names = step_trace.instruction_op_names(text)
+  assert set(kinds) == set(op_names)
+  start = text.index("ENTRY")
+  entry = text[start:text.index("\n}", start)]
+  kind_of_op = {op_names[name].rsplit("/", 1)[-1]: kind for name, kind in kinds.items()
+                if op_names[name].startswith("jit(f)/") and f"%{name} = " in entry}
+  assert kind_of_op == {"dot_general": step_trace.MATMUL, "concatenate": step_trace.LAYOUT,
+                        "sin": step_trace.ELEMENTWISE}, kind_of_op
+
+
 def test_a_profiled_step_splits_into_its_parts(tmp_path):
   compiled, args = _toy_step()
   holder = {"args": args}
@@ -63,3 +82,8 @@ def test_a_profiled_step_splits_into_its_parts(tmp_path):
   heaviest_seconds, _, heaviest_op_name = profile.heaviest[0]
   assert heaviest_seconds > 0.1 * seconds["step"], profile.heaviest
   assert heaviest_op_name.endswith(("sin", "dot_general")), profile.heaviest
+  # By kind: the matmuls and the loop's sines carry the op time; nothing is left unclassified.
+  kinds = profile.kinds
+  assert set(kinds) == set(step_trace.KINDS), kinds
+  assert kinds[step_trace.MATMUL] > 0 and kinds[step_trace.ELEMENTWISE] > 0, kinds
+  assert kinds[step_trace.MATMUL] + kinds[step_trace.ELEMENTWISE] > 0.5 * sum(kinds.values()), kinds

@@ -236,6 +236,11 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, profile: step_trac
   for op_seconds, name, op_name in profile.heaviest:
     print(f"  {op_seconds * 1e3:7.1f} ms {step_trace.phase_of(op_name):<13} {name:<28} "
           f"{op_name or '(XLA)'}")
+  op_time = sum(profile.kinds.values())
+  print("in step, op time by kind (summed over the ops, so ops side by side count twice, and with "
+        "several pool threads an op's time includes its waits; PJRT_NPROC=1 runs one thread):")
+  for kind, kind_seconds in profile.kinds.items():
+    print(f"  {kind:<23} {kind_seconds * 1e3:8.1f} ms {100 * kind_seconds / op_time:5.1f}%")
   print(f"backward / forward = {(grad - fwd) / fwd:.2f} alone, "
         f"{in_step[step_trace.BACKWARD] / in_step[step_trace.FORWARD]:.2f} in step")
   print(f"update floor: {UPDATE_MIN_PASSES} passes over the params' "

@@ -7,7 +7,8 @@ jax.profiler and every op event of the trace is tied, by its HLO instruction's n
 op_name jax recorded for it: ops under `steps.UPDATE_SCOPE` are the optimizer+EMA update,
 ops of a transposed jvp the backward, the rest of the loss the forward. A phase's time is the
 wall time during which at least one of its ops runs, on any thread, so ops that run side by
-side on two threads count once.
+side on two threads count once. Op times are also summed by kind (matmuls, layout, elementwise,
+custom calls), read from the ops each instruction holds.
 
 Tested on XLA CPU, whose thunk events carry the instruction names; a backend whose trace
 names ops otherwise finds no ops, which `read_profile` reports as an error.
@@ -27,6 +28,16 @@ from jova_jax.training import steps as train_steps
 
 FORWARD, BACKWARD, UPDATE, OTHER = "forward", "backward", "optimizer+EMA", "other"
 PHASES = (FORWARD, BACKWARD, UPDATE, OTHER)
+# What an instruction does, from the ops it holds (a fusion: its fused computation's).
+MATMUL, LAYOUT, ELEMENTWISE, CUSTOM_CALL = ("matmuls", "layout", "elementwise+reductions",
+                                            "custom calls")
+KINDS = (MATMUL, LAYOUT, ELEMENTWISE, CUSTOM_CALL)
+# Ops that only move or replicate values: a fusion of nothing else is layout work.
+_LAYOUT_OPS = {"parameter", "constant", "bitcast", "copy", "transpose", "reshape", "broadcast",
+               "concatenate", "pad", "slice", "dynamic-slice", "dynamic-update-slice", "reverse",
+               "tuple", "get-tuple-element"}
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 # `%name = <shape> opcode(operands), ..., metadata={op_name="..." ...}`; the first `word(` after
 # the `=` is the opcode (a shape never has one).
@@ -52,21 +63,51 @@ def phase_of(op_name: str) -> str:
   return OTHER  # XLA's own instructions (copies it inserts) carry no jax op_name
 
 
+def _instructions(hlo_text: str):
+  """(computation, instruction, opcode, rest of its line) for every instruction of the text."""
+  computation = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    opcode = _OPCODE.search(match.group(2)) if match else None
+    if opcode:
+      yield computation, match.group(1), opcode.group(1), match.group(2)
+
+
 def instruction_op_names(hlo_text: str) -> dict[str, str]:
   """HLO instruction name -> the op_name jax gave it ("" for XLA's own), for every instruction
   of the compiled module's text but the containers."""
   op_names = {}
-  for line in hlo_text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, rest = match.groups()
-    opcode = _OPCODE.search(rest)
-    if opcode and opcode.group(1) in _CONTAINERS:
-      continue
-    op_name = _OP_NAME.search(rest)
-    op_names[name] = op_name.group(1) if op_name else ""
+  for _, name, opcode, rest in _instructions(hlo_text):
+    if opcode not in _CONTAINERS:
+      op_name = _OP_NAME.search(rest)
+      op_names[name] = op_name.group(1) if op_name else ""
   return op_names
+
+
+def _kind_of(opcodes: set[str]) -> str:
+  if opcodes & {"dot", "convolution"}:
+    return MATMUL  # with whatever XLA fused around the product
+  if "custom-call" in opcodes:
+    return CUSTOM_CALL
+  return LAYOUT if opcodes <= _LAYOUT_OPS else ELEMENTWISE
+
+
+def instruction_kinds(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its kind (KINDS), for the instructions instruction_op_names lists:
+  a fusion by the opcodes of the computation it calls, any other by its own opcode."""
+  opcodes, held = collections.defaultdict(set), {}
+  for computation, name, opcode, rest in _instructions(hlo_text):
+    opcodes[computation].add(opcode)
+    if opcode not in _CONTAINERS:
+      called = _CALLS.search(rest)
+      held[name] = called.group(1) if called else {opcode}
+  # Every computation is read before a fusion's is looked up: the text may list it later.
+  return {name: _kind_of(ops if isinstance(ops, set) else opcodes[ops])
+          for name, ops in held.items()}
 
 
 def _union_seconds(intervals: list[tuple[int, int]]) -> float:
@@ -105,12 +146,16 @@ def _in_window(spans: list[tuple[int, int]], window: tuple[int, int]) -> list[tu
 @dataclasses.dataclass(frozen=True)
 class StepProfile:
   """Medians over the profiled steps, in seconds: "step", "ops" (some op running) and each phase;
-  and the instructions that ran longest, as (seconds per step, instruction, op_name)."""
+  the instructions that ran longest, as (seconds per step, instruction, op_name); and per kind
+  (KINDS) the seconds per step its instructions ran, summed over them (ops side by side on two
+  threads both count, and an op's time includes any wait for a pool thread)."""
   seconds: dict[str, float]
   heaviest: list[tuple[float, str, str]]
+  kinds: dict[str, float]
 
 
-def read_profile(trace_file: str, op_names: dict[str, str], top: int = 10) -> StepProfile:
+def read_profile(trace_file: str, op_names: dict[str, str], kinds: dict[str, str],
+                 top: int = 10) -> StepProfile:
   windows, launches, completions = [], collections.defaultdict(list), collections.defaultdict(list)
   for plane in jax.profiler.ProfileData.from_file(trace_file).planes:
     for line in plane.lines:
@@ -140,12 +185,16 @@ def read_profile(trace_file: str, op_names: dict[str, str], top: int = 10) -> St
   medians = {key: statistics.median(step[key] for step in per_step) for key in per_step[0]}
   per_op = sorted(((sum(stop - start for start, stop in s) / 1e9 / len(windows), name,
                     op_names[name]) for name, s in spans.items()), reverse=True)
-  return StepProfile(medians, per_op[:top])
+  by_kind = dict.fromkeys(KINDS, 0.0)
+  for seconds, name, _ in per_op:
+    by_kind[kinds[name]] += seconds
+  return StepProfile(medians, per_op[:top], by_kind)
 
 
 def profile_step(compiled, run, steps: int, trace_dir: str) -> StepProfile:
   """Profiles `steps` calls of `run` (one call of `compiled`, blocked on) under jax.profiler."""
-  op_names = instruction_op_names(compiled.as_text())
+  hlo_text = compiled.as_text()
+  op_names = instruction_op_names(hlo_text)
   jax.block_until_ready(run())  # warm: no first-call costs in the trace
   jax.profiler.start_trace(trace_dir)
   try:
@@ -156,4 +205,4 @@ def profile_step(compiled, run, steps: int, trace_dir: str) -> StepProfile:
     jax.profiler.stop_trace()
   trace_file = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
                    key=os.path.getmtime)
-  return read_profile(trace_file, op_names)
+  return read_profile(trace_file, op_names, instruction_kinds(hlo_text))
