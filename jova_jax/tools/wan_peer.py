@@ -11,10 +11,10 @@ demo). One peer step = forward + MSE loss + backward + global-norm clipping + Ad
 + EMA, float32, torch on 2 threads; ours is `bench train`'s compiled step (it has an EMA).
 Every part of both sides takes turns each round (bench.round_times, after a warm-up), so a
 machine busy with other work slows them all alike; the table gives medians, and each verdict
-line also the step ratio taken round by round, whose range shows the noise. FLOPs are analytic on both
-sides (model/summary.py and peer_forward_flops; backward = 2x forward); the peer's are checked
-against torch's FlopCounterMode. Needs torch and diffusers (requirements-dev.txt); the size
-matching (match_sizes, peer_forward_flops) does not.
+line also the step ratio taken round by round, whose range shows the noise. FLOPs are
+analytic on both sides (model/summary.py and peer_forward_flops; backward = 2x forward); the
+peer's are checked against torch's FlopCounterMode. Needs torch and diffusers
+(requirements-dev.txt); the size matching (match_sizes, peer_forward_flops) does not.
 """
 from __future__ import annotations
 
