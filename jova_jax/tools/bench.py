@@ -49,9 +49,14 @@ def round_times(fns: dict, rounds: int) -> dict:
   return times
 
 
+def medians(times: dict) -> dict:
+  """{name: median} of round_times' {name: seconds of each round}."""
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _timed_interleaved(fns: dict, steps: int) -> dict:
   """Median seconds per call of each fn over `steps` interleaved rounds (round_times)."""
-  return {name: statistics.median(t) for name, t in round_times(fns, steps).items()}
+  return medians(round_times(fns, steps))
 
 
 def _timed(fn, steps: int) -> float:

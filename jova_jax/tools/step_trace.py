@@ -186,8 +186,8 @@ def read_profile(trace_file: str, op_names: dict[str, str], kinds: dict[str, str
   per_op = sorted(((sum(stop - start for start, stop in s) / 1e9 / len(windows), name,
                     op_names[name]) for name, s in spans.items()), reverse=True)
   by_kind = dict.fromkeys(KINDS, 0.0)
-  for seconds, name, _ in per_op:
-    by_kind[kinds[name]] += seconds
+  for op_seconds, name, _ in per_op:
+    by_kind[kinds[name]] += op_seconds
   return StepProfile(medians, per_op[:top], by_kind)
 
 

@@ -267,7 +267,7 @@ def step_ratios(times: dict, side: str) -> list[float]:
 def format_report(config, sizes: PeerSizes, peer: Peer, times: dict, counted: float) -> str:
   """The table of medians, then each peer side's step ratio: of the medians, and round by round."""
   import diffusers
-  seconds = {name: statistics.median(t) for name, t in times.items()}
+  seconds = bench.medians(times)
   spec = config_lib.run_spec(config)
   s, batch = spec.shapes, spec.batch_size
   ours, theirs = summary.train_step_flops(spec.model, batch), 3 * peer_forward_flops(sizes, batch)
