@@ -165,7 +165,7 @@ def get_config():
   ))
   c.parallel = ml_collections.ConfigDict(dict(
       context_strategy="none",  # 'none' | 'all_gather' | 'ulysses' | 'ring'
-      attention_kernel="auto",  # 'auto' | 'xla' | 'chunked' | 'cudnn' | 'splash'
+      attention_kernel="auto",  # 'auto' | 'xla' | 'chunked' | 'cudnn' | 'splash' | 'cpu'
       attention_chunk=512,      # query/key block for the chunked and ring kernels
   ))
 

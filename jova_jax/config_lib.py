@@ -209,7 +209,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "data.source": ("tfds", "synthetic"),
     "train.schedule": ("cosine", "constant"),
     "parallel.context_strategy": ("none", "all_gather", "ulysses", "ring"),
-    "parallel.attention_kernel": ("auto", "xla", "chunked", "cudnn", "splash"),
+    "parallel.attention_kernel": ("auto", "xla", "chunked", "cudnn", "splash", "cpu"),
     "sample.solver": ("euler", "unipc"),
     "model.param_dtype": _DTYPE_NAMES,
     "model.compute_dtype": _DTYPE_NAMES,

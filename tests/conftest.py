@@ -47,6 +47,15 @@ def load(name):
   return config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"))
 
 
+def without_a_compiler(code: str, tmp_path) -> subprocess.CompletedProcess:
+  """Runs `code` in a fresh Python where the C++ compiler is missing and no kernel is cached
+  (kernels/cpu_build.py), capturing its output."""
+  env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), JOVA_JAX_CACHE_DIR=str(tmp_path),
+             PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
 def truncate_array_files(step_dir) -> list[str]:
   """Cuts every array data file of a checkpoint step (Orbax OCDBT: state/ocdbt.process_*/d/*)
   to half its size, as a disk filling up mid-write would; returns their paths."""

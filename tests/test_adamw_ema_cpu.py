@@ -1,8 +1,5 @@
 """The fused CPU update (kernels/adamw_ema_cpu): equal to XLA's update (the optax reference is
 in test_optim.py), used by one-device CPU train steps only, and a missing compiler falls back."""
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +10,7 @@ import pytest
 from jova_jax.kernels import adamw_ema_cpu
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.training import optim, state as train_state, steps as train_steps
-from tests.conftest import REPO, load
+from tests.conftest import load, without_a_compiler
 
 
 def _tree(key, sizes):
@@ -84,10 +81,7 @@ def test_a_sharded_or_non_float32_state_keeps_xlas_update():
 def test_without_a_compiler_the_update_stays_xlas_and_says_why(tmp_path):
   code = ("import jax; from jova_jax.kernels import adamw_ema_cpu as k; "
           "print('available', k.available())")
-  env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), JOVA_JAX_CACHE_DIR=str(tmp_path),
-             PYTHONPATH=REPO)
-  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = without_a_compiler(code, tmp_path)
   assert "available False" in done.stdout, done.stderr
   assert "fused CPU update unavailable, using XLA's update" in done.stderr
   assert "no-such-c++" in done.stderr

@@ -57,7 +57,7 @@ MESHES = {"ctx2_fsdp2_tp2": ((1, 2, 2, 2), 4), "ctx4_data2_batch3": ((2, 1, 4, 1
 COLLECTIVE = {"all_gather": "all_gather", "ulysses": "all_to_all", "ring": "collective_permute"}
 
 
-@pytest.mark.parametrize("kernel", ["xla", "chunked"])
+@pytest.mark.parametrize("kernel", ["xla", "chunked", "cpu"])
 @pytest.mark.parametrize("strategy", ["all_gather", "ulysses", "ring"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_strategy_matches_reference(mesh_name, strategy, kernel):
@@ -80,8 +80,9 @@ def test_chunked_backward_in_bfloat16(strategy):
   assert_matches_reference(fn, inputs, make_mesh((1, 2, 4, 1)), atol=0.02)  # ~2 bfloat16 ulps at |x| <= 1.7
 
 
-def test_none_strategy_under_mesh_matches_reference():
-  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="none", kernel="xla")
+@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+def test_none_strategy_under_mesh_matches_reference(kernel):
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="none", kernel=kernel)
   assert_matches_reference(fn, make_inputs(), make_mesh((1, 2, 2, 2)))
 
 

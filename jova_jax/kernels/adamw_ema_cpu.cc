@@ -8,15 +8,11 @@
 // -ffp-contract=off so no multiply-add is fused: tests/test_adamw_ema_cpu.py holds the two
 // equal.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,36 +36,6 @@ std::vector<Chunk> Chunks(const std::vector<int64_t>& sizes) {
   return chunks;
 }
 
-// Runs work(i) for every i in [0, n) on the calling thread and XLA's intra-op threads. Work is
-// claimed from a shared counter, so the caller finishes alone when no pool thread comes free:
-// it never waits on a task that has not started.
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> work) {
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t n = 0;
-    std::function<void(int64_t)> work;
-    std::mutex mutex;
-    std::condition_variable all_done;
-  };
-  auto shared = std::make_shared<Shared>();  // outlives this call if a helper starts late
-  shared->n = n;
-  shared->work = std::move(work);
-  auto run = [shared] {
-    for (int64_t i; (i = shared->next.fetch_add(1)) < shared->n;) {
-      shared->work(i);
-      if (shared->done.fetch_add(1) + 1 == shared->n) {
-        std::lock_guard<std::mutex> lock(shared->mutex);
-        shared->all_done.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([run] { run(); });
-  run();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->all_done.wait(lock, [&] { return shared->done.load() == shared->n; });
-}
-
 // Float32 data and sizes of the first `count` args.
 ffi::Error Leaves(const ffi::RemainingArgs& args, size_t count,
                   std::vector<const float*>& data, std::vector<int64_t>& sizes) {
@@ -91,7 +57,7 @@ ffi::Error SumOfSquares(ffi::ThreadPool pool, ffi::RemainingArgs grads,
   if (auto error = Leaves(grads, grads.size(), data, sizes); error.failure()) return error;
   const std::vector<Chunk> chunks = Chunks(sizes);
   std::vector<double> partial(chunks.size());
-  ParallelFor(pool, chunks.size(), [&](int64_t c) {
+  jova::ParallelFor(pool, chunks.size(), [&](int64_t c) {
     const Chunk& chunk = chunks[c];
     const float* g = data[chunk.leaf];
     double sum = 0;  // in double: memory-bound either way; vectorized, the pragma allows the
@@ -159,7 +125,7 @@ ffi::Error AdamwEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coefficients,
   std::copy_n(coefficients.typed_data(), sizeof(Coefficients) / sizeof(float),
               reinterpret_cast<float*>(&c));
   const std::vector<Chunk> chunks = Chunks(sizes);
-  ParallelFor(pool, chunks.size(), [&](int64_t index) {
+  jova::ParallelFor(pool, chunks.size(), [&](int64_t index) {
     const Chunk& chunk = chunks[index];
     const int64_t leaf = chunk.leaf;
     UpdateRange(grads[leaf], state[0][leaf], state[1][leaf], state[2][leaf], state[3][leaf],

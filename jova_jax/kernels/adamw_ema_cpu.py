@@ -7,19 +7,14 @@ leaf's update into one loop, and a sharded program would need the custom call pa
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
 import pathlib
-import platform
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+
+from jova_jax.kernels import cpu_build
 
 SOURCE = pathlib.Path(__file__).with_name("adamw_ema_cpu.cc")
 # The order of the .cc's `Coefficients` struct.
@@ -27,64 +22,14 @@ COEFFICIENTS = ("clip", "apply", "new_weight1", "b1", "new_weight2", "b2", "corr
                 "eps", "weight_decay", "step_size", "ema_weight")
 # No fused multiply-add (the XLA expression has none); sqrt without errno so the loop vectorizes;
 # OpenMP's simd pragma only (no runtime) for the sum of squares.
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd",
-         "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = (*cpu_build.BASE_FLAGS, "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd")
 _TARGETS = {"jova_sum_of_squares": "JovaSumOfSquares", "jova_adamw_ema": "JovaAdamwEma"}
-
-
-def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("JOVA_JAX_CACHE_DIR",
-                                     pathlib.Path.home() / ".cache" / "jova_jax")) / "kernels"
-
-
-def _compiler() -> str:
-  return os.environ.get("CXX", "c++")
-
-
-def _cpu_flags() -> str:
-  """What -march=native compiles for: a library built on one CPU must not load on another."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next((line for line in f if line.startswith(("flags", "Features"))), "")
-  except OSError:
-    return ""
-
-
-def build() -> pathlib.Path:
-  """The compiled library, built once per source, jaxlib, compiler, flags and CPU."""
-  import jaxlib
-  version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True,
-                           check=True).stdout
-  key = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, version, " ".join(FLAGS),
-                                  platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
-  target = cache_dir() / f"adamw_ema_cpu-{key}.so"
-  if target.exists():
-    return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Built beside the target, then renamed: concurrent builders (test workers) never see half a file.
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    built = pathlib.Path(tmp) / target.name
-    done = subprocess.run([_compiler(), *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o",
-                           str(built)], capture_output=True, text=True)
-    if done.returncode != 0:
-      last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-      raise RuntimeError(f"{_compiler()} {SOURCE.name} exited {done.returncode}: {last}")
-    os.replace(built, target)
-  logging.info("built %s", target)
-  return target
 
 
 @functools.cache
 def available() -> bool:
   """Built and registered with XLA (once per process); False, with a warning, where not."""
-  try:
-    library = ctypes.cdll.LoadLibrary(str(build()))
-  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    logging.warning("fused CPU update unavailable, using XLA's update: %s", e)
-    return False
-  for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-  return True
+  return cpu_build.load(SOURCE, FLAGS, _TARGETS, what="fused CPU update", fallback="XLA's update")
 
 
 def applies(mesh, *trees) -> bool:

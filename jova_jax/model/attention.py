@@ -3,7 +3,8 @@
 Strategies (config parallel.context_strategy), run inside jax.shard_map with the sequence sharded
 over the 'context' mesh axis, batch over ('data', 'fsdp') and heads over 'tensor':
   none       - one local kernel over the whole sequence: the XLA kernels (xla, chunked) leave the
-               sharding to XLA; splash and cuDNN still run per batch / head shard.
+               sharding to XLA; splash, cuDNN and the C++ CPU kernel still run per batch / head
+               shard.
   all_gather - queries stay sharded; K/V and the key mask are all-gathered over 'context'.
   ulysses    - all-to-all from sequence-sharded to head-sharded, full-sequence attention on
                H/context heads, all-to-all back.
@@ -26,7 +27,7 @@ from jova_jax.parallel.rules import BATCH_AXES
 STRATEGIES = ("none", "all_gather", "ulysses", "ring")
 CONTEXT = "context"
 _HEAD_AXIS = "tensor"
-_OPAQUE_KERNELS = ("splash", "cudnn")
+_OPAQUE_KERNELS = ("splash", "cudnn", "cpu")
 
 
 def reference_attention(q, k, v, kv_valid):
@@ -55,7 +56,7 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   that may not be attended (text and sequence padding). Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
-  kernel (splash and cuDNN in a shard_map over batch and heads whenever there is a mesh). The
+  kernel (splash, cuDNN and 'cpu' in a shard_map over batch and heads whenever there is a mesh). The
   sharded strategies split L evenly over 'context' and pad each shard's part where they need
   padding, so a sequence laid out per shard (model/joint_layout.py) stays in place. The ring
   strategy folds each K/V block into its own online softmax: densely for kernel='xla', else in
@@ -81,7 +82,7 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   q, k, v, kv_valid = (_pad_sequence(x, _round_up(length, split)) for x in (q, k, v, kv_valid))
   local = _padded_shard(q.shape[1] // split, split, kernel, chunk, ring=strategy == "ring")
 
-  # Pallas and cuDNN calls have no partitioning rule: left to XLA, they would be fed whole gathered
+  # Pallas, cuDNN and FFI calls have no partitioning rule: left to XLA, they would be fed whole gathered
   # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global.
   if strategy == "none" and (mesh.empty or kernel not in _OPAQUE_KERNELS):
     out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk), local)(
@@ -146,7 +147,7 @@ def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local):
     body = functools.partial(_ulysses_body, kernel=kernel, chunk=chunk)
   else:
     body = functools.partial(_ring_body, shards=shards, kernel=kernel, chunk=chunk)
-  # Pallas and cuDNN calls cannot state how their outputs vary over mesh axes, so skip that check.
+  # Pallas, cuDNN and FFI calls cannot state how their outputs vary over mesh axes: skip that check.
   return jax.shard_map(_with_padding(body, local), mesh=mesh, in_specs=(qkv_spec,) * 3 + (valid_spec,),
                        out_specs=qkv_spec,
                        check_vma=kernel not in _OPAQUE_KERNELS)(q, k, v, kv_valid)

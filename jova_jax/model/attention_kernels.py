@@ -2,7 +2,8 @@
 
 Every kernel takes q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk) bool and returns
 (B, Lq, H, D) in q.dtype, with scale 1/sqrt(D) and the softmax accumulated in float32. Lq may differ
-from Lk (all-gather context parallelism keeps queries local).
+from Lk (all-gather context parallelism keeps queries local). The 'cpu' kernel is C++ (an XLA FFI
+custom call pair in kernels/attention_cpu.cc).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("auto", "xla", "chunked", "cudnn", "splash")
+from jova_jax.kernels import attention_cpu
+
+KERNELS = ("auto", "xla", "chunked", "cudnn", "splash", "cpu")
 # Finite, so a key block with no valid key gives exp(0) * 0 = 0 in the online softmax instead of NaN.
 MASK_VALUE = -1e30
 SPLASH_TILE = 128  # splash's kv compute block must be a multiple of the 128 TPU lanes
@@ -31,7 +34,9 @@ def resolve_kernel(kernel: str, dtype) -> str:
     return "splash"
   if backend == "gpu" and jnp.dtype(dtype) in _HALF_PRECISION:
     return "cudnn"
-  return "xla"  # CPU, or GPU in float32 where cuDNN's fused attention is unavailable
+  if attention_cpu.applies(dtype):
+    return "cpu"  # the C++ kernel, where it could be built
+  return "xla"  # GPU in float32 where cuDNN's fused attention is unavailable; CPU otherwise
 
 
 def _scores(q, k, kv_valid):
@@ -268,4 +273,6 @@ def local_attention(q, k, v, kv_valid, kernel: str, chunk: int):
     return cudnn_attention(q, k, v, kv_valid)
   if kernel == "splash":
     return splash_attention(q, k, v, kv_valid)
+  if kernel == "cpu":
+    return attention_cpu.attention(q, k, v, kv_valid)
   raise ValueError(f"parallel.attention_kernel must be one of {KERNELS}, found {kernel!r}")

@@ -1,0 +1,351 @@
+// Masked softmax attention on CPU as two XLA FFI custom calls, forward and backward
+// (jova_jax/kernels/attention_cpu.py builds, loads and calls them; model/attention_kernels.py
+// dispatches to them as the 'cpu' kernel). XLA CPU runs attention as separate dots, transposes
+// and softmax loops over B x H x L x L arrays in memory; here each (example, head) works on one
+// block of query rows at a time, whose logits stay in cache from QK^T through the softmax to PV,
+// and the backward recomputes them from the row log-sum-exp instead of reading saved
+// probabilities (docs/performance.md, "Tenth round").
+//
+// Layout: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk), all row-major float32 / bool.
+// Scale 1/sqrt(D); an invalid key's logit gets MASK_VALUE added, as the 'xla' kernel's bias does.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kQueryBlock = 64;  // rows whose logits (64 x Lk) stay in L2 between the matmuls
+constexpr float kMaskValue = -1e30f;
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VecInt __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec Splat(float x) { return Vec{} + x; }
+inline int64_t RoundUp(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// exp(x) to within 2 ulp (Cephes' expf: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2]);
+// 0 below -87.3, where float32's exp leaves the normal range.
+inline Vec Exp(Vec x) {
+  const Vec low = Splat(-87.33654f);
+  const VecInt underflow = x < low;
+  x = x < low ? low : x;
+  x = x > 88.37626f ? Splat(88.37626f) : x;
+  // Adding 1.5 * 2^23 rounds x * log2(e) to the nearest integer n, held in the low mantissa bits.
+  const Vec shifter = Splat(12582912.0f);
+  const Vec shifted = x * 1.44269504f + shifter;
+  const Vec n = shifted - shifter;
+  const Vec r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  Vec p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const VecInt exponent = ((VecInt)shifted - (VecInt)shifter + 127) << 23;
+  return (Vec)((VecInt)(p * (Vec)exponent) & ~underflow);
+}
+
+// C[m][0:16 * NV] (+)= sum_k A(m, k) * B[k][0:16 * NV] for R rows, all in registers.
+// A(m, k) = a[m * a_row + k * a_col] (either orientation), B row-major with row stride ldb.
+template <int R, int NV>
+inline void Tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                 int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Load(c + r * ldc + v * kLanes) : Vec{};
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec column[NV];
+    for (int v = 0; v < NV; ++v) column[v] = Load(b + k * ldb + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const Vec scalar = Splat(a[r * a_row + k * a_col]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += scalar * column[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) Store(c + r * ldc + v * kLanes, acc[r][v]);
+}
+
+template <int R, int NV>
+void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
+          int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + R <= m; i += R)
+    Tile<R, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
+  for (; i < m; ++i)
+    Tile<1, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
+}
+
+// C (m x n) (+)= A (m x depth) B (depth x n); n a multiple of 16, B and C row-major.
+void MatMul(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
+            int64_t n, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes)
+    Rows<6, 4>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate);
+  switch ((n - j) / kLanes) {
+    case 3: Rows<8, 3>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
+    case 2: Rows<8, 2>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
+    case 1: Rows<8, 1>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
+  }
+}
+
+struct Shape {
+  int64_t batch, queries, keys, heads, dim;
+  int64_t dim_padded() const { return RoundUp(dim); }
+  int64_t keys_padded() const { return RoundUp(keys); }
+  // Offset of row i of head h of example b in a (B, L, H, D) array with L = length.
+  int64_t At(int64_t b, int64_t i, int64_t h, int64_t length) const {
+    return ((b * length + i) * heads + h) * dim;
+  }
+};
+
+// One head of one example's keys, copied into the layouts the matmuls read, zero-padded to
+// whole vectors: keys_t (D x Lk_padded) for QK^T; for the forward values (Lk_padded x D_padded)
+// for PV; for the backward values_t (D x Lk_padded) for dO V^T and keys (Lk_padded x D_padded)
+// for dS K.
+struct HeadKeys {
+  std::vector<float> keys_t, values, values_t, keys;
+  // (Lk_padded): 0 for a valid key, MASK_VALUE for an invalid one (a row with no valid key
+  // comes out uniform over its keys, as the 'xla' kernel's does), -inf for the padding.
+  std::vector<float> bias;
+
+  void Pack(const Shape& s, const float* k, const float* v, const bool* valid, int64_t b,
+            int64_t h, bool backward) {
+    const int64_t lk = s.keys_padded(), dp = s.dim_padded();
+    bias.assign(lk, -std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < s.keys; ++j) bias[j] = valid[b * s.keys + j] ? 0.0f : kMaskValue;
+    Transpose(s, k, b, h, keys_t);
+    RowMajor(s, backward ? k : v, b, h, backward ? keys : values);
+    if (backward) Transpose(s, v, b, h, values_t);
+  }
+
+ private:
+  static void RowMajor(const Shape& s, const float* x, int64_t b, int64_t h,
+                       std::vector<float>& out) {
+    const int64_t dp = s.dim_padded();
+    out.assign(s.keys_padded() * dp, 0.0f);
+    for (int64_t j = 0; j < s.keys; ++j)
+      std::memcpy(&out[j * dp], x + s.At(b, j, h, s.keys), s.dim * sizeof(float));
+  }
+
+  static void Transpose(const Shape& s, const float* x, int64_t b, int64_t h,
+                        std::vector<float>& out) {
+    const int64_t lk = s.keys_padded(), stride = s.heads * s.dim;
+    out.assign(s.dim * lk, 0.0f);
+    const float* first = x + s.At(b, 0, h, s.keys);
+    for (int64_t d = 0; d < s.dim; ++d)  // contiguous writes; the strided reads prefetch well
+      for (int64_t j = 0; j < s.keys; ++j) out[d * lk + j] = first[j * stride + d];
+  }
+};
+
+inline float Sum(Vec x) {
+  float sum = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) sum += x[lane];
+  return sum;
+}
+
+inline float Max(Vec x) {
+  float max = x[0];
+  for (int lane = 1; lane < kLanes; ++lane) max = x[lane] > max ? x[lane] : max;
+  return max;
+}
+
+// Scaled, masked logits of `rows` queries (already scaled by 1/sqrt(D)) into probs
+// (rows x Lk_padded), then each row's exp(logit - offset); the padding columns come out 0.
+// Forward (row_lse null): the offset is the row's maximum, and row_max and row_sum get each row's
+// maximum and sum. Backward: the offset is the row's log-sum-exp from the forward.
+void Probabilities(const Shape& s, const HeadKeys& head, const float* queries, int64_t rows,
+                   float* probs, float* row_max, float* row_sum, const float* row_lse) {
+  const int64_t lk = s.keys_padded(), dp = s.dim_padded();
+  MatMul(queries, dp, 1, head.keys_t.data(), lk, rows, lk, s.dim, probs, lk, false);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = probs + i * lk;
+    Vec max = Splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < lk; j += kLanes) {
+      const Vec logits = Load(row + j) + Load(&head.bias[j]);
+      Store(row + j, logits);
+      max = logits > max ? logits : max;
+    }
+    const float offset = row_lse ? row_lse[i] : Max(max);
+    Vec sum{};
+    for (int64_t j = 0; j < lk; j += kLanes) {
+      const Vec p = Exp(Load(row + j) - offset);
+      Store(row + j, p);
+      sum += p;
+    }
+    if (!row_lse) {
+      row_max[i] = offset;
+      row_sum[i] = Sum(sum);
+    }
+  }
+}
+
+// Rows [first, first + rows) of one head's queries, scaled, into (rows x D_padded).
+void PackRows(const Shape& s, const float* x, int64_t b, int64_t h, int64_t first, int64_t rows,
+              float scale, float* out) {
+  const int64_t dp = s.dim_padded();
+  std::memset(out, 0, rows * dp * sizeof(float));
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = x + s.At(b, first + i, h, s.queries);
+    for (int64_t d = 0; d < s.dim; ++d) out[i * dp + d] = row[d] * scale;
+  }
+}
+
+Shape ShapeOf(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  return Shape{qd[0], qd[1], kd[1], qd[2], qd[3]};
+}
+
+ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::PRED>& valid) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  const auto md = valid.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2)
+    return ffi::Error::InvalidArgument("attention_cpu: q, k, v must be (B, L, H, D), kv_valid (B, L)");
+  for (int axis : {0, 2, 3})
+    if (kd[axis] != qd[axis] || vd[axis] != qd[axis])
+      return ffi::Error::InvalidArgument("attention_cpu: q, k and v differ in B, H or D");
+  if (vd[1] != kd[1] || md[0] != qd[0] || md[1] != kd[1])
+    return ffi::Error::InvalidArgument("attention_cpu: k, v and kv_valid differ in B or Lk");
+  return ffi::Error::Success();
+}
+
+// Attention of head h of example b: its rows of out (B, Lq, H, D) and of lse (B, H, Lq), the
+// row log-sum-exp of the scaled, masked logits.
+void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
+                 int64_t b, int64_t h, float* out, float* lse) {
+  const int64_t lk = s.keys_padded(), dp = s.dim_padded();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
+  HeadKeys head;  // packed once for all the query blocks
+  head.Pack(s, k, v, valid, b, h, /*backward=*/false);
+  std::vector<float> queries(kQueryBlock * dp), probs(kQueryBlock * lk), acc(kQueryBlock * dp);
+  std::vector<float> row_max(kQueryBlock), row_sum(kQueryBlock);
+  for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, s.queries - first);
+    PackRows(s, q, b, h, first, rows, scale, queries.data());
+    Probabilities(s, head, queries.data(), rows, probs.data(), row_max.data(), row_sum.data(),
+                  nullptr);
+    MatMul(probs.data(), lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = out + s.At(b, first + i, h, s.queries);
+      for (int64_t d = 0; d < s.dim; ++d) row[d] = acc[i * dp + d] / row_sum[i];
+      lse[(b * s.heads + h) * s.queries + first + i] = row_max[i] + std::log(row_sum[i]);
+    }
+  }
+}
+
+// dq, dk, dv of head h of example b, from ForwardHead's inputs, its out and lse, and dout.
+void BackwardHead(const Shape& s, const float* q, const float* k, const float* v,
+                  const bool* valid, const float* out, const float* lse, const float* dout,
+                  int64_t b, int64_t h, float* dq, float* dk, float* dv) {
+  const int64_t lk = s.keys_padded(), dp = s.dim_padded();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
+  HeadKeys head;
+  head.Pack(s, k, v, valid, b, h, /*backward=*/true);
+  std::vector<float> queries(kQueryBlock * dp), out_grad(kQueryBlock * dp);
+  std::vector<float> probs(kQueryBlock * lk), grads(kQueryBlock * lk), query_grad(kQueryBlock * dp);
+  // This head's key gradients, summed over its query blocks.
+  std::vector<float> key_grad(lk * dp, 0.0f), value_grad(lk * dp, 0.0f), delta(kQueryBlock);
+  for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, s.queries - first);
+    PackRows(s, q, b, h, first, rows, scale, queries.data());
+    PackRows(s, dout, b, h, first, rows, 1.0f, out_grad.data());
+    // delta = rowsum(dO * O): the softmax Jacobian's correction term.
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* o = out + s.At(b, first + i, h, s.queries);
+      float sum = 0.0f;
+      for (int64_t d = 0; d < s.dim; ++d) sum += o[d] * out_grad[i * dp + d];
+      delta[i] = sum;
+    }
+    const float* block_lse = lse + (b * s.heads + h) * s.queries + first;
+    Probabilities(s, head, queries.data(), rows, probs.data(), nullptr, nullptr, block_lse);
+    // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta).
+    MatMul(probs.data(), 1, lk, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
+    MatMul(out_grad.data(), dp, 1, head.values_t.data(), lk, rows, lk, s.dim, grads.data(), lk,
+           false);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < lk; j += kLanes)
+        Store(&grads[i * lk + j], Load(&probs[i * lk + j]) * (Load(&grads[i * lk + j]) - delta[i]));
+    // dQ = scale * dS K; dK += dS^T (scale * Q).
+    MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
+    MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = dq + s.At(b, first + i, h, s.queries);
+      for (int64_t d = 0; d < s.dim; ++d) row[d] = query_grad[i * dp + d] * scale;
+    }
+  }
+  for (int64_t j = 0; j < s.keys; ++j) {
+    const int64_t at = s.At(b, j, h, s.keys);
+    std::memcpy(dk + at, &key_grad[j * dp], s.dim * sizeof(float));
+    std::memcpy(dv + at, &value_grad[j * dp], s.dim * sizeof(float));
+  }
+}
+
+// One task per (example, head).
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
+  const Shape s = ShapeOf(q, k);
+  jova::ParallelFor(pool, s.batch * s.heads, [&](int64_t task) {
+    ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+                task / s.heads, task % s.heads, out->typed_data(), lse->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
+  const Shape s = ShapeOf(q, k);
+  jova::ParallelFor(pool, s.batch * s.heads, [&](int64_t task) {
+    BackwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+                 out.typed_data(), lse.typed_data(), dout.typed_data(), task / s.heads,
+                 task % s.heads, dq->typed_data(), dk->typed_data(), dv->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Both calls start with the pool and q, k, v, kv_valid.
+auto AttentionCall() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::PRED>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionForward, Forward,
+                              AttentionCall()  // -> out, lse
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionBackward, Backward,
+                              AttentionCall()  // out, lse, dout -> dq, dk, dv
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
