@@ -87,6 +87,8 @@ void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t 
   int64_t i = 0;
   for (; i + R <= m; i += R)
     Tile<R, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
+  for (; i + 4 <= m; i += 4)
+    Tile<4, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
   for (; i < m; ++i)
     Tile<1, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
 }
@@ -95,10 +97,9 @@ void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t 
 void MatMul(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
             int64_t n, int64_t depth, float* c, int64_t ldc, bool accumulate) {
   int64_t j = 0;
-  for (; j + 4 * kLanes <= n; j += 4 * kLanes)
-    Rows<6, 4>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate);
+  for (; j + 3 * kLanes <= n; j += 3 * kLanes)
+    Rows<8, 3>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate);
   switch ((n - j) / kLanes) {
-    case 3: Rows<8, 3>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
     case 2: Rows<8, 2>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
     case 1: Rows<8, 1>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
   }
@@ -231,10 +232,12 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
                  int64_t b, int64_t h, float* out, float* lse) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
-  HeadKeys head;  // packed once for all the query blocks
+  // Per thread and reused from call to call: fresh buffers would fault in fresh pages each time.
+  thread_local HeadKeys head;  // packed once for all the query blocks
+  thread_local std::vector<float> queries, probs, acc, row_max, row_sum;
   head.Pack(s, k, v, valid, b, h, /*backward=*/false);
-  std::vector<float> queries(kQueryBlock * dp), probs(kQueryBlock * lk), acc(kQueryBlock * dp);
-  std::vector<float> row_max(kQueryBlock), row_sum(kQueryBlock);
+  queries.resize(kQueryBlock * dp), probs.resize(kQueryBlock * lk), acc.resize(kQueryBlock * dp);
+  row_max.resize(kQueryBlock), row_sum.resize(kQueryBlock);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
     PackRows(s, q, b, h, first, rows, scale, queries.data());
@@ -255,12 +258,14 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
                   int64_t b, int64_t h, float* dq, float* dk, float* dv) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
-  HeadKeys head;
+  thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
+  thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
+  thread_local std::vector<float> key_grad, value_grad;  // summed over the query blocks
   head.Pack(s, k, v, valid, b, h, /*backward=*/true);
-  std::vector<float> queries(kQueryBlock * dp), out_grad(kQueryBlock * dp);
-  std::vector<float> probs(kQueryBlock * lk), grads(kQueryBlock * lk), query_grad(kQueryBlock * dp);
-  // This head's key gradients, summed over its query blocks.
-  std::vector<float> key_grad(lk * dp, 0.0f), value_grad(lk * dp, 0.0f), delta(kQueryBlock);
+  queries.resize(kQueryBlock * dp), out_grad.resize(kQueryBlock * dp);
+  probs.resize(kQueryBlock * lk), grads.resize(kQueryBlock * lk);
+  query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock);
+  key_grad.assign(lk * dp, 0.0f), value_grad.assign(lk * dp, 0.0f);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
     PackRows(s, q, b, h, first, rows, scale, queries.data());
