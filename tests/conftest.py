@@ -47,13 +47,16 @@ def load(name):
   return config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"))
 
 
-def without_a_compiler(code: str, tmp_path) -> subprocess.CompletedProcess:
+def assert_falls_back_without_a_compiler(code: str, tmp_path, printed: str, warning: str) -> None:
   """Runs `code` in a fresh Python where the C++ compiler is missing and no kernel is cached
-  (kernels/cpu_build.py), capturing its output."""
+  (kernels/cpu_build.py): it must print `printed` and warn `warning`, naming the compiler."""
   env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), JOVA_JAX_CACHE_DIR=str(tmp_path),
              PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=300)
+  assert printed in done.stdout, done.stderr
+  assert warning in done.stderr
+  assert "no-such-c++" in done.stderr
 
 
 def truncate_array_files(step_dir) -> list[str]:

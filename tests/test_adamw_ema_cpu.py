@@ -10,7 +10,7 @@ import pytest
 from jova_jax.kernels import adamw_ema_cpu
 from jova_jax.parallel import mesh as mesh_lib
 from jova_jax.training import optim, state as train_state, steps as train_steps
-from tests.conftest import load, without_a_compiler
+from tests.conftest import assert_falls_back_without_a_compiler, load
 
 
 def _tree(key, sizes):
@@ -81,7 +81,5 @@ def test_a_sharded_or_non_float32_state_keeps_xlas_update():
 def test_without_a_compiler_the_update_stays_xlas_and_says_why(tmp_path):
   code = ("import jax; from jova_jax.kernels import adamw_ema_cpu as k; "
           "print('available', k.available())")
-  done = without_a_compiler(code, tmp_path)
-  assert "available False" in done.stdout, done.stderr
-  assert "fused CPU update unavailable, using XLA's update" in done.stderr
-  assert "no-such-c++" in done.stderr
+  assert_falls_back_without_a_compiler(code, tmp_path, "available False",
+                                       "fused CPU update unavailable, using XLA's update")
