@@ -113,6 +113,8 @@ struct Shape {
   int64_t At(int64_t b, int64_t i, int64_t h, int64_t length) const {
     return ((b * length + i) * heads + h) * dim;
   }
+  // Offset of query row i of head h of example b in lse (B, H, Lq).
+  int64_t LseAt(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * queries + i; }
 };
 
 // One head of one example's keys, copied into the layouts the matmuls read, zero-padded to
@@ -127,7 +129,7 @@ struct HeadKeys {
 
   void Pack(const Shape& s, const float* k, const float* v, const bool* valid, int64_t b,
             int64_t h, bool backward) {
-    const int64_t lk = s.keys_padded(), dp = s.dim_padded();
+    const int64_t lk = s.keys_padded();
     bias.assign(lk, -std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < s.keys; ++j) bias[j] = valid[b * s.keys + j] ? 0.0f : kMaskValue;
     Transpose(s, k, b, h, keys_t);
@@ -247,7 +249,7 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
     for (int64_t i = 0; i < rows; ++i) {
       float* row = out + s.At(b, first + i, h, s.queries);
       for (int64_t d = 0; d < s.dim; ++d) row[d] = acc[i * dp + d] / row_sum[i];
-      lse[(b * s.heads + h) * s.queries + first + i] = row_max[i] + std::log(row_sum[i]);
+      lse[s.LseAt(b, h, first + i)] = row_max[i] + std::log(row_sum[i]);
     }
   }
 }
@@ -277,7 +279,7 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
       for (int64_t d = 0; d < s.dim; ++d) sum += o[d] * out_grad[i * dp + d];
       delta[i] = sum;
     }
-    const float* block_lse = lse + (b * s.heads + h) * s.queries + first;
+    const float* block_lse = lse + s.LseAt(b, h, first);
     Probabilities(s, head, queries.data(), rows, probs.data(), nullptr, nullptr, block_lse);
     // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta).
     MatMul(probs.data(), 1, lk, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
@@ -301,17 +303,25 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
   }
 }
 
-// One task per (example, head).
+// Checks the shapes, then runs work(shape, b, h) for every (example, head) over the pool.
+template <typename Work>
+ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
+                       const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                       const ffi::Buffer<ffi::PRED>& valid, Work work) {
+  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
+  const Shape s = ShapeOf(q, k);
+  jova::ParallelFor(pool, s.batch * s.heads,
+                    [&](int64_t task) { work(s, task / s.heads, task % s.heads); });
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
-  const Shape s = ShapeOf(q, k);
-  jova::ParallelFor(pool, s.batch * s.heads, [&](int64_t task) {
-    ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                task / s.heads, task % s.heads, out->typed_data(), lse->typed_data());
+  return ForEachHead(pool, q, k, v, valid, [&](const Shape& s, int64_t b, int64_t h) {
+    ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(), b, h,
+                out->typed_data(), lse->typed_data());
   });
-  return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -319,14 +329,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
-  const Shape s = ShapeOf(q, k);
-  jova::ParallelFor(pool, s.batch * s.heads, [&](int64_t task) {
+  return ForEachHead(pool, q, k, v, valid, [&](const Shape& s, int64_t b, int64_t h) {
     BackwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                 out.typed_data(), lse.typed_data(), dout.typed_data(), task / s.heads,
-                 task % s.heads, dq->typed_data(), dk->typed_data(), dv->typed_data());
+                 out.typed_data(), lse.typed_data(), dout.typed_data(), b, h, dq->typed_data(),
+                 dk->typed_data(), dv->typed_data());
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
