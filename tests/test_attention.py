@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from jova_jax.model import attention_kernels
+from jova_jax.model import attention, attention_kernels
 from jova_jax.model.attention import attention_flops, joint_attention, reference_attention
+from jova_jax.model.embeddings import apply_rope
 
 AXES = ("data", "fsdp", "context", "tensor")
 TOL = 1e-5
@@ -36,8 +37,8 @@ def output_and_grads(fn, q, k, v, valid):
   return out, vjp(weights)
 
 
-def assert_matches_reference(fn, inputs, mesh=None, atol=TOL):
-  expected = jax.jit(lambda *a: output_and_grads(reference_attention, *a))(*inputs)
+def assert_matches_reference(fn, inputs, mesh=None, atol=TOL, reference=reference_attention):
+  expected = jax.jit(lambda *a: output_and_grads(reference, *a))(*inputs)
   run = jax.jit(lambda *a: output_and_grads(fn, *a))
   if mesh is None:
     found = run(*inputs)
@@ -84,6 +85,33 @@ def test_chunked_backward_in_bfloat16(strategy):
 def test_none_strategy_under_mesh_matches_reference(kernel):
   fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, strategy="none", kernel=kernel)
   assert_matches_reference(fn, make_inputs(), make_mesh((1, 2, 2, 2)))
+
+
+def rope_angles_for(q, seed=1):
+  """(L, D/2) angles spread over several turns, different for every position and channel pair."""
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.uniform(-7, 7, (q.shape[1], q.shape[-1] // 2)), jnp.float32)
+
+
+def rotated_reference(angles):
+  return lambda q, k, v, valid: reference_attention(apply_rope(q, angles), apply_rope(k, angles), v,
+                                                    valid)
+
+
+# The 'cpu' kernel rotates q and k itself where the sequence is whole (no mesh, or strategy
+# 'none' under one); everywhere else joint_attention rotates them before the kernel.
+@pytest.mark.parametrize("kernel,strategy,mesh_shape", [
+    ("cpu", "none", None), ("cpu", "none", (1, 2, 2, 2)), ("cpu", "all_gather", (1, 2, 2, 2)),
+    ("xla", "none", None), ("chunked", "ring", (1, 1, 8, 1)), ("xla", "ulysses", (1, 2, 2, 2))])
+def test_rope_rotates_q_and_k_like_apply_rope(kernel, strategy, mesh_shape, monkeypatch):
+  inputs = make_inputs()
+  angles = rope_angles_for(inputs[0])
+  if kernel == "cpu" and strategy == "none":  # the kernel's own rotation, not apply_rope's
+    monkeypatch.setattr(attention, "apply_rope", None)
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, rope=angles, strategy=strategy,
+                                              kernel=kernel, chunk=5)
+  assert_matches_reference(fn, inputs, make_mesh(mesh_shape) if mesh_shape else None,
+                           reference=rotated_reference(angles))
 
 
 def test_context_size_one_falls_back_to_local_kernel():

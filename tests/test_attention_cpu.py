@@ -8,9 +8,10 @@ import pytest
 
 from jova_jax.kernels import attention_cpu
 from jova_jax.model import attention_kernels
-from jova_jax.model.attention import joint_attention
+from jova_jax.model.attention import joint_attention, reference_attention
+from jova_jax.model.embeddings import apply_rope
 from tests.conftest import assert_falls_back_without_a_compiler
-from tests.test_attention import assert_matches_reference, make_inputs, make_mesh
+from tests.test_attention import assert_matches_reference, make_inputs, make_mesh, rope_angles_for
 
 
 def test_the_kernel_builds_here():
@@ -29,6 +30,25 @@ def test_fewer_queries_than_keys():
   # all_gather context parallelism keeps the queries local: Lq != Lk.
   q, k, v, valid = make_inputs(batch=2, length=40, heads=2, head_dim=16)
   assert_matches_reference(attention_cpu.attention, (q[:, :13], k, v, valid))
+
+
+@pytest.mark.parametrize("queries", [70, 13])
+def test_rope_inside_the_kernel_matches_rotating_first(queries):
+  # Different angles for queries and keys (Lq < Lk as under all_gather), a head dim of 20 (its
+  # pairs straddle the 16 lanes), the dense reference fed apply_rope's rotated q and k.
+  q, k, v, valid = make_inputs(batch=2, length=70, heads=3, head_dim=20)
+  q = q[:, :queries]
+  q_angles, k_angles = rope_angles_for(q, seed=1), rope_angles_for(k, seed=2)
+  reference = lambda q, k, v, valid: reference_attention(apply_rope(q, q_angles),
+                                                         apply_rope(k, k_angles), v, valid)
+  assert_matches_reference(lambda *a: attention_cpu.attention(*a, rope=(q_angles, k_angles)),
+                           (q, k, v, valid), reference=reference)
+
+
+def test_rope_angles_of_the_wrong_shape_are_refused():
+  q, k, v, valid = make_inputs(batch=1, length=10, heads=1, head_dim=8)
+  with pytest.raises(ValueError, match=r"\(Lq, D/2\) = \(10, 4\).*found \(10, 3\)"):
+    attention_cpu.attention(q, k, v, valid, rope=(jnp.zeros((10, 3)), jnp.zeros((10, 4))))
 
 
 def test_an_example_without_valid_keys_is_uniform_like_the_xla_kernel():

@@ -8,6 +8,10 @@
 //
 // Layout: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk), all row-major float32 / bool.
 // Scale 1/sqrt(D); an invalid key's logit gets MASK_VALUE added, as the 'xla' kernel's bias does.
+// Optional RoPE tables cos_q, sin_q (Lq, D/2) and cos_k, sin_k (Lk, D/2) (empty: none): q and k
+// are rotated as they are packed, and their gradients rotated back as they are written, which
+// spares the step RoPE's own passes over q and k and their gradients (docs/performance.md,
+// "Eleventh round").
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -105,6 +109,43 @@ void MatMul(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_
   }
 }
 
+// RoPE of one sequence: channel pair (2i, 2i+1) of row j turns by the angle whose cosine and sine
+// are cos[j * D/2 + i] and sin[j * D/2 + i], as embeddings.apply_rope turns it. No tables: identity.
+struct Rotation {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+
+  // out = scale * R_j x, for row j's D values x.
+  void Apply(int64_t j, const float* x, int64_t dim, float scale, float* out) const {
+    if (!cos) {
+      for (int64_t d = 0; d < dim; ++d) out[d] = x[d] * scale;
+      return;
+    }
+    const float* c = cos + j * (dim / 2);
+    const float* s = sin + j * (dim / 2);
+    for (int64_t i = 0; i < dim / 2; ++i) {
+      const float x0 = x[2 * i], x1 = x[2 * i + 1];
+      out[2 * i] = (x0 * c[i] - x1 * s[i]) * scale;
+      out[2 * i + 1] = (x0 * s[i] + x1 * c[i]) * scale;
+    }
+  }
+
+  // out = scale * R_j^T g: the gradient of row j before its rotation, from the gradient after.
+  void Transpose(int64_t j, const float* g, int64_t dim, float scale, float* out) const {
+    if (!cos) {
+      for (int64_t d = 0; d < dim; ++d) out[d] = g[d] * scale;
+      return;
+    }
+    const float* c = cos + j * (dim / 2);
+    const float* s = sin + j * (dim / 2);
+    for (int64_t i = 0; i < dim / 2; ++i) {
+      const float g0 = g[2 * i], g1 = g[2 * i + 1];
+      out[2 * i] = (g0 * c[i] + g1 * s[i]) * scale;
+      out[2 * i + 1] = (g1 * c[i] - g0 * s[i]) * scale;
+    }
+  }
+};
+
 struct Shape {
   int64_t batch, queries, keys, heads, dim;
   int64_t dim_padded() const { return RoundUp(dim); }
@@ -117,40 +158,56 @@ struct Shape {
   int64_t LseAt(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * queries + i; }
 };
 
-// One head of one example's keys, copied into the layouts the matmuls read, zero-padded to
-// whole vectors: keys_t (D x Lk_padded) for QK^T; for the forward values (Lk_padded x D_padded)
-// for PV; for the backward values_t (D x Lk_padded) for dO V^T and keys (Lk_padded x D_padded)
-// for dS K.
+// One head of one example's keys (rotated by RoPE where there are tables), copied into the
+// layouts the matmuls read, zero-padded to whole vectors: keys_t (D x Lk_padded) for QK^T; for
+// the forward values (Lk_padded x D_padded) for PV; for the backward values_t (D x Lk_padded) for
+// dO V^T and keys (Lk_padded x D_padded) for dS K.
 struct HeadKeys {
   std::vector<float> keys_t, values, values_t, keys;
+  std::vector<float> rotated;  // (Lk x D): the head's rotated keys, where there are tables
   // (Lk_padded): 0 for a valid key, MASK_VALUE for an invalid one (a row with no valid key
   // comes out uniform over its keys, as the 'xla' kernel's does), -inf for the padding.
   std::vector<float> bias;
 
-  void Pack(const Shape& s, const float* k, const float* v, const bool* valid, int64_t b,
-            int64_t h, bool backward) {
-    const int64_t lk = s.keys_padded();
+  void Pack(const Shape& s, const float* k, const float* v, const bool* valid,
+            const Rotation& rope, int64_t b, int64_t h, bool backward) {
+    const int64_t lk = s.keys_padded(), stride = s.heads * s.dim;
     bias.assign(lk, -std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < s.keys; ++j) bias[j] = valid[b * s.keys + j] ? 0.0f : kMaskValue;
-    Transpose(s, k, b, h, keys_t);
-    RowMajor(s, backward ? k : v, b, h, backward ? keys : values);
-    if (backward) Transpose(s, v, b, h, values_t);
+    // This head's keys: rows `key_stride` apart, rotated first where there are tables.
+    const float* head_keys = k + s.At(b, 0, h, s.keys);
+    int64_t key_stride = stride;
+    if (rope.cos) {
+      rotated.resize(s.keys * s.dim);
+      for (int64_t j = 0; j < s.keys; ++j)
+        rope.Apply(j, head_keys + j * stride, s.dim, 1.0f, &rotated[j * s.dim]);
+      head_keys = rotated.data(), key_stride = s.dim;
+    }
+    const float* head_values = v + s.At(b, 0, h, s.keys);
+    Transpose(s, head_keys, key_stride, keys_t);
+    if (backward) {
+      RowMajor(s, head_keys, key_stride, keys);
+      Transpose(s, head_values, stride, values_t);
+    } else {
+      RowMajor(s, head_values, stride, values);
+    }
   }
 
  private:
-  static void RowMajor(const Shape& s, const float* x, int64_t b, int64_t h,
+  // Lk rows of D values, `stride` apart from `first`, into (Lk_padded x D_padded).
+  static void RowMajor(const Shape& s, const float* first, int64_t stride,
                        std::vector<float>& out) {
     const int64_t dp = s.dim_padded();
     out.assign(s.keys_padded() * dp, 0.0f);
     for (int64_t j = 0; j < s.keys; ++j)
-      std::memcpy(&out[j * dp], x + s.At(b, j, h, s.keys), s.dim * sizeof(float));
+      std::memcpy(&out[j * dp], first + j * stride, s.dim * sizeof(float));
   }
 
-  static void Transpose(const Shape& s, const float* x, int64_t b, int64_t h,
+  // The same rows transposed, into (D x Lk_padded).
+  static void Transpose(const Shape& s, const float* first, int64_t stride,
                         std::vector<float>& out) {
-    const int64_t lk = s.keys_padded(), stride = s.heads * s.dim;
+    const int64_t lk = s.keys_padded();
     out.assign(s.dim * lk, 0.0f);
-    const float* first = x + s.At(b, 0, h, s.keys);
     for (int64_t d = 0; d < s.dim; ++d)  // contiguous writes; the strided reads prefetch well
       for (int64_t j = 0; j < s.keys; ++j) out[d * lk + j] = first[j * stride + d];
   }
@@ -198,15 +255,13 @@ void Probabilities(const Shape& s, const HeadKeys& head, const float* queries, i
   }
 }
 
-// Rows [first, first + rows) of one head's queries, scaled, into (rows x D_padded).
-void PackRows(const Shape& s, const float* x, int64_t b, int64_t h, int64_t first, int64_t rows,
-              float scale, float* out) {
+// Rows [first, first + rows) of one head's queries, rotated and scaled, into (rows x D_padded).
+void PackRows(const Shape& s, const float* x, const Rotation& rope, int64_t b, int64_t h,
+              int64_t first, int64_t rows, float scale, float* out) {
   const int64_t dp = s.dim_padded();
   std::memset(out, 0, rows * dp * sizeof(float));
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* row = x + s.At(b, first + i, h, s.queries);
-    for (int64_t d = 0; d < s.dim; ++d) out[i * dp + d] = row[d] * scale;
-  }
+  for (int64_t i = 0; i < rows; ++i)
+    rope.Apply(first + i, x + s.At(b, first + i, h, s.queries), s.dim, scale, out + i * dp);
 }
 
 Shape ShapeOf(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
@@ -228,21 +283,51 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
+// The RoPE tables cos_q, sin_q, cos_k, sin_k: all empty, or (Lq, D/2), (Lq, D/2), (Lk, D/2),
+// (Lk, D/2) with D even.
+struct RopeTables {
+  ffi::Buffer<ffi::F32> cos_q, sin_q, cos_k, sin_k;
+
+  ffi::Error Check(const Shape& s) const {
+    if (cos_q.element_count() + sin_q.element_count() + cos_k.element_count() +
+            sin_k.element_count() == 0)
+      return ffi::Error::Success();
+    const auto rows = [](const ffi::Buffer<ffi::F32>& t, int64_t length, int64_t half) {
+      const auto d = t.dimensions();
+      return d.size() == 2 && d[0] == length && d[1] == half;
+    };
+    if (s.dim % 2 || !rows(cos_q, s.queries, s.dim / 2) || !rows(sin_q, s.queries, s.dim / 2) ||
+        !rows(cos_k, s.keys, s.dim / 2) || !rows(sin_k, s.keys, s.dim / 2))
+      return ffi::Error::InvalidArgument(
+          "attention_cpu: RoPE tables must be empty or (Lq, D/2) and (Lk, D/2), D even");
+    return ffi::Error::Success();
+  }
+  Rotation Queries() const { return Table(cos_q, sin_q); }
+  Rotation Keys() const { return Table(cos_k, sin_k); }
+
+ private:
+  static Rotation Table(const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin) {
+    if (cos.element_count() == 0) return Rotation{};
+    return Rotation{cos.typed_data(), sin.typed_data()};
+  }
+};
+
 // Attention of head h of example b: its rows of out (B, Lq, H, D) and of lse (B, H, Lq), the
 // row log-sum-exp of the scaled, masked logits.
 void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
-                 int64_t b, int64_t h, float* out, float* lse) {
+                 const Rotation& rope_q, const Rotation& rope_k, int64_t b, int64_t h, float* out,
+                 float* lse) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   // Per thread and reused from call to call: fresh buffers would fault in fresh pages each time.
   thread_local HeadKeys head;  // packed once for all the query blocks
   thread_local std::vector<float> queries, probs, acc, row_max, row_sum;
-  head.Pack(s, k, v, valid, b, h, /*backward=*/false);
+  head.Pack(s, k, v, valid, rope_k, b, h, /*backward=*/false);
   queries.resize(kQueryBlock * dp), probs.resize(kQueryBlock * lk), acc.resize(kQueryBlock * dp);
   row_max.resize(kQueryBlock), row_sum.resize(kQueryBlock);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
-    PackRows(s, q, b, h, first, rows, scale, queries.data());
+    PackRows(s, q, rope_q, b, h, first, rows, scale, queries.data());
     Probabilities(s, head, queries.data(), rows, probs.data(), row_max.data(), row_sum.data(),
                   nullptr);
     MatMul(probs.data(), lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
@@ -256,22 +341,23 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
 
 // dq, dk, dv of head h of example b, from ForwardHead's inputs, its out and lse, and dout.
 void BackwardHead(const Shape& s, const float* q, const float* k, const float* v,
-                  const bool* valid, const float* out, const float* lse, const float* dout,
-                  int64_t b, int64_t h, float* dq, float* dk, float* dv) {
+                  const bool* valid, const Rotation& rope_q, const Rotation& rope_k,
+                  const float* out, const float* lse, const float* dout, int64_t b, int64_t h,
+                  float* dq, float* dk, float* dv) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
   thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
   thread_local std::vector<float> key_grad, value_grad;  // summed over the query blocks
-  head.Pack(s, k, v, valid, b, h, /*backward=*/true);
+  head.Pack(s, k, v, valid, rope_k, b, h, /*backward=*/true);
   queries.resize(kQueryBlock * dp), out_grad.resize(kQueryBlock * dp);
   probs.resize(kQueryBlock * lk), grads.resize(kQueryBlock * lk);
   query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock);
   key_grad.assign(lk * dp, 0.0f), value_grad.assign(lk * dp, 0.0f);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
-    PackRows(s, q, b, h, first, rows, scale, queries.data());
-    PackRows(s, dout, b, h, first, rows, 1.0f, out_grad.data());
+    PackRows(s, q, rope_q, b, h, first, rows, scale, queries.data());
+    PackRows(s, dout, Rotation{}, b, h, first, rows, 1.0f, out_grad.data());
     // delta = rowsum(dO * O): the softmax Jacobian's correction term.
     for (int64_t i = 0; i < rows; ++i) {
       const float* o = out + s.At(b, first + i, h, s.queries);
@@ -288,17 +374,16 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < lk; j += kLanes)
         Store(&grads[i * lk + j], Load(&probs[i * lk + j]) * (Load(&grads[i * lk + j]) - delta[i]));
-    // dQ = scale * dS K; dK += dS^T (scale * Q).
+    // dQ = scale * dS K; dK += dS^T (scale * Q); both for the rotated q and k until written.
     MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
     MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
-    for (int64_t i = 0; i < rows; ++i) {
-      float* row = dq + s.At(b, first + i, h, s.queries);
-      for (int64_t d = 0; d < s.dim; ++d) row[d] = query_grad[i * dp + d] * scale;
-    }
+    for (int64_t i = 0; i < rows; ++i)
+      rope_q.Transpose(first + i, &query_grad[i * dp], s.dim, scale,
+                       dq + s.At(b, first + i, h, s.queries));
   }
   for (int64_t j = 0; j < s.keys; ++j) {
     const int64_t at = s.At(b, j, h, s.keys);
-    std::memcpy(dk + at, &key_grad[j * dp], s.dim * sizeof(float));
+    rope_k.Transpose(j, &key_grad[j * dp], s.dim, 1.0f, dk + at);
     std::memcpy(dv + at, &value_grad[j * dp], s.dim * sizeof(float));
   }
 }
@@ -307,9 +392,10 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
 template <typename Work>
 ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
                        const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                       const ffi::Buffer<ffi::PRED>& valid, Work work) {
+                       const ffi::Buffer<ffi::PRED>& valid, const RopeTables& rope, Work work) {
   if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
   const Shape s = ShapeOf(q, k);
+  if (auto error = rope.Check(s); error.failure()) return error;
   jova::ParallelFor(pool, s.batch * s.heads,
                     [&](int64_t task) { work(s, task / s.heads, task % s.heads); });
   return ffi::Error::Success();
@@ -317,35 +403,45 @@ ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
+                   ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
+                   ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  return ForEachHead(pool, q, k, v, valid, [&](const Shape& s, int64_t b, int64_t h) {
-    ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(), b, h,
-                out->typed_data(), lse->typed_data());
+  const RopeTables rope{cos_q, sin_q, cos_k, sin_k};
+  return ForEachHead(pool, q, k, v, valid, rope, [&](const Shape& s, int64_t b, int64_t h) {
+    ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
+                rope.Queries(), rope.Keys(), b, h, out->typed_data(), lse->typed_data());
   });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
+                    ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  return ForEachHead(pool, q, k, v, valid, [&](const Shape& s, int64_t b, int64_t h) {
+  const RopeTables rope{cos_q, sin_q, cos_k, sin_k};
+  return ForEachHead(pool, q, k, v, valid, rope, [&](const Shape& s, int64_t b, int64_t h) {
     BackwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                 out.typed_data(), lse.typed_data(), dout.typed_data(), b, h, dq->typed_data(),
-                 dk->typed_data(), dv->typed_data());
+                 rope.Queries(), rope.Keys(), out.typed_data(), lse.typed_data(),
+                 dout.typed_data(), b, h, dq->typed_data(), dk->typed_data(), dv->typed_data());
   });
 }
 
 }  // namespace
 
-// Both calls start with the pool and q, k, v, kv_valid.
+// Both calls start with the pool and q, k, v, kv_valid, cos_q, sin_q, cos_k, sin_k.
 auto AttentionCall() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::PRED>>();
+      .Arg<ffi::Buffer<ffi::PRED>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionForward, Forward,

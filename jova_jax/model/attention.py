@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jova_jax.model import attention_kernels as kernels
+from jova_jax.model.embeddings import apply_rope
 from jova_jax.parallel.rules import BATCH_AXES
 
 STRATEGIES = ("none", "all_gather", "ulysses", "ring")
@@ -49,11 +50,14 @@ def context_size() -> int:
   return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
 
 
-def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=512):
+def joint_attention(q, k, v, kv_valid, *, rope=None, strategy="none", kernel="auto", chunk=512):
   """Bidirectional softmax attention over the joint sequence.
 
-  q, k, v: (B, L, H, D) in the compute dtype, RoPE applied. kv_valid: (B, L) bool, False for keys
-  that may not be attended (text and sequence padding). Returns (B, L, H, D) in q.dtype; scale
+  q, k, v: (B, L, H, D) in the compute dtype. kv_valid: (B, L) bool, False for keys that may not
+  be attended (text and sequence padding). rope: None (q and k come rotated) or the joint
+  sequence's (L, D/2) RoPE angles, by which q and k are rotated (embeddings.apply_rope) before
+  they attend: by the 'cpu' kernel as it packs them where the sequence is not split over
+  'context' (strategy 'none'), else here first. Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
   kernel (splash, cuDNN and 'cpu' in a shard_map over batch and heads whenever there is a mesh). The
@@ -74,6 +78,8 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
     strategy = "none"
   if strategy == "ring":
     kernel = "xla" if kernel == "xla" else "chunked"
+  if rope is not None and not (kernel == "cpu" and strategy == "none"):
+    q, k, rope = apply_rope(q, rope), apply_rope(k, rope), None
 
   # Only the sharded strategies split the sequence (evenly); each shard then pads its own part to
   # what the kernel tiles, so a caller's shard boundaries (model/joint_layout.py) stay where they are.
@@ -85,10 +91,10 @@ def joint_attention(q, k, v, kv_valid, *, strategy="none", kernel="auto", chunk=
   # Pallas, cuDNN and FFI calls have no partitioning rule: left to XLA, they would be fed whole gathered
   # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global.
   if strategy == "none" and (mesh.empty or kernel not in _OPAQUE_KERNELS):
-    out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk), local)(
-        q, k, v, kv_valid)
+    out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk,
+                                          rope=rope), local)(q, k, v, kv_valid)
   else:
-    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local)
+    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, rope)
   return out[:, :length]
 
 
@@ -121,7 +127,9 @@ def _with_padding(body, length: int):
   return padded
 
 
-def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local):
+def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, rope):
+  """`rope`: angles for the 'cpu' kernel under strategy 'none' (every shard sees the whole
+  sequence, so each takes all of them), else None."""
   batch, _, heads, _ = q.shape
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
   # Axes that do not divide the array replicate it instead (e.g. batch 1 on fsdp=2).
@@ -134,7 +142,7 @@ def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local):
   valid_spec = P(batch_spec, sequence_axis)
 
   if strategy == "none":
-    body = functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk)
+    body = functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk, rope=rope)
   elif strategy == "all_gather":
     body = functools.partial(_all_gather_body, kernel=kernel, chunk=chunk)
   elif strategy == "ulysses":

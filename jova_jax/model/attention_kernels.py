@@ -263,8 +263,12 @@ def splash_attention(q, k, v, kv_valid):
   return heads_major(out).astype(q.dtype)
 
 
-def local_attention(q, k, v, kv_valid, kernel: str, chunk: int):
-  """Dispatches to a resolved kernel name ('auto' already mapped by resolve_kernel)."""
+def local_attention(q, k, v, kv_valid, kernel: str, chunk: int, rope=None):
+  """Dispatches to a resolved kernel name ('auto' already mapped by resolve_kernel). `rope`: the
+  (L, D/2) angles by which the 'cpu' kernel rotates q and k (self-attention: Lq = Lk); the others
+  take q and k rotated."""
+  if rope is not None and kernel != "cpu":
+    raise ValueError(f"only the 'cpu' attention kernel rotates q and k itself, not {kernel!r}")
   if kernel == "xla":
     return xla_attention(q, k, v, kv_valid)
   if kernel == "chunked":
@@ -274,5 +278,5 @@ def local_attention(q, k, v, kv_valid, kernel: str, chunk: int):
   if kernel == "splash":
     return splash_attention(q, k, v, kv_valid)
   if kernel == "cpu":
-    return attention_cpu.attention(q, k, v, kv_valid)
+    return attention_cpu.attention(q, k, v, kv_valid, None if rope is None else (rope, rope))
   raise ValueError(f"parallel.attention_kernel must be one of {KERNELS}, found {kernel!r}")

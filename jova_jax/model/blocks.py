@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jova_jax.model import attention, joint_layout
-from jova_jax.model.embeddings import apply_rope
 from jova_jax.model.layers import Dense, RMSNorm, layer_norm, modulate
 from jova_jax.parallel.rules import constrain
 
@@ -102,10 +101,9 @@ class JointBlock(nnx.Module):
       qs.append(q), ks.append(k), vs.append(v)
     lengths = [xs[seg].shape[1] for seg in SEGMENTS]
     shards = joint_layout.context_shards(lengths[-1])
-    q = apply_rope(joint_layout.join(qs, shards), angles)
-    k = apply_rope(joint_layout.join(ks, shards), angles)
-    v = joint_layout.join(vs, shards)
-    out = attention.joint_attention(q, k, v, kv_valid, strategy=self.cfg.context_strategy,
+    q, k, v = (joint_layout.join(x, shards) for x in (qs, ks, vs))
+    out = attention.joint_attention(q, k, v, kv_valid, rope=angles,
+                                    strategy=self.cfg.context_strategy,
                                     kernel=self.cfg.attention_kernel, chunk=self.cfg.attention_chunk)
     new = {}
     for seg, seg_out in zip(SEGMENTS, joint_layout.split(out, lengths, shards)):
