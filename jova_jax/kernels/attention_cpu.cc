@@ -117,6 +117,16 @@ struct Rotation {
 
   // out = scale * R_j x, for row j's D values x.
   void Apply(int64_t j, const float* x, int64_t dim, float scale, float* out) const {
+    Turn(j, x, dim, scale, 1.0f, out);
+  }
+  // out = scale * R_j^T g (R_j turned back): the gradient of row j before its rotation.
+  void Transpose(int64_t j, const float* g, int64_t dim, float scale, float* out) const {
+    Turn(j, g, dim, scale, -1.0f, out);
+  }
+
+ private:
+  // Turns each pair by `direction` times its angle.
+  void Turn(int64_t j, const float* x, int64_t dim, float scale, float direction, float* out) const {
     if (!cos) {
       for (int64_t d = 0; d < dim; ++d) out[d] = x[d] * scale;
       return;
@@ -124,24 +134,9 @@ struct Rotation {
     const float* c = cos + j * (dim / 2);
     const float* s = sin + j * (dim / 2);
     for (int64_t i = 0; i < dim / 2; ++i) {
-      const float x0 = x[2 * i], x1 = x[2 * i + 1];
-      out[2 * i] = (x0 * c[i] - x1 * s[i]) * scale;
-      out[2 * i + 1] = (x0 * s[i] + x1 * c[i]) * scale;
-    }
-  }
-
-  // out = scale * R_j^T g: the gradient of row j before its rotation, from the gradient after.
-  void Transpose(int64_t j, const float* g, int64_t dim, float scale, float* out) const {
-    if (!cos) {
-      for (int64_t d = 0; d < dim; ++d) out[d] = g[d] * scale;
-      return;
-    }
-    const float* c = cos + j * (dim / 2);
-    const float* s = sin + j * (dim / 2);
-    for (int64_t i = 0; i < dim / 2; ++i) {
-      const float g0 = g[2 * i], g1 = g[2 * i + 1];
-      out[2 * i] = (g0 * c[i] + g1 * s[i]) * scale;
-      out[2 * i + 1] = (g1 * c[i] - g0 * s[i]) * scale;
+      const float x0 = x[2 * i], x1 = x[2 * i + 1], sine = direction * s[i];
+      out[2 * i] = (x0 * c[i] - x1 * sine) * scale;
+      out[2 * i + 1] = (x0 * sine + x1 * c[i]) * scale;
     }
   }
 };
