@@ -8,6 +8,7 @@ from jax.sharding import AxisType
 from jova_jax.model import attention, attention_kernels
 from jova_jax.model.attention import attention_flops, joint_attention, reference_attention
 from jova_jax.model.embeddings import apply_rope
+from jova_jax.model.layers import rms_norm
 
 AXES = ("data", "fsdp", "context", "tensor")
 TOL = 1e-5
@@ -93,25 +94,44 @@ def rope_angles_for(q, seed=1):
   return jnp.asarray(rng.uniform(-7, 7, (q.shape[1], q.shape[-1] // 2)), jnp.float32)
 
 
-def rotated_reference(angles):
-  return lambda q, k, v, valid: reference_attention(apply_rope(q, angles), apply_rope(k, angles), v,
-                                                    valid)
+def qk_norm_for(q, segments=3, seed=3):
+  """QK norms with `segments` runs of rows, each with its own scales."""
+  rng = np.random.default_rng(seed)
+  length, dim = q.shape[1], q.shape[-1]
+  segment = jnp.asarray(np.arange(length) * segments // length, jnp.int32)
+  q_scales, k_scales = (jnp.asarray(rng.uniform(0.5, 1.5, (segments, dim)), jnp.float32)
+                        for _ in range(2))
+  return attention.QKNorm(segment, q_scales, k_scales, 1e-6)
 
 
-# The 'cpu' kernel rotates q and k itself where the sequence is whole (no mesh, or strategy
-# 'none' under one); everywhere else joint_attention rotates them before the kernel.
+def prepared_reference(qk_norm, q_angles, k_angles=None):
+  """The dense reference on q and k normalised by rms_norm and rotated by apply_rope."""
+  k_angles = q_angles if k_angles is None else k_angles
+  rows = lambda scales, segment: scales[segment][None, :, None, :]
+
+  def reference(q, k, v, valid):
+    if qk_norm is not None:
+      q = rms_norm(q, rows(qk_norm.q_scales, qk_norm.segment[:q.shape[1]]), qk_norm.eps)
+      k = rms_norm(k, rows(qk_norm.k_scales, qk_norm.segment), qk_norm.eps)
+    return reference_attention(apply_rope(q, q_angles), apply_rope(k, k_angles), v, valid)
+  return reference
+
+
+# The 'cpu' kernel normalises and rotates q and k itself where the sequence is whole (no mesh,
+# or strategy 'none' under one); everywhere else joint_attention does before the kernel.
 @pytest.mark.parametrize("kernel,strategy,mesh_shape", [
     ("cpu", "none", None), ("cpu", "none", (1, 2, 2, 2)), ("cpu", "all_gather", (1, 2, 2, 2)),
     ("xla", "none", None), ("chunked", "ring", (1, 1, 8, 1)), ("xla", "ulysses", (1, 2, 2, 2))])
-def test_rope_rotates_q_and_k_like_apply_rope(kernel, strategy, mesh_shape, monkeypatch):
+def test_qk_norm_and_rope_match_applying_them_first(kernel, strategy, mesh_shape, monkeypatch):
   inputs = make_inputs()
-  angles = rope_angles_for(inputs[0])
-  if kernel == "cpu" and strategy == "none":  # the kernel's own rotation, not apply_rope's
+  angles, qk_norm = rope_angles_for(inputs[0]), qk_norm_for(inputs[0])
+  if kernel == "cpu" and strategy == "none":  # the kernel's own norm and rotation, not these
     monkeypatch.setattr(attention, "apply_rope", None)
-  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, rope=angles, strategy=strategy,
-                                              kernel=kernel, chunk=5)
+    monkeypatch.setattr(attention.QKNorm, "apply", None)
+  fn = lambda q, k, v, valid: joint_attention(q, k, v, valid, qk_norm=qk_norm, rope=angles,
+                                              strategy=strategy, kernel=kernel, chunk=5)
   assert_matches_reference(fn, inputs, make_mesh(mesh_shape) if mesh_shape else None,
-                           reference=rotated_reference(angles))
+                           reference=prepared_reference(qk_norm, angles))
 
 
 def test_context_size_one_falls_back_to_local_kernel():

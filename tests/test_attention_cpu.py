@@ -8,10 +8,10 @@ import pytest
 
 from jova_jax.kernels import attention_cpu
 from jova_jax.model import attention_kernels
-from jova_jax.model.attention import joint_attention, reference_attention
-from jova_jax.model.embeddings import apply_rope
+from jova_jax.model.attention import joint_attention
 from tests.conftest import assert_falls_back_without_a_compiler
-from tests.test_attention import assert_matches_reference, make_inputs, make_mesh, rope_angles_for
+from tests.test_attention import (assert_matches_reference, make_inputs, make_mesh,
+                                  prepared_reference, qk_norm_for, rope_angles_for)
 
 
 def test_the_kernel_builds_here():
@@ -33,16 +33,46 @@ def test_fewer_queries_than_keys():
 
 
 @pytest.mark.parametrize("queries", [70, 13])
-def test_rope_inside_the_kernel_matches_rotating_first(queries):
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_norm_and_rope_inside_the_kernel_match_applying_them_first(queries, with_norm):
   # Different angles for queries and keys (Lq < Lk as under all_gather), a head dim of 20 (its
-  # pairs straddle the 16 lanes), the dense reference fed apply_rope's rotated q and k.
+  # pairs straddle the 16 lanes), the dense reference fed q and k normalised and rotated first;
+  # the gradients also with respect to the norms' scales.
   q, k, v, valid = make_inputs(batch=2, length=70, heads=3, head_dim=20)
-  q = q[:, :queries]
+  q = q[:, :queries] * 3.0  # rms far from 1: the norm matters
   q_angles, k_angles = rope_angles_for(q, seed=1), rope_angles_for(k, seed=2)
-  reference = lambda q, k, v, valid: reference_attention(apply_rope(q, q_angles),
-                                                         apply_rope(k, k_angles), v, valid)
-  assert_matches_reference(lambda *a: attention_cpu.attention(*a, rope=(q_angles, k_angles)),
-                           (q, k, v, valid), reference=reference)
+  qk_norm = qk_norm_for(k) if with_norm else None
+  scales = (qk_norm.q_scales, qk_norm.k_scales) if with_norm else ()
+
+  def by_kernel(q, k, v, *scales):
+    norm = (qk_norm.segment[:queries], scales[0], qk_norm.segment, scales[1], qk_norm.eps) \
+        if with_norm else None
+    return attention_cpu.attention(q, k, v, valid, rope=(q_angles, k_angles), norm=norm)
+
+  def by_reference(q, k, v, *scales):
+    norm = qk_norm._replace(q_scales=scales[0], k_scales=scales[1]) if with_norm else None
+    return prepared_reference(norm, q_angles, k_angles)(q, k, v, valid)
+
+  def value_and_grads(attend):
+    def loss(*args):
+      out = attend(*args)
+      return jnp.sum(jnp.sin(out) * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(3 + len(scales)))))(q, k, v, *scales)
+
+  want, got = value_and_grads(by_reference), value_and_grads(by_kernel)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for index, (w, g) in enumerate(zip(want[1], got[1])):  # q, k, v, then the scales
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * float(jnp.max(jnp.abs(w))),
+                               err_msg=f"gradient {index}")
+
+
+def test_norm_tables_of_the_wrong_shape_are_refused():
+  q, k, v, valid = make_inputs(batch=1, length=10, heads=1, head_dim=8)
+  segment = jnp.zeros((10,), jnp.int32)
+  with pytest.raises(ValueError, match=r"k norm needs a segment per row \(10,\) and scales "
+                                       r"\(S, D = 8\), found \(10,\) and \(2, 6\)"):
+    attention_cpu.attention(q, k, v, valid, norm=(segment, jnp.ones((2, 8)), segment,
+                                                  jnp.ones((2, 6)), 1e-6))
 
 
 def test_rope_angles_of_the_wrong_shape_are_refused():

@@ -67,6 +67,42 @@ def test_joint_attention_is_the_only_and_real_interaction(single):
                                np.delete(np.asarray(base[seg][0]), 2, axis=0), atol=1e-6)
 
 
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("mesh_shape", [None, (1, 1, 1, 1)])
+def test_the_cpu_kernel_block_equals_the_xla_kernel_block(single, mesh_shape):
+  # The 'cpu' kernel applies the QK norms (one scale per stream) and RoPE itself, also inside
+  # shard_map under a mesh: the block's output and every param's gradient must not change.
+  def output_and_grads(kernel):
+    cfg = BlockConfig(hidden=32, heads=2, mlp_dim=64, eps=1e-6, dtype=jnp.float32,
+                      attention_kernel=kernel)
+    block = JointBlock(cfg, single, rngs=nnx.Rngs(0))
+    _randomize(block)
+    xs, cond, angles, kv_valid = _block_inputs()
+    graph, params = nnx.split(block, nnx.Param)
+
+    def loss(params):
+      out = nnx.merge(graph, params)(xs, cond, angles, kv_valid)
+      return sum(jnp.sum(jnp.sin(y)) for y in out.values())
+    run = jax.jit(jax.value_and_grad(loss))
+    if mesh_shape is None:
+      return run(params)
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "context", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+      return run(params)
+
+  (want, want_grads), (got, got_grads) = output_and_grads("xla"), output_and_grads("cpu")
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  flat_want, flat_got = nnx.to_flat_state(want_grads), nnx.to_flat_state(got_grads)
+  assert [path for path, _ in flat_want] == [path for path, _ in flat_got]
+  for (path, w), (_, g) in zip(flat_want, flat_got):
+    largest = float(jnp.max(jnp.abs(w[...])))
+    assert largest > 0, path  # every param (the QK-norm scales too) gets a gradient
+    # float32 sums in another order: errors relative to the array's largest entry.
+    np.testing.assert_allclose(np.asarray(g[...]), np.asarray(w[...]), atol=1e-5 * largest,
+                               rtol=0, err_msg=str(path))
+
+
 def test_rope_scores_depend_only_on_relative_position():
   head_dim = 24
   k = jax.random.split(jax.random.key(0), 2)

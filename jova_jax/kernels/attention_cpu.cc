@@ -8,10 +8,13 @@
 //
 // Layout: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk), all row-major float32 / bool.
 // Scale 1/sqrt(D); an invalid key's logit gets MASK_VALUE added, as the 'xla' kernel's bias does.
-// Optional RoPE tables cos_q, sin_q (Lq, D/2) and cos_k, sin_k (Lk, D/2) (empty: none): q and k
-// are rotated as they are packed, and their gradients rotated back as they are written, which
-// spares the step RoPE's own passes over q and k and their gradients (docs/performance.md,
-// "Eleventh round").
+// Optional per-row RMS norms and RoPE (empty tables: none): each row of q and k is normalised,
+// scaled and rotated as it is packed, and its gradient taken back through both as it is
+// written, which spares the step their own passes over q and k and their gradients
+// (docs/performance.md, "Eleventh round"). Norm: segment_q (Lq,) / segment_k (Lk,) int32 name
+// each row's row of scales_q (Sq, D) / scales_k (Sk, D), and the backward returns the scales'
+// gradients per (example, head), (B, H, Sq, D) and (B, H, Sk, D). RoPE: cos_q, sin_q (Lq, D/2)
+// and cos_k, sin_k (Lk, D/2).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -141,6 +144,68 @@ struct Rotation {
   }
 };
 
+// The RMS norm of q or k ahead of RoPE (the blocks' q_norm / k_norm, one per stream): row j
+// becomes x * rsqrt(mean(x^2) + eps) * scales[segment[j]]. No segments: identity.
+struct Norm {
+  const int32_t* segment = nullptr;
+  const float* scales = nullptr;
+  float eps = 0.0f;
+
+  // out = the normalised, scaled row j (out may be x).
+  void Apply(int64_t j, const float* x, int64_t dim, float* out) const {
+    if (!segment) {
+      if (out != x) std::memcpy(out, x, dim * sizeof(float));
+      return;
+    }
+    const float r = InverseRms(x, dim);
+    const float* scale = scales + segment[j] * dim;
+    for (int64_t d = 0; d < dim; ++d) out[d] = x[d] * r * scale[d];
+  }
+
+  // grad: the gradient of row j's output, replaced by that of its input x; the gradient of the
+  // row's scales is added to scale_grads (S x D).
+  void Backward(int64_t j, const float* x, int64_t dim, float* grad, float* scale_grads) const {
+    if (!segment) return;
+    const float r = InverseRms(x, dim);
+    const float* scale = scales + segment[j] * dim;
+    float* scale_grad = scale_grads + segment[j] * dim;
+    float dot = 0.0f;  // sum over d of d(normalised x) * normalised x
+    for (int64_t d = 0; d < dim; ++d) {
+      scale_grad[d] += grad[d] * x[d] * r;
+      dot += grad[d] * scale[d] * x[d] * r;
+    }
+    const float mean = dot / dim;
+    for (int64_t d = 0; d < dim; ++d) grad[d] = r * (grad[d] * scale[d] - x[d] * r * mean);
+  }
+
+ private:
+  float InverseRms(const float* x, int64_t dim) const {
+    float sum = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) sum += x[d] * x[d];
+    return 1.0f / std::sqrt(sum / dim + eps);
+  }
+};
+
+// What a row of q or k goes through before attention: its norm, then its rotation.
+struct Prep {
+  Norm norm;
+  Rotation rope;
+
+  bool active() const { return norm.segment || rope.cos; }
+  // out = scale * the prepared row j (out may be x).
+  void Apply(int64_t j, const float* x, int64_t dim, float scale, float* out) const {
+    norm.Apply(j, x, dim, out);
+    rope.Apply(j, out, dim, scale, out);
+  }
+  // out = the gradient of row j's input x, from `grad` times `scale`, the gradient of its
+  // prepared row; the norm's scales' gradient is added to scale_grads.
+  void Backward(int64_t j, const float* x, const float* grad, int64_t dim, float scale,
+                float* out, float* scale_grads) const {
+    rope.Transpose(j, grad, dim, scale, out);
+    norm.Backward(j, x, dim, out, scale_grads);
+  }
+};
+
 struct Shape {
   int64_t batch, queries, keys, heads, dim;
   int64_t dim_padded() const { return RoundUp(dim); }
@@ -153,30 +218,30 @@ struct Shape {
   int64_t LseAt(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * queries + i; }
 };
 
-// One head of one example's keys (rotated by RoPE where there are tables), copied into the
+// One head of one example's keys (prepared by Prep where there is a norm or RoPE), copied into the
 // layouts the matmuls read, zero-padded to whole vectors: keys_t (D x Lk_padded) for QK^T; for
 // the forward values (Lk_padded x D_padded) for PV; for the backward values_t (D x Lk_padded) for
 // dO V^T and keys (Lk_padded x D_padded) for dS K.
 struct HeadKeys {
   std::vector<float> keys_t, values, values_t, keys;
-  std::vector<float> rotated;  // (Lk x D): the head's rotated keys, where there are tables
+  std::vector<float> prepared;  // (Lk x D): the head's prepared keys, where there is a Prep
   // (Lk_padded): 0 for a valid key, MASK_VALUE for an invalid one (a row with no valid key
   // comes out uniform over its keys, as the 'xla' kernel's does), -inf for the padding.
   std::vector<float> bias;
 
   void Pack(const Shape& s, const float* k, const float* v, const bool* valid,
-            const Rotation& rope, int64_t b, int64_t h, bool backward) {
+            const Prep& prep, int64_t b, int64_t h, bool backward) {
     const int64_t lk = s.keys_padded(), stride = s.heads * s.dim;
     bias.assign(lk, -std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < s.keys; ++j) bias[j] = valid[b * s.keys + j] ? 0.0f : kMaskValue;
-    // This head's keys: rows `key_stride` apart, rotated first where there are tables.
+    // This head's keys: rows `key_stride` apart, prepared first where there is a Prep.
     const float* head_keys = k + s.At(b, 0, h, s.keys);
     int64_t key_stride = stride;
-    if (rope.cos) {
-      rotated.resize(s.keys * s.dim);
+    if (prep.active()) {
+      prepared.resize(s.keys * s.dim);
       for (int64_t j = 0; j < s.keys; ++j)
-        rope.Apply(j, head_keys + j * stride, s.dim, 1.0f, &rotated[j * s.dim]);
-      head_keys = rotated.data(), key_stride = s.dim;
+        prep.Apply(j, head_keys + j * stride, s.dim, 1.0f, &prepared[j * s.dim]);
+      head_keys = prepared.data(), key_stride = s.dim;
     }
     const float* head_values = v + s.At(b, 0, h, s.keys);
     Transpose(s, head_keys, key_stride, keys_t);
@@ -250,13 +315,13 @@ void Probabilities(const Shape& s, const HeadKeys& head, const float* queries, i
   }
 }
 
-// Rows [first, first + rows) of one head's queries, rotated and scaled, into (rows x D_padded).
-void PackRows(const Shape& s, const float* x, const Rotation& rope, int64_t b, int64_t h,
+// Rows [first, first + rows) of one head's queries, prepared and scaled, into (rows x D_padded).
+void PackRows(const Shape& s, const float* x, const Prep& prep, int64_t b, int64_t h,
               int64_t first, int64_t rows, float scale, float* out) {
   const int64_t dp = s.dim_padded();
   std::memset(out, 0, rows * dp * sizeof(float));
   for (int64_t i = 0; i < rows; ++i)
-    rope.Apply(first + i, x + s.At(b, first + i, h, s.queries), s.dim, scale, out + i * dp);
+    prep.Apply(first + i, x + s.At(b, first + i, h, s.queries), s.dim, scale, out + i * dp);
 }
 
 Shape ShapeOf(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
@@ -278,51 +343,72 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
-// The RoPE tables cos_q, sin_q, cos_k, sin_k: all empty, or (Lq, D/2), (Lq, D/2), (Lk, D/2),
-// (Lk, D/2) with D even.
-struct RopeTables {
-  ffi::Buffer<ffi::F32> cos_q, sin_q, cos_k, sin_k;
+// The norm and RoPE tables of q and k, each pair all empty or all there (shapes above).
+struct PrepTables {
+  ffi::Buffer<ffi::S32> segment_q, segment_k;
+  ffi::Buffer<ffi::F32> scales_q, scales_k, cos_q, sin_q, cos_k, sin_k;
+  float eps;
 
   ffi::Error Check(const Shape& s) const {
-    if (cos_q.element_count() + sin_q.element_count() + cos_k.element_count() +
-            sin_k.element_count() == 0)
-      return ffi::Error::Success();
-    const auto rows = [](const ffi::Buffer<ffi::F32>& t, int64_t length, int64_t half) {
+    const auto shaped = [](auto& t, std::vector<int64_t> want) {
       const auto d = t.dimensions();
-      return d.size() == 2 && d[0] == length && d[1] == half;
+      return std::vector<int64_t>(d.begin(), d.end()) == want;
     };
-    if (s.dim % 2 || !rows(cos_q, s.queries, s.dim / 2) || !rows(sin_q, s.queries, s.dim / 2) ||
-        !rows(cos_k, s.keys, s.dim / 2) || !rows(sin_k, s.keys, s.dim / 2))
+    if (segment_q.element_count() + segment_k.element_count() > 0) {
+      const auto in_range = [](const ffi::Buffer<ffi::S32>& segment, int64_t rows) {
+        for (int64_t j = 0; j < segment.element_count(); ++j)
+          if (segment.typed_data()[j] < 0 || segment.typed_data()[j] >= rows) return false;
+        return true;
+      };
+      if (!shaped(segment_q, {s.queries}) || !shaped(segment_k, {s.keys}) ||
+          scales_q.dimensions().size() != 2 || scales_q.dimensions()[1] != s.dim ||
+          scales_k.dimensions().size() != 2 || scales_k.dimensions()[1] != s.dim ||
+          !in_range(segment_q, scales_q.dimensions()[0]) ||
+          !in_range(segment_k, scales_k.dimensions()[0]))
+        return ffi::Error::InvalidArgument(
+            "attention_cpu: norm tables must be empty or segment (L,) naming rows of scales (S, D)");
+    }
+    if (cos_q.element_count() + sin_q.element_count() + cos_k.element_count() +
+            sin_k.element_count() > 0 &&
+        (s.dim % 2 || !shaped(cos_q, {s.queries, s.dim / 2}) ||
+         !shaped(sin_q, {s.queries, s.dim / 2}) || !shaped(cos_k, {s.keys, s.dim / 2}) ||
+         !shaped(sin_k, {s.keys, s.dim / 2})))
       return ffi::Error::InvalidArgument(
           "attention_cpu: RoPE tables must be empty or (Lq, D/2) and (Lk, D/2), D even");
     return ffi::Error::Success();
   }
-  Rotation Queries() const { return Table(cos_q, sin_q); }
-  Rotation Keys() const { return Table(cos_k, sin_k); }
+  Prep Queries() const { return Of(segment_q, scales_q, cos_q, sin_q); }
+  Prep Keys() const { return Of(segment_k, scales_k, cos_k, sin_k); }
+  // Rows of the (B, H, S, D) scale gradients per (example, head); 0 without a norm.
+  int64_t QuerySegments() const { return segment_q.element_count() ? scales_q.dimensions()[0] : 0; }
+  int64_t KeySegments() const { return segment_k.element_count() ? scales_k.dimensions()[0] : 0; }
 
  private:
-  static Rotation Table(const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin) {
-    if (cos.element_count() == 0) return Rotation{};
-    return Rotation{cos.typed_data(), sin.typed_data()};
+  Prep Of(const ffi::Buffer<ffi::S32>& segment, const ffi::Buffer<ffi::F32>& scales,
+          const ffi::Buffer<ffi::F32>& cos, const ffi::Buffer<ffi::F32>& sin) const {
+    Prep prep;
+    if (segment.element_count()) prep.norm = Norm{segment.typed_data(), scales.typed_data(), eps};
+    if (cos.element_count()) prep.rope = Rotation{cos.typed_data(), sin.typed_data()};
+    return prep;
   }
 };
 
 // Attention of head h of example b: its rows of out (B, Lq, H, D) and of lse (B, H, Lq), the
 // row log-sum-exp of the scaled, masked logits.
 void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
-                 const Rotation& rope_q, const Rotation& rope_k, int64_t b, int64_t h, float* out,
+                 const Prep& prep_q, const Prep& prep_k, int64_t b, int64_t h, float* out,
                  float* lse) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   // Per thread and reused from call to call: fresh buffers would fault in fresh pages each time.
   thread_local HeadKeys head;  // packed once for all the query blocks
   thread_local std::vector<float> queries, probs, acc, row_max, row_sum;
-  head.Pack(s, k, v, valid, rope_k, b, h, /*backward=*/false);
+  head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/false);
   queries.resize(kQueryBlock * dp), probs.resize(kQueryBlock * lk), acc.resize(kQueryBlock * dp);
   row_max.resize(kQueryBlock), row_sum.resize(kQueryBlock);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
-    PackRows(s, q, rope_q, b, h, first, rows, scale, queries.data());
+    PackRows(s, q, prep_q, b, h, first, rows, scale, queries.data());
     Probabilities(s, head, queries.data(), rows, probs.data(), row_max.data(), row_sum.data(),
                   nullptr);
     MatMul(probs.data(), lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
@@ -336,23 +422,23 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
 
 // dq, dk, dv of head h of example b, from ForwardHead's inputs, its out and lse, and dout.
 void BackwardHead(const Shape& s, const float* q, const float* k, const float* v,
-                  const bool* valid, const Rotation& rope_q, const Rotation& rope_k,
+                  const bool* valid, const Prep& prep_q, const Prep& prep_k,
                   const float* out, const float* lse, const float* dout, int64_t b, int64_t h,
-                  float* dq, float* dk, float* dv) {
+                  float* dq, float* dk, float* dv, float* q_scale_grads, float* k_scale_grads) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
   thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
   thread_local std::vector<float> key_grad, value_grad;  // summed over the query blocks
-  head.Pack(s, k, v, valid, rope_k, b, h, /*backward=*/true);
+  head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/true);
   queries.resize(kQueryBlock * dp), out_grad.resize(kQueryBlock * dp);
   probs.resize(kQueryBlock * lk), grads.resize(kQueryBlock * lk);
   query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock);
   key_grad.assign(lk * dp, 0.0f), value_grad.assign(lk * dp, 0.0f);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
-    PackRows(s, q, rope_q, b, h, first, rows, scale, queries.data());
-    PackRows(s, dout, Rotation{}, b, h, first, rows, 1.0f, out_grad.data());
+    PackRows(s, q, prep_q, b, h, first, rows, scale, queries.data());
+    PackRows(s, dout, Prep{}, b, h, first, rows, 1.0f, out_grad.data());
     // delta = rowsum(dO * O): the softmax Jacobian's correction term.
     for (int64_t i = 0; i < rows; ++i) {
       const float* o = out + s.At(b, first + i, h, s.queries);
@@ -369,16 +455,17 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < lk; j += kLanes)
         Store(&grads[i * lk + j], Load(&probs[i * lk + j]) * (Load(&grads[i * lk + j]) - delta[i]));
-    // dQ = scale * dS K; dK += dS^T (scale * Q); both for the rotated q and k until written.
+    // dQ = scale * dS K; dK += dS^T (scale * Q); both for the prepared q and k until written.
     MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
     MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
-    for (int64_t i = 0; i < rows; ++i)
-      rope_q.Transpose(first + i, &query_grad[i * dp], s.dim, scale,
-                       dq + s.At(b, first + i, h, s.queries));
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t at = s.At(b, first + i, h, s.queries);
+      prep_q.Backward(first + i, q + at, &query_grad[i * dp], s.dim, scale, dq + at, q_scale_grads);
+    }
   }
   for (int64_t j = 0; j < s.keys; ++j) {
     const int64_t at = s.At(b, j, h, s.keys);
-    rope_k.Transpose(j, &key_grad[j * dp], s.dim, 1.0f, dk + at);
+    prep_k.Backward(j, k + at, &key_grad[j * dp], s.dim, 1.0f, dk + at, k_scale_grads);
     std::memcpy(dv + at, &value_grad[j * dp], s.dim * sizeof(float));
   }
 }
@@ -387,10 +474,10 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
 template <typename Work>
 ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
                        const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                       const ffi::Buffer<ffi::PRED>& valid, const RopeTables& rope, Work work) {
+                       const ffi::Buffer<ffi::PRED>& valid, const PrepTables& prep, Work work) {
   if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
   const Shape s = ShapeOf(q, k);
-  if (auto error = rope.Check(s); error.failure()) return error;
+  if (auto error = prep.Check(s); error.failure()) return error;
   jova::ParallelFor(pool, s.batch * s.heads,
                     [&](int64_t task) { work(s, task / s.heads, task % s.heads); });
   return ffi::Error::Success();
@@ -398,45 +485,63 @@ ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
+                   ffi::Buffer<ffi::S32> segment_q, ffi::Buffer<ffi::F32> scales_q,
+                   ffi::Buffer<ffi::S32> segment_k, ffi::Buffer<ffi::F32> scales_k,
                    ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
-                   ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k,
+                   ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k, float eps,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const RopeTables rope{cos_q, sin_q, cos_k, sin_k};
-  return ForEachHead(pool, q, k, v, valid, rope, [&](const Shape& s, int64_t b, int64_t h) {
+  const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
+  return ForEachHead(pool, q, k, v, valid, prep, [&](const Shape& s, int64_t b, int64_t h) {
     ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                rope.Queries(), rope.Keys(), b, h, out->typed_data(), lse->typed_data());
+                prep.Queries(), prep.Keys(), b, h, out->typed_data(), lse->typed_data());
   });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
+                    ffi::Buffer<ffi::S32> segment_q, ffi::Buffer<ffi::F32> scales_q,
+                    ffi::Buffer<ffi::S32> segment_k, ffi::Buffer<ffi::F32> scales_k,
                     ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
-                    ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k,
+                    ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k, float eps,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  const RopeTables rope{cos_q, sin_q, cos_k, sin_k};
-  return ForEachHead(pool, q, k, v, valid, rope, [&](const Shape& s, int64_t b, int64_t h) {
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    ffi::ResultBuffer<ffi::F32> dscales_q, ffi::ResultBuffer<ffi::F32> dscales_k) {
+  const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
+  const int64_t rows_q = prep.QuerySegments() * q.dimensions()[3];
+  const int64_t rows_k = prep.KeySegments() * q.dimensions()[3];
+  return ForEachHead(pool, q, k, v, valid, prep, [&](const Shape& s, int64_t b, int64_t h) {
+    // This task's (S, D) slices of the scale gradients: its own, so no two tasks add to one.
+    float* q_scale_grads = dscales_q->typed_data() + (b * s.heads + h) * rows_q;
+    float* k_scale_grads = dscales_k->typed_data() + (b * s.heads + h) * rows_k;
+    std::fill(q_scale_grads, q_scale_grads + rows_q, 0.0f);
+    std::fill(k_scale_grads, k_scale_grads + rows_k, 0.0f);
     BackwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                 rope.Queries(), rope.Keys(), out.typed_data(), lse.typed_data(),
-                 dout.typed_data(), b, h, dq->typed_data(), dk->typed_data(), dv->typed_data());
+                 prep.Queries(), prep.Keys(), out.typed_data(), lse.typed_data(),
+                 dout.typed_data(), b, h, dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                 q_scale_grads, k_scale_grads);
   });
 }
 
 }  // namespace
 
-// Both calls start with the pool and q, k, v, kv_valid, cos_q, sin_q, cos_k, sin_k.
+// Both calls start with the pool, q, k, v, kv_valid, the norm and RoPE tables and eps.
 auto AttentionCall() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::PRED>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>();
+      .Arg<ffi::Buffer<ffi::F32>>()   // q
+      .Arg<ffi::Buffer<ffi::F32>>()   // k
+      .Arg<ffi::Buffer<ffi::F32>>()   // v
+      .Arg<ffi::Buffer<ffi::PRED>>()  // kv_valid
+      .Arg<ffi::Buffer<ffi::S32>>()   // segment_q
+      .Arg<ffi::Buffer<ffi::F32>>()   // scales_q
+      .Arg<ffi::Buffer<ffi::S32>>()   // segment_k
+      .Arg<ffi::Buffer<ffi::F32>>()   // scales_k
+      .Arg<ffi::Buffer<ffi::F32>>()   // cos_q
+      .Arg<ffi::Buffer<ffi::F32>>()   // sin_q
+      .Arg<ffi::Buffer<ffi::F32>>()   // cos_k
+      .Arg<ffi::Buffer<ffi::F32>>()   // sin_k
+      .Attr<float>("eps");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionForward, Forward,
@@ -445,10 +550,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionBackward, Backward,
-                              AttentionCall()  // out, lse, dout -> dq, dk, dv
+                              AttentionCall()  // out, lse, dout -> dq, dk, dv, dscales_q, dscales_k
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

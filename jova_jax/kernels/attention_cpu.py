@@ -17,6 +17,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jova_jax.kernels import cpu_build
 
@@ -43,17 +44,36 @@ def applies(dtype) -> bool:
           and (mesh.empty or mesh.size == 1) and available())
 
 
-def attention(q, k, v, kv_valid, rope=None):
+def attention(q, k, v, kv_valid, rope=None, norm=None):
+  """`rope`: None or (q_angles (Lq, D/2), k_angles (Lk, D/2)). `norm`: None or (q_segment (Lq,),
+  q_scales (Sq, D), k_segment (Lk,), k_scales (Sk, D), eps): row j of q becomes
+  rms_norm(q_j) * q_scales[q_segment[j]] before its rotation, and likewise k (layers.rms_norm)."""
   if jnp.dtype(q.dtype) != jnp.float32:
     raise ValueError(f"parallel.attention_kernel='cpu' needs model.compute_dtype float32, found "
                      f"{jnp.dtype(q.dtype).name}; use 'xla' or 'chunked' for half precision")
   if not available():
     raise RuntimeError("parallel.attention_kernel='cpu' could not be built (see the warning above); "
                        "use 'auto' or 'xla'")
-  return _attention(q, k, v, kv_valid.astype(bool), _tables(q, k, rope))
+  segments, scales, eps = _norm_tables(q, k, norm)
+  return _attention(q, k, v, kv_valid.astype(bool), scales, segments, _rope_tables(q, k, rope), eps)
 
 
-def _tables(q, k, rope):
+def _norm_tables(q, k, norm):
+  """((q_segment, k_segment), (q_scales, k_scales), eps), or empty tables: no norm."""
+  if norm is None:
+    empty = jnp.zeros((0,), jnp.int32), jnp.zeros((0, q.shape[-1]), jnp.float32)
+    return (empty[0], empty[0]), (empty[1], empty[1]), 0.0
+  q_segment, q_scales, k_segment, k_scales, eps = norm
+  for name, segment, scales, length in (("q", q_segment, q_scales, q.shape[1]),
+                                        ("k", k_segment, k_scales, k.shape[1])):
+    if segment.shape != (length,) or scales.ndim != 2 or scales.shape[1] != q.shape[-1]:
+      raise ValueError(f"attention_cpu: the {name} norm needs a segment per row ({length},) and "
+                       f"scales (S, D = {q.shape[-1]}), found {segment.shape} and {scales.shape}")
+  return ((jnp.asarray(q_segment, jnp.int32), jnp.asarray(k_segment, jnp.int32)),
+          (q_scales.astype(jnp.float32), k_scales.astype(jnp.float32)), float(eps))
+
+
+def _rope_tables(q, k, rope):
   """(cos_q, sin_q, cos_k, sin_k) of the angles, or four empty tables: no rotation."""
   if rope is None:
     return (jnp.zeros((0,), jnp.float32),) * 4
@@ -66,29 +86,41 @@ def _tables(q, k, rope):
   return jnp.cos(q_angles), jnp.sin(q_angles), jnp.cos(k_angles), jnp.sin(k_angles)
 
 
-@jax.custom_vjp
-def _attention(q, k, v, kv_valid, tables):
-  return _forward(q, k, v, kv_valid, tables)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, kv_valid, scales, segments, rope, eps):
+  return _forward(q, k, v, kv_valid, scales, segments, rope, eps)[0]
 
 
-def _forward(q, k, v, kv_valid, tables):
+def _operands(q, k, v, kv_valid, scales, segments, rope):
+  """The FFI calls' leading operands, in the order attention_cpu.cc binds them."""
+  return (q, k, v, kv_valid, segments[0], scales[0], segments[1], scales[1], *rope)
+
+
+def _forward(q, k, v, kv_valid, scales, segments, rope, eps):
   batch, queries, heads, _ = q.shape
   out, lse = jax.ffi.ffi_call(
       "jova_attention_forward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32),
        jax.ShapeDtypeStruct((batch, heads, queries), jnp.float32)),
-      vmap_method="sequential")(q, k, v, kv_valid, *tables)
-  return out, (q, k, v, kv_valid, tables, out, lse)
+      vmap_method="sequential")(*_operands(q, k, v, kv_valid, scales, segments, rope),
+                                eps=np.float32(eps))
+  return out, (q, k, v, kv_valid, scales, segments, rope, out, lse)
 
 
-def _backward(residuals, dout):
-  q, k, v, kv_valid, tables, out, lse = residuals
-  dq, dk, dv = jax.ffi.ffi_call(
+def _backward(eps, residuals, dout):
+  q, k, v, kv_valid, scales, segments, rope, out, lse = residuals
+  batch, _, heads, _ = q.shape
+  per_task = lambda table: jax.ShapeDtypeStruct((batch, heads, *table.shape), jnp.float32)
+  dq, dk, dv, dscales_q, dscales_k = jax.ffi.ffi_call(
       "jova_attention_backward",
-      tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-      vmap_method="sequential")(q, k, v, kv_valid, *tables, out, lse, dout.astype(jnp.float32))
-  # kv_valid: no gradient; the tables: none wanted (positions, not parameters).
-  return dq, dk, dv, None, jax.tree.map(jnp.zeros_like, tables)
+      (*(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+       per_task(scales[0]), per_task(scales[1])),
+      vmap_method="sequential")(*_operands(q, k, v, kv_valid, scales, segments, rope), out, lse,
+                                dout.astype(jnp.float32), eps=np.float32(eps))
+  # Each (example, head) returned its own share of the scales' gradients. kv_valid and the
+  # segments: no gradient; the RoPE tables: none wanted (positions, not parameters).
+  dscales = (dscales_q.sum((0, 1)), dscales_k.sum((0, 1)))
+  return dq, dk, dv, None, dscales, None, jax.tree.map(jnp.zeros_like, rope)
 
 
 _attention.defvjp(_forward, _backward)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,26 @@ from jax.sharding import PartitionSpec as P
 
 from jova_jax.model import attention_kernels as kernels
 from jova_jax.model.embeddings import apply_rope
+from jova_jax.model.layers import rms_norm
 from jova_jax.parallel.rules import BATCH_AXES
 
 STRATEGIES = ("none", "all_gather", "ulysses", "ring")
 CONTEXT = "context"
 _HEAD_AXIS = "tensor"
 _OPAQUE_KERNELS = ("splash", "cudnn", "cpu")
+
+
+class QKNorm(NamedTuple):
+  """RMS norms of q and k by row: row j of q becomes rms_norm(q_j) * q_scales[segment[j]], and
+  likewise k, each segment (stream) of the joint sequence with its own scales."""
+  segment: jax.Array  # (L,) int, in the joint sequence's order
+  q_scales: jax.Array  # (S, D)
+  k_scales: jax.Array  # (S, D)
+  eps: float
+
+  def apply(self, q, k):
+    rows = lambda scales: scales[self.segment][None, :, None, :]
+    return rms_norm(q, rows(self.q_scales), self.eps), rms_norm(k, rows(self.k_scales), self.eps)
 
 
 def reference_attention(q, k, v, kv_valid):
@@ -50,14 +65,16 @@ def context_size() -> int:
   return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
 
 
-def joint_attention(q, k, v, kv_valid, *, rope=None, strategy="none", kernel="auto", chunk=512):
+def joint_attention(q, k, v, kv_valid, *, qk_norm: QKNorm | None = None, rope=None, strategy="none",
+                    kernel="auto", chunk=512):
   """Bidirectional softmax attention over the joint sequence.
 
   q, k, v: (B, L, H, D) in the compute dtype. kv_valid: (B, L) bool, False for keys that may not
-  be attended (text and sequence padding). rope: None (q and k come rotated) or the joint
-  sequence's (L, D/2) RoPE angles, by which q and k are rotated (embeddings.apply_rope) before
-  they attend: by the 'cpu' kernel as it packs them where the sequence is not split over
-  'context' (strategy 'none'), else here first. Returns (B, L, H, D) in q.dtype; scale
+  be attended (text and sequence padding). qk_norm: None or the QK norms q and k go through
+  first; rope: None or the joint sequence's (L, D/2) RoPE angles by which they are then rotated
+  (embeddings.apply_rope). The 'cpu' kernel applies both as it packs q and k where the sequence
+  is not split over 'context' (strategy 'none'); elsewhere they are applied here first.
+  Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
   kernel (splash, cuDNN and 'cpu' in a shard_map over batch and heads whenever there is a mesh). The
@@ -78,8 +95,12 @@ def joint_attention(q, k, v, kv_valid, *, rope=None, strategy="none", kernel="au
     strategy = "none"
   if strategy == "ring":
     kernel = "xla" if kernel == "xla" else "chunked"
-  if rope is not None and not (kernel == "cpu" and strategy == "none"):
-    q, k, rope = apply_rope(q, rope), apply_rope(k, rope), None
+  if not (kernel == "cpu" and strategy == "none"):
+    if qk_norm is not None:
+      q, k = qk_norm.apply(q, k)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
+    qk_norm, rope = None, None
 
   # Only the sharded strategies split the sequence (evenly); each shard then pads its own part to
   # what the kernel tiles, so a caller's shard boundaries (model/joint_layout.py) stay where they are.
@@ -92,9 +113,9 @@ def joint_attention(q, k, v, kv_valid, *, rope=None, strategy="none", kernel="au
   # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global.
   if strategy == "none" and (mesh.empty or kernel not in _OPAQUE_KERNELS):
     out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk,
-                                          rope=rope), local)(q, k, v, kv_valid)
+                                          qk_norm=qk_norm, rope=rope), local)(q, k, v, kv_valid)
   else:
-    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, rope)
+    out = _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, qk_norm, rope)
   return out[:, :length]
 
 
@@ -127,8 +148,8 @@ def _with_padding(body, length: int):
   return padded
 
 
-def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, rope):
-  """`rope`: angles for the 'cpu' kernel under strategy 'none' (every shard sees the whole
+def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, qk_norm, rope):
+  """`qk_norm`, `rope`: for the 'cpu' kernel under strategy 'none' (every shard sees the whole
   sequence, so each takes all of them), else None."""
   batch, _, heads, _ = q.shape
   batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
@@ -142,7 +163,8 @@ def _sharded(strategy, mesh, shards, q, k, v, kv_valid, kernel, chunk, local, ro
   valid_spec = P(batch_spec, sequence_axis)
 
   if strategy == "none":
-    body = functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk, rope=rope)
+    body = functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk, qk_norm=qk_norm,
+                             rope=rope)
   elif strategy == "all_gather":
     body = functools.partial(_all_gather_body, kernel=kernel, chunk=chunk)
   elif strategy == "ulysses":

@@ -263,12 +263,13 @@ def splash_attention(q, k, v, kv_valid):
   return heads_major(out).astype(q.dtype)
 
 
-def local_attention(q, k, v, kv_valid, kernel: str, chunk: int, rope=None):
-  """Dispatches to a resolved kernel name ('auto' already mapped by resolve_kernel). `rope`: the
-  (L, D/2) angles by which the 'cpu' kernel rotates q and k (self-attention: Lq = Lk); the others
-  take q and k rotated."""
-  if rope is not None and kernel != "cpu":
-    raise ValueError(f"only the 'cpu' attention kernel rotates q and k itself, not {kernel!r}")
+def local_attention(q, k, v, kv_valid, kernel: str, chunk: int, qk_norm=None, rope=None):
+  """Dispatches to a resolved kernel name ('auto' already mapped by resolve_kernel). `qk_norm`
+  (attention.QKNorm) and `rope` (the (L, D/2) angles): what the 'cpu' kernel applies to q and k
+  itself (self-attention: Lq = Lk); the others take q and k normalised and rotated."""
+  if (qk_norm is not None or rope is not None) and kernel != "cpu":
+    raise ValueError(f"only the 'cpu' attention kernel normalises and rotates q and k itself, "
+                     f"not {kernel!r}")
   if kernel == "xla":
     return xla_attention(q, k, v, kv_valid)
   if kernel == "chunked":
@@ -278,5 +279,7 @@ def local_attention(q, k, v, kv_valid, kernel: str, chunk: int, rope=None):
   if kernel == "splash":
     return splash_attention(q, k, v, kv_valid)
   if kernel == "cpu":
-    return attention_cpu.attention(q, k, v, kv_valid, None if rope is None else (rope, rope))
+    norm = None if qk_norm is None else (qk_norm.segment, qk_norm.q_scales, qk_norm.segment,
+                                         qk_norm.k_scales, qk_norm.eps)
+    return attention_cpu.attention(q, k, v, kv_valid, None if rope is None else (rope, rope), norm)
   raise ValueError(f"parallel.attention_kernel must be one of {KERNELS}, found {kernel!r}")

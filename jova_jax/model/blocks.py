@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jova_jax.model import attention, joint_layout
@@ -65,10 +66,10 @@ class Stream(nnx.Module):
     return [m[:, i] for i in range(6)]
 
   def project_qkv(self, x, mods):
+    """q, k, v before the QK norms, which joint_attention applies (JointBlock)."""
     y = modulate(layer_norm(x, self.cfg.eps), mods[0], mods[1])
     qkv = self.qkv(y)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return self.q_norm(q), self.k_norm(k), v
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
   def finish(self, x, attn_out, mods):
     x = x + (mods[2][:, None, :] * self.out(attn_out)).astype(x.dtype)
@@ -90,6 +91,14 @@ class JointBlock(nnx.Module):
   def stream(self, segment: str) -> Stream:
     return getattr(self, TOWER_OF[segment] if self.single else segment)
 
+  def qk_norm(self, lengths, shards: int) -> attention.QKNorm:
+    """Each segment's QK-norm scales, and which segment each row of the joint sequence is in."""
+    segment = joint_layout.join([np.full(length, i, np.int32) for i, length in enumerate(lengths)],
+                                shards, axis=0)
+    norms = [(self.stream(seg).q_norm, self.stream(seg).k_norm) for seg in SEGMENTS]
+    return attention.QKNorm(segment, jnp.stack([q.scale[...] for q, _ in norms]),
+                            jnp.stack([k.scale[...] for _, k in norms]), norms[0][0].eps)
+
   def __call__(self, xs: dict, cond: dict, angles, kv_valid):
     """xs: segment -> (B, L_seg, hidden); cond: tower -> (B, hidden); angles (L, D/2) and kv_valid
     (B, L) in the joint_layout order of the segments."""
@@ -102,7 +111,8 @@ class JointBlock(nnx.Module):
     lengths = [xs[seg].shape[1] for seg in SEGMENTS]
     shards = joint_layout.context_shards(lengths[-1])
     q, k, v = (joint_layout.join(x, shards) for x in (qs, ks, vs))
-    out = attention.joint_attention(q, k, v, kv_valid, rope=angles,
+    out = attention.joint_attention(q, k, v, kv_valid, qk_norm=self.qk_norm(lengths, shards),
+                                    rope=angles,
                                     strategy=self.cfg.context_strategy,
                                     kernel=self.cfg.attention_kernel, chunk=self.cfg.attention_chunk)
     new = {}

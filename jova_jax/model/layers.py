@@ -68,15 +68,20 @@ class Dense(nnx.Module):
     return y
 
 
+def rms_norm(x, scale, eps: float):
+  """x / rms(x) over the last dim, times `scale` (broadcast against x), in float32."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
+  """The scale of an rms_norm. The blocks' QK norms are applied by attention.joint_attention
+  (attention.QKNorm), so that the 'cpu' kernel can apply them as it packs q and k."""
+
   def __init__(self, dim: int, axis_name: str | None, *, eps: float = 1e-6):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=(axis_name,))
     self.eps = eps
-
-  def __call__(self, x):
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
 
 
 def layer_norm(x, eps: float):
