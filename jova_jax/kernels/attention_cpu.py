@@ -6,9 +6,9 @@ kernel, with a warning that says why.
 Same contract as the other kernels: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk) bool,
 scale 1/sqrt(D). The backward recomputes the probabilities from the row log-sum-exp, so the
 forward saves only its output and that (B, H, Lq) statistic, as a flash kernel does. With
-`rope=(q_angles, k_angles)` ((Lq, D/2) and (Lk, D/2)) it attends with q and k rotated as
-embeddings.apply_rope rotates them, rotating each row as it packs it (one pass fewer over q and k
-and their gradients than rotating them first).
+`norm` and `rope` (see `attention`) it attends with q and k normalised as layers.rms_norm does and
+rotated as embeddings.apply_rope does, preparing each row as it packs it: fewer passes over q
+and k and their gradients than preparing them first.
 """
 from __future__ import annotations
 
