@@ -145,18 +145,14 @@ struct Rotation {
 };
 
 // The RMS norm of q or k ahead of RoPE (the blocks' q_norm / k_norm, one per stream): row j
-// becomes x * rsqrt(mean(x^2) + eps) * scales[segment[j]]. No segments: identity.
+// becomes x * rsqrt(mean(x^2) + eps) * scales[segment[j]]. No segments: no norm.
 struct Norm {
   const int32_t* segment = nullptr;
   const float* scales = nullptr;
   float eps = 0.0f;
 
-  // out = the normalised, scaled row j (out may be x).
+  // out = the normalised, scaled row j (needs segments).
   void Apply(int64_t j, const float* x, int64_t dim, float* out) const {
-    if (!segment) {
-      if (out != x) std::memcpy(out, x, dim * sizeof(float));
-      return;
-    }
     const float r = InverseRms(x, dim);
     const float* scale = scales + segment[j] * dim;
     for (int64_t d = 0; d < dim; ++d) out[d] = x[d] * r * scale[d];
@@ -192,10 +188,13 @@ struct Prep {
   Rotation rope;
 
   bool active() const { return norm.segment || rope.cos; }
-  // out = scale * the prepared row j (out may be x).
+  // out = scale * the prepared row j.
   void Apply(int64_t j, const float* x, int64_t dim, float scale, float* out) const {
-    norm.Apply(j, x, dim, out);
-    rope.Apply(j, out, dim, scale, out);
+    if (norm.segment) {  // normalised into out, then rotated there in place
+      norm.Apply(j, x, dim, out);
+      x = out;
+    }
+    rope.Apply(j, x, dim, scale, out);
   }
   // out = the gradient of row j's input x, from `grad` times `scale`, the gradient of its
   // prepared row; the norm's scales' gradient is added to scale_grads.
