@@ -117,7 +117,7 @@ def _guarded(main):
 
 def run(main) -> None:
   """app.run(main) behind the error boundary; main's return value is the exit status. First the
-  process re-executes itself once with glibc malloc tunables (host_memory.py: a third of the
-  CPU train step was page faults)."""
+  process re-executes itself once with mimalloc or glibc malloc tunables (host_memory.py: a
+  third of the CPU train step was page faults)."""
   host_memory.use_malloc_tunables()
   app.run(_guarded(main), flags_parser=parse_flags)

@@ -27,7 +27,7 @@ import statistics
 import jax
 from absl import app, flags
 
-from jova_jax import cli, config_lib
+from jova_jax import cli, config_lib, host_memory
 from jova_jax.tools import bench
 from jova_jax.errors import UserError
 from jova_jax.model import summary
@@ -275,8 +275,8 @@ def format_report(config, sizes: PeerSizes, peer: Peer, times: dict, counted: fl
   lines = [
       f"peer: diffusers {diffusers.__version__} WanTransformer3DModel, torch {torch.__version__}"
       f", float32, {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, GLIBC_TUNABLES="
-      f"{os.environ.get('GLIBC_TUNABLES', 'unset')} (both sides); ours: jax {jax.__version__} on "
+      f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, malloc: "
+      f"{host_memory.allocator(os.environ)} (both sides); ours: jax {jax.__version__} on "
       f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
       f"peer sizes: hidden {sizes.hidden}, heads {sizes.heads} (head_dim "
       f"{sizes.hidden // sizes.heads}), ffn {sizes.ffn}, layers {sizes.layers}, patch "
