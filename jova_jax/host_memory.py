@@ -19,8 +19,8 @@ On CPU-only hosts with mimalloc installed (requirements-nodeps.txt: cmeel-mimall
 runs on mimalloc instead (LD_PRELOAD), told to keep what is freed (MIMALLOC_PURGE_DELAY=-1).
 With the glibc tunables every request comes from one arena's bins: XLA's fusions and matmuls
 malloc scratch buffers on both threads each step, and glibc's search through those bins took
-3.7% of the step's CPU time. The demo train step is 0.82x as long on mimalloc (docs/performance.md,
-twelfth round). Where mimalloc is missing, the glibc tunables above.
+3.7% of the step's CPU time. The demo train step is 0.85-0.94x as long on mimalloc
+(docs/performance.md, twelfth round). Where mimalloc is missing, the glibc tunables above.
 
 JOVA_KEEP_MALLOC=1 runs with the environment as given; a GLIBC_TUNABLES that already sets
 glibc.malloc.hugetlb, or an LD_PRELOAD that already names mimalloc, is kept as it is.
@@ -69,12 +69,16 @@ def mimalloc_library() -> str | None:
   return str(path) if os.path.isfile(path) else None
 
 
+def _preloads_mimalloc(environ) -> bool:
+  return "mimalloc" in environ.get("LD_PRELOAD", "")
+
+
 def malloc_environment(environ, cpu_only: bool, mimalloc: str | None = None) -> dict | None:
   """The environment to re-execute with, or None when this one needs no change. `mimalloc`: the
   library to preload on a CPU-only host, where installed."""
   tunables = environ.get("GLIBC_TUNABLES", "")
   preloaded = environ.get("LD_PRELOAD", "")
-  if environ.get(OPT_OUT) or HUGE_PAGES in tunables or "mimalloc" in preloaded:
+  if environ.get(OPT_OUT) or HUGE_PAGES in tunables or _preloads_mimalloc(environ):
     return None
   if cpu_only and mimalloc and not preloaded:  # a library the user preloads may be their allocator
     return dict(environ, LD_PRELOAD=mimalloc,
@@ -85,7 +89,7 @@ def malloc_environment(environ, cpu_only: bool, mimalloc: str | None = None) -> 
 
 def allocator(environ) -> str:
   """How this process allocates, for benchmark reports."""
-  if "mimalloc" in environ.get("LD_PRELOAD", ""):
+  if _preloads_mimalloc(environ):
     return "mimalloc (" + ", ".join(f"{name}={environ.get(name, 'unset')}"
                                     for name, _ in _MIMALLOC_OPTIONS) + ")"
   return f"glibc, GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES', 'unset')}"
