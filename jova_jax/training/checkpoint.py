@@ -12,6 +12,8 @@ commit_success.txt marker), so a save cut short by preemption is never listed or
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import jax
@@ -32,6 +34,39 @@ BROKEN_DIR = "broken_checkpoints"  # beside the checkpoints dir: steps that fail
 
 class CheckpointError(UserError):
   """A checkpoint that cannot be resumed from; the message names the step directory."""
+
+
+@contextlib.contextmanager
+def _loops_that_settle_before_closing():
+  """Event loops made inside this context run their unfinished tasks to the end before they
+  close.
+
+  Orbax restores every array read under one asyncio.gather on a fresh loop and closes that
+  loop as soon as one read fails, with TensorStore still reading the rest. Each of those
+  reads then calls back into the closed loop or dies with its error unretrieved, and Python
+  and asyncio report every one: thousands of tracebacks after the one useful error. Letting
+  the reads finish first (their errors collected, not raised) leaves only that error."""
+  previous = asyncio.get_event_loop_policy()
+
+  class SettlingPolicy(type(previous)):
+    def new_event_loop(self):
+      loop = super().new_event_loop()
+      close = loop.close
+
+      def settle_then_close():
+        unfinished = asyncio.all_tasks(loop)
+        if unfinished:
+          loop.run_until_complete(asyncio.gather(*unfinished, return_exceptions=True))
+        close()
+
+      loop.close = settle_then_close
+      return loop
+
+  asyncio.set_event_loop_policy(SettlingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 # ------------------------------------------------------------------ pytree helpers
@@ -211,11 +246,12 @@ class Checkpointer:
     saved = self._manager.item_metadata(step)[_STATE]
     _check_same_tree(_shapes_by_key(saved.tree), _shapes_by_key(target),
                      f"checkpoint {self.directory / str(step)}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(target),
-        _DATA: ocp.args.JsonRestore(),
-        _CONFIG: ocp.args.JsonRestore(),
-    }))
+    with _loops_that_settle_before_closing():
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(target),
+          _DATA: ocp.args.JsonRestore(),
+          _CONFIG: ocp.args.JsonRestore(),
+      }))
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return _from_pure(abstract_state, restored[_STATE]), restored[_DATA], restored[_CONFIG]
 
