@@ -333,24 +333,32 @@ def test_restore_latest_skips_a_step_without_metadata(tmp_path):
   assert (tmp_path / checkpoint.BROKEN_DIR / "4" / "state").is_dir()
 
 
-def test_a_failed_restore_reports_one_error_not_its_leftover_reads(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("reader", ["restore_latest", "load_params"])
+def test_a_failed_restore_reports_one_error_not_its_leftover_reads(tmp_path, monkeypatch, caplog,
+                                                                   reader):
   """A truncated step fails one read while TensorStore still has the others in flight; the
-  refusal is the only report (no callback into Orbax's closed loop, no unretrieved error)."""
+  error is the only report (no callback into Orbax's closed loop, no unretrieved error), for a
+  resume and for --init_from / the sampler's load_params alike."""
   from tests.conftest import truncate_array_files
   mesh = _mesh(fsdp=8)
   replicated = rules.sharding(mesh, None)
   params = {f"w{i}": jax.random.normal(jax.random.key(i), (64, 256)) for i in range(48)}
   _save_params(tmp_path, 2, params)
   truncate_array_files(tmp_path / "2")
-  target = {"params": {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
-                       for k, v in params.items()},
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  abstract_params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+                     for k, v in params.items()}
   unraisable = []
   monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
   with caplog.at_level(logging.ERROR, logger="asyncio"):
-    with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3) as ckpt:
-      with pytest.raises(checkpoint.CheckpointError, match=r"/2 does not restore"):
-        ckpt.restore_latest(target, strict=True)
+    if reader == "restore_latest":
+      target = {"params": abstract_params,
+                "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+      with checkpoint.Checkpointer(tmp_path, every_steps=1, keep=3) as ckpt:
+        with pytest.raises(checkpoint.CheckpointError, match=r"/2 does not restore"):
+          ckpt.restore_latest(target, strict=True)
+    else:
+      with pytest.raises(Exception, match="reading array"):
+        checkpoint.load_params(tmp_path, abstract_params)
     time.sleep(0.5)  # reads left in flight would report within this
     gc.collect()
   assert not unraisable, [str(u.exc_value) for u in unraisable[:3]]

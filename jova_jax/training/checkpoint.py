@@ -392,8 +392,9 @@ def _restore_leaves(manager, step: int, saved_tree: dict, subtree: str, targets:
   restore_args = jax.tree.map(
       lambda leaf: leaf if leaf is ocp.PLACEHOLDER else
       ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), item)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
+  with _loops_that_settle_before_closing():
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
   return {key_path(p): leaf for p, leaf in
           jax.tree_util.tree_flatten_with_path(restored[subtree])[0]
           if leaf is not ocp.PLACEHOLDER}
