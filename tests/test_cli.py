@@ -22,7 +22,7 @@ SAMPLE = ["jova_jax.sample"]
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
   """A dataset, a run with a step-2 checkpoint of the tiny model, a copy whose only step is
-  truncated, an empty folder and a plain file."""
+  truncated, an empty folder, a plain file and a prompts file."""
   root = tmp_path_factory.mktemp("cli")
   config = load("tiny")
   config.data.dir = str(write_random_dataset(root / "ds", config, 8, 2))
@@ -40,8 +40,10 @@ def paths(tmp_path_factory):
   (root / "empty").mkdir()
   (root / "file").write_text("not a folder\n")
   (root / "video.mp4").write_bytes(b"")
+  (root / "sample_prompts.jsonl").write_text('{"name": "a", "text": "hello"}\n')
   return {k: str(root / k) for k in ("ds", "run", "broken", "empty", "file")} | {
-      "video": str(root / "video.mp4"), "tmp": str(root),
+      "video": str(root / "video.mp4"), "prompts": str(root / "sample_prompts.jsonl"),
+      "tmp": str(root),
       "config_json": (run / "config.json").read_text()}
 
 
@@ -49,8 +51,8 @@ def _unchanged_config(p):
   return open(os.path.join(p["run"], "config.json")).read() == p["config_json"]
 
 
-# (id, module and flags with {ds} {run} {broken} {empty} {file} {video} {tmp}, phrase of the
-# error line, a check of what is on disk afterwards)
+# (id, module and flags with {ds} {run} {broken} {empty} {file} {video} {prompts} {tmp},
+# phrase of the error line, a check of what is on disk afterwards)
 CASES = [
     ("train_unknown_key", TRAIN + ["--workdir={tmp}/w", "--config.train.stepz=3"],
      "--config.train.stepz: no config key 'stepz'; did you mean 'steps'?", None),
@@ -85,6 +87,9 @@ CASES = [
     ("sample_usage", SAMPLE, "give exactly one of --workdir and --checkpoint", None),
     ("sample_outdir_is_a_file", SAMPLE + ["--workdir={run}", "--prompts={file}", "--outdir={file}"],
      "--outdir={file}: expected a folder, found a file", None),
+    ("sample_truncated_checkpoint", SAMPLE + ["--workdir={broken}", "--prompts={prompts}",
+                                              "--outdir={tmp}/out"],
+     "checkpoints/2 does not restore", None),
     ("sample_missing_checkpoint", SAMPLE + ["--checkpoint={tmp}/none", "--prompts={file}",
                                             "--outdir={tmp}/out"],
      "checkpoint {tmp}/none does not exist", None),

@@ -69,6 +69,12 @@ def _loops_that_settle_before_closing():
     asyncio.set_event_loop_policy(previous)
 
 
+def _does_not_restore(where, error: Exception) -> str:
+  """'<step dir> does not restore (<type>: <reason, on one line>)'."""
+  reason = " ".join(str(error).split())[:300]
+  return f"{where} does not restore ({type(error).__name__}: {reason})"
+
+
 # ------------------------------------------------------------------ pytree helpers
 
 def _key_name(entry) -> str:
@@ -271,14 +277,11 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
-        where = self.directory / str(step)
-        reason = " ".join(str(e).split())[:300]
+        why = _does_not_restore(self.directory / str(step), e)
         if strict:
           raise CheckpointError(
-              f"{where} does not restore ({type(e).__name__}: {reason}); without "
-              f"--strict_resume the run resumes from the step before") from e
-        logging.warning("checkpoint %s does not restore (%s: %s): trying the step before",
-                        where, type(e).__name__, reason)
+              f"{why}; without --strict_resume the run resumes from the step before") from e
+        logging.warning("checkpoint %s: trying the step before", why)
         broken.append(step)
         continue
       for bad in broken:
@@ -357,8 +360,11 @@ def load_params(path, abstract_params, *, strict: bool = False, fallback=None,
     report = _load_report(wanted, _shapes_by_key(saved_tree[subtree]), where)
     if strict and (report["missing"] or report["unexpected"] or report["shape_mismatch"]):
       raise ValueError(f"--init_from {where} (strict): params differ\n{format_report(report)}")
-    arrays = _restore_leaves(manager, step, saved_tree, subtree,
-                             {k: wanted[k] for k in report["loaded"]})
+    try:
+      arrays = _restore_leaves(manager, step, saved_tree, subtree,
+                               {k: wanted[k] for k in report["loaded"]})
+    except Exception as e:  # as in restore_latest: unreadable files raise many types
+      raise CheckpointError(_does_not_restore(where, e)) from e
 
   base = _to_pure(fallback) if fallback is not None else target
   merged = jax.tree_util.tree_map_with_path(lambda p, leaf: arrays.get(key_path(p), leaf), base)
