@@ -20,7 +20,7 @@ from flax import nnx
 
 from jova_jax.parallel import mesh as mesh_lib, rules
 from jova_jax.training import checkpoint, finetune
-from tests.conftest import REPO, load
+from tests.conftest import REPO, load, truncate_array_files
 
 # name -> (shape, logical axes)
 PARAMS = {
@@ -339,7 +339,6 @@ def test_a_failed_restore_reports_one_error_not_its_leftover_reads(tmp_path, mon
   """A truncated step fails one read while TensorStore still has the others in flight; the
   error is the only report (no callback into Orbax's closed loop, no unretrieved error), for a
   resume and for --init_from / the sampler's load_params alike."""
-  from tests.conftest import truncate_array_files
   mesh = _mesh(fsdp=8)
   replicated = rules.sharding(mesh, None)
   params = {f"w{i}": jax.random.normal(jax.random.key(i), (64, 256)) for i in range(48)}

@@ -49,12 +49,12 @@ inline int64_t RoundUp(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 // hardware prefetcher, so each first read of a row waited on memory (a third of the packing's
 // time). The row loops ask for the row kAhead on while they work on this one.
 constexpr int64_t kAhead = 8;
-inline void Prefetch(const float* row, int64_t dim) {
-  for (int64_t d = 0; d < dim; d += kLanes) __builtin_prefetch(row + d);
-}
-// The same for a row about to be written (its lines fetched for ownership).
-inline void PrefetchForWrite(float* row, int64_t dim) {
-  for (int64_t d = 0; d < dim; d += kLanes) __builtin_prefetch(row + d, 1);
+// for_write: the row is about to be written (its lines fetched for ownership).
+inline void Prefetch(const float* row, int64_t dim, bool for_write = false) {
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    if (for_write) __builtin_prefetch(row + d, 1);
+    else __builtin_prefetch(row + d, 0);
+  }
 }
 
 inline float Sum(Vec x) {
@@ -450,7 +450,7 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
     MatMul(probs.data(), lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
     for (int64_t i = 0; i < rows; ++i) {
       if (i + kAhead < rows)
-        PrefetchForWrite(out + s.At(b, first + i + kAhead, h, s.queries), s.dim);
+        Prefetch(out + s.At(b, first + i + kAhead, h, s.queries), s.dim, true);
       float* row = out + s.At(b, first + i, h, s.queries);
       for (int64_t d = 0; d < s.dim; ++d) row[d] = acc[i * dp + d] / row_sum[i];
       lse[s.LseAt(b, h, first + i)] = row_max[i] + std::log(row_sum[i]);
@@ -497,7 +497,7 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t at = s.At(b, first + i, h, s.queries);
       if (i + kAhead < rows)
-        PrefetchForWrite(dq + s.At(b, first + i + kAhead, h, s.queries), s.dim);
+        Prefetch(dq + s.At(b, first + i + kAhead, h, s.queries), s.dim, true);
       prep_q.Backward(first + i, q + at, &query_grad[i * dp], s.dim, scale, dq + at, q_scale_grads);
     }
   }
@@ -506,7 +506,7 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
     if (j + kAhead < s.keys) {
       const int64_t ahead = s.At(b, j + kAhead, h, s.keys);
       Prefetch(k + ahead, s.dim);
-      PrefetchForWrite(dk + ahead, s.dim), PrefetchForWrite(dv + ahead, s.dim);
+      Prefetch(dk + ahead, s.dim, true), Prefetch(dv + ahead, s.dim, true);
     }
     prep_k.Backward(j, k + at, &key_grad[j * dp], s.dim, 1.0f, dk + at, k_scale_grads);
     std::memcpy(dv + at, &value_grad[j * dp], s.dim * sizeof(float));

@@ -69,6 +69,13 @@ def _loops_that_settle_before_closing():
     asyncio.set_event_loop_policy(previous)
 
 
+def _restore(manager, step: int, **items):
+  """The items (name -> Orbax restore args) of `step`, read with _loops_that_settle_before_closing:
+  every read of this module goes through here."""
+  with _loops_that_settle_before_closing():
+    return manager.restore(step, args=ocp.args.Composite(**items))
+
+
 def _does_not_restore(where, error: Exception) -> str:
   """'<step dir> does not restore (<type>: <reason, on one line>)'."""
   reason = " ".join(str(error).split())[:300]
@@ -252,12 +259,9 @@ class Checkpointer:
     saved = self._manager.item_metadata(step)[_STATE]
     _check_same_tree(_shapes_by_key(saved.tree), _shapes_by_key(target),
                      f"checkpoint {self.directory / str(step)}")
-    with _loops_that_settle_before_closing():
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(target),
-          _DATA: ocp.args.JsonRestore(),
-          _CONFIG: ocp.args.JsonRestore(),
-      }))
+    restored = _restore(self._manager, step, **{_STATE: ocp.args.StandardRestore(target),
+                                                _DATA: ocp.args.JsonRestore(),
+                                                _CONFIG: ocp.args.JsonRestore()})
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
     return _from_pure(abstract_state, restored[_STATE]), restored[_DATA], restored[_CONFIG]
 
@@ -308,9 +312,7 @@ class Checkpointer:
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self._resolve_step(step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        _CONFIG: ocp.args.JsonRestore()}))
-    return restored[_CONFIG]
+    return _restore(self._manager, step, **{_CONFIG: ocp.args.JsonRestore()})[_CONFIG]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -398,9 +400,8 @@ def _restore_leaves(manager, step: int, saved_tree: dict, subtree: str, targets:
   restore_args = jax.tree.map(
       lambda leaf: leaf if leaf is ocp.PLACEHOLDER else
       ocp.ArrayRestoreArgs(sharding=leaf.sharding, dtype=leaf.dtype), item)
-  with _loops_that_settle_before_closing():
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)}))[_STATE]
+  restored = _restore(manager, step, **{
+      _STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args)})[_STATE]
   return {key_path(p): leaf for p, leaf in
           jax.tree_util.tree_flatten_with_path(restored[subtree])[0]
           if leaf is not ocp.PLACEHOLDER}
