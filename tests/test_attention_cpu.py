@@ -18,15 +18,31 @@ def test_the_kernel_builds_here():
   assert attention_cpu.available()  # CI has a compiler: the rest of this file must not skip it
 
 
+@pytest.fixture(params=["saved", "recomputed"])
+def probabilities(request, monkeypatch):
+  """Both backwards: reading the forward's saved probabilities, and recomputing them from the row
+  log-sum-exp, as calls beyond SAVED_PROBABILITIES_BYTES do."""
+  if request.param == "recomputed":
+    monkeypatch.setattr(attention_cpu, "SAVED_PROBABILITIES_BYTES", 0)
+  return request.param
+
+
+def test_probabilities_are_saved_up_to_the_limit(monkeypatch):
+  q, k, _, _ = make_inputs(batch=2, length=37, heads=3, head_dim=8)
+  assert attention_cpu.saved_probabilities_shape(q[:, :13], k) == (2, 3, 13, 48)
+  monkeypatch.setattr(attention_cpu, "SAVED_PROBABILITIES_BYTES", 4 * 2 * 3 * 13 * 48 - 1)
+  assert attention_cpu.saved_probabilities_shape(q[:, :13], k) == (0,)
+
+
 @pytest.mark.parametrize("length,head_dim", [(150, 48), (37, 8), (70, 20)])
-def test_output_and_gradients_match_the_reference(length, head_dim):
+def test_output_and_gradients_match_the_reference(length, head_dim, probabilities):
   # 150 rows: two full 64-row query blocks and a tail; 8 and 20: head dims not a multiple of the
   # 16 lanes; 37 and 70 keys: a partial last vector of keys.
   inputs = make_inputs(batch=2, length=length, heads=3, head_dim=head_dim)
   assert_matches_reference(attention_cpu.attention, inputs)
 
 
-def test_fewer_queries_than_keys():
+def test_fewer_queries_than_keys(probabilities):
   # all_gather context parallelism keeps the queries local: Lq != Lk.
   q, k, v, valid = make_inputs(batch=2, length=40, heads=2, head_dim=16)
   assert_matches_reference(attention_cpu.attention, (q[:, :13], k, v, valid))
@@ -34,7 +50,8 @@ def test_fewer_queries_than_keys():
 
 @pytest.mark.parametrize("queries", [70, 13])
 @pytest.mark.parametrize("with_norm", [False, True])
-def test_norm_and_rope_inside_the_kernel_match_applying_them_first(queries, with_norm):
+def test_norm_and_rope_inside_the_kernel_match_applying_them_first(queries, with_norm,
+                                                                    probabilities):
   # Different angles for queries and keys (Lq < Lk as under all_gather), a head dim of 20 (its
   # pairs straddle the 16 lanes), the dense reference fed q and k normalised and rotated first;
   # the gradients also with respect to the norms' scales.

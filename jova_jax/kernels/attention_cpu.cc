@@ -2,9 +2,10 @@
 // (jova_jax/kernels/attention_cpu.py builds, loads and calls them; model/attention_kernels.py
 // dispatches to them as the 'cpu' kernel). XLA CPU runs attention as separate dots, transposes
 // and softmax loops over B x H x L x L arrays in memory; here each (example, head) works on one
-// block of query rows at a time, whose logits stay in cache from QK^T through the softmax to PV,
-// and the backward recomputes them from the row log-sum-exp instead of reading saved
-// probabilities (docs/performance.md, "Tenth round").
+// block of query rows at a time, whose logits stay in cache from QK^T through the softmax to PV.
+// The backward reads the probabilities where the forward saved them (`probs`, (B, H, Lq,
+// Lk_padded): a fifth of the backward's matmuls and its exp spared, docs/performance.md,
+// "Fourteenth round"), else recomputes them from the row log-sum-exp as a flash kernel does.
 //
 // Layout: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk), all row-major float32 / bool.
 // Scale 1/sqrt(D); an invalid key's logit gets MASK_VALUE added, as the 'xla' kernel's bias does.
@@ -240,12 +241,15 @@ struct Shape {
   }
   // Offset of query row i of head h of example b in lse (B, H, Lq).
   int64_t LseAt(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * queries + i; }
+  // Offset of that row in saved probabilities (B, H, Lq, Lk_padded).
+  int64_t ProbsAt(int64_t b, int64_t h, int64_t i) const { return LseAt(b, h, i) * keys_padded(); }
 };
 
 // One head of one example's keys (prepared by Prep where there is a norm or RoPE), copied into the
-// layouts the matmuls read, zero-padded to whole vectors: keys_t (D x Lk_padded) for QK^T; for
-// the forward values (Lk_padded x D_padded) for PV; for the backward values_t (D x Lk_padded) for
-// dO V^T and keys (Lk_padded x D_padded) for dS K.
+// layouts the matmuls read, zero-padded to whole vectors: keys_t (D x Lk_padded) for QK^T (not in
+// a backward that reads saved probabilities); for the forward values (Lk_padded x D_padded) for
+// PV; for the backward values_t (D x Lk_padded) for dO V^T and keys (Lk_padded x D_padded) for
+// dS K.
 struct HeadKeys {
   std::vector<float> keys_t, values, values_t, keys;
   std::vector<float> prepared;  // (Lk x D): the head's prepared keys, where there is a Prep
@@ -254,7 +258,7 @@ struct HeadKeys {
   std::vector<float> bias;
 
   void Pack(const Shape& s, const float* k, const float* v, const bool* valid,
-            const Prep& prep, int64_t b, int64_t h, bool backward) {
+            const Prep& prep, int64_t b, int64_t h, bool backward, bool logits = true) {
     const int64_t lk = s.keys_padded(), stride = s.heads * s.dim;
     bias.assign(lk, -std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < s.keys; ++j) bias[j] = valid[b * s.keys + j] ? 0.0f : kMaskValue;
@@ -270,7 +274,7 @@ struct HeadKeys {
       head_keys = prepared.data(), key_stride = s.dim;
     }
     const float* head_values = v + s.At(b, 0, h, s.keys);
-    Transpose(s, head_keys, key_stride, keys_t);
+    if (logits) Transpose(s, head_keys, key_stride, keys_t);
     if (backward) {
       RowMajor(s, head_keys, key_stride, keys);
       Transpose(s, head_values, stride, values_t);
@@ -430,10 +434,11 @@ struct PrepTables {
 };
 
 // Attention of head h of example b: its rows of out (B, Lq, H, D) and of lse (B, H, Lq), the
-// row log-sum-exp of the scaled, masked logits.
+// row log-sum-exp of the scaled, masked logits, and where `saved` is given, of the probabilities
+// (B, H, Lq, Lk_padded).
 void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
                  const Prep& prep_q, const Prep& prep_k, int64_t b, int64_t h, float* out,
-                 float* lse) {
+                 float* lse, float* saved) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   // Per thread and reused from call to call: fresh buffers would fault in fresh pages each time.
@@ -445,30 +450,37 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
     const int64_t rows = std::min(kQueryBlock, s.queries - first);
     PackRows(s, q, prep_q, b, h, first, rows, scale, queries.data());
-    Probabilities(s, head, queries.data(), rows, probs.data(), row_max.data(), row_sum.data(),
-                  nullptr);
-    MatMul(probs.data(), lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
+    float* block = saved ? saved + s.ProbsAt(b, h, first) : probs.data();
+    Probabilities(s, head, queries.data(), rows, block, row_max.data(), row_sum.data(), nullptr);
+    // Normalised before PV (a pass in cache), so that what is saved is the probabilities.
+    for (int64_t i = 0; i < rows; ++i) {
+      const Vec inverse = Splat(1.0f / row_sum[i]);
+      for (int64_t j = 0; j < lk; j += kLanes)
+        Store(block + i * lk + j, Load(block + i * lk + j) * inverse);
+    }
+    MatMul(block, lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
     for (int64_t i = 0; i < rows; ++i) {
       if (i + kAhead < rows)
         Prefetch(out + s.At(b, first + i + kAhead, h, s.queries), s.dim, true);
-      float* row = out + s.At(b, first + i, h, s.queries);
-      for (int64_t d = 0; d < s.dim; ++d) row[d] = acc[i * dp + d] / row_sum[i];
+      std::memcpy(out + s.At(b, first + i, h, s.queries), &acc[i * dp], s.dim * sizeof(float));
       lse[s.LseAt(b, h, first + i)] = row_max[i] + std::log(row_sum[i]);
     }
   }
 }
 
-// dq, dk, dv of head h of example b, from ForwardHead's inputs, its out and lse, and dout.
+// dq, dk, dv of head h of example b, from ForwardHead's inputs, its out, lse and saved
+// probabilities (null: recomputed from lse), and dout.
 void BackwardHead(const Shape& s, const float* q, const float* k, const float* v,
                   const bool* valid, const Prep& prep_q, const Prep& prep_k,
-                  const float* out, const float* lse, const float* dout, int64_t b, int64_t h,
+                  const float* out, const float* lse, const float* saved, const float* dout,
+                  int64_t b, int64_t h,
                   float* dq, float* dk, float* dv, float* q_scale_grads, float* k_scale_grads) {
   const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
   thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
   thread_local std::vector<float> key_grad, value_grad;  // summed over the query blocks
-  head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/true);
+  head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/true, /*logits=*/!saved);
   queries.resize(kQueryBlock * dp), out_grad.resize(kQueryBlock * dp);
   probs.resize(kQueryBlock * lk), grads.resize(kQueryBlock * lk);
   query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock);
@@ -482,15 +494,20 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
       if (i + kAhead < rows) Prefetch(out + s.At(b, first + i + kAhead, h, s.queries), s.dim);
       delta[i] = Dot(out + s.At(b, first + i, h, s.queries), &out_grad[i * dp], s.dim);
     }
-    const float* block_lse = lse + s.LseAt(b, h, first);
-    Probabilities(s, head, queries.data(), rows, probs.data(), nullptr, nullptr, block_lse);
+    const float* block = probs.data();
+    if (saved) {
+      block = saved + s.ProbsAt(b, h, first);
+    } else {
+      Probabilities(s, head, queries.data(), rows, probs.data(), nullptr, nullptr,
+                    lse + s.LseAt(b, h, first));
+    }
     // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta).
-    MatMul(probs.data(), 1, lk, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
+    MatMul(block, 1, lk, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
     MatMul(out_grad.data(), dp, 1, head.values_t.data(), lk, rows, lk, s.dim, grads.data(), lk,
            false);
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < lk; j += kLanes)
-        Store(&grads[i * lk + j], Load(&probs[i * lk + j]) * (Load(&grads[i * lk + j]) - delta[i]));
+        Store(&grads[i * lk + j], Load(block + i * lk + j) * (Load(&grads[i * lk + j]) - delta[i]));
     // dQ = scale * dS K; dK += dS^T (scale * Q); both for the prepared q and k until written.
     MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
     MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
@@ -513,14 +530,19 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
   }
 }
 
-// Checks the shapes, then runs work(shape, b, h) for every (example, head) over the pool.
+// Checks the shapes (saved probabilities: none, or (B, H, Lq, Lk_padded)), then runs
+// work(shape, b, h) for every (example, head) over the pool.
 template <typename Work>
 ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
                        const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                       const ffi::Buffer<ffi::PRED>& valid, const PrepTables& prep, Work work) {
+                       const ffi::Buffer<ffi::PRED>& valid, const PrepTables& prep,
+                       int64_t saved_probs, Work work) {
   if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
   const Shape s = ShapeOf(q, k);
   if (auto error = prep.Check(s); error.failure()) return error;
+  if (saved_probs && saved_probs != s.batch * s.heads * s.queries * s.keys_padded())
+    return ffi::Error::InvalidArgument(
+        "attention_cpu: saved probabilities must be empty or (B, H, Lq, Lk rounded up to 16)");
   jova::ParallelFor(pool, s.batch * s.heads,
                     [&](int64_t task) { work(s, task / s.heads, task % s.heads); });
   return ffi::Error::Success();
@@ -532,11 +554,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::S32> segment_k, ffi::Buffer<ffi::F32> scales_k,
                    ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
                    ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k, float eps,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
+                   ffi::ResultBuffer<ffi::F32> probs) {
   const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
-  return ForEachHead(pool, q, k, v, valid, prep, [&](const Shape& s, int64_t b, int64_t h) {
+  const int64_t saved = probs->element_count();
+  return ForEachHead(pool, q, k, v, valid, prep, saved, [&](const Shape& s, int64_t b, int64_t h) {
     ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                prep.Queries(), prep.Keys(), b, h, out->typed_data(), lse->typed_data());
+                prep.Queries(), prep.Keys(), b, h, out->typed_data(), lse->typed_data(),
+                saved ? probs->typed_data() : nullptr);
   });
 }
 
@@ -547,13 +572,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
                     ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k, float eps,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::Buffer<ffi::F32> probs, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                     ffi::ResultBuffer<ffi::F32> dscales_q, ffi::ResultBuffer<ffi::F32> dscales_k) {
   const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
   const int64_t rows_q = prep.QuerySegments() * q.dimensions()[3];
   const int64_t rows_k = prep.KeySegments() * q.dimensions()[3];
-  return ForEachHead(pool, q, k, v, valid, prep, [&](const Shape& s, int64_t b, int64_t h) {
+  const int64_t saved = probs.element_count();
+  return ForEachHead(pool, q, k, v, valid, prep, saved, [&](const Shape& s, int64_t b, int64_t h) {
     // This task's (S, D) slices of the scale gradients: its own, so no two tasks add to one.
     float* q_scale_grads = dscales_q->typed_data() + (b * s.heads + h) * rows_q;
     float* k_scale_grads = dscales_k->typed_data() + (b * s.heads + h) * rows_k;
@@ -561,8 +588,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     std::fill(k_scale_grads, k_scale_grads + rows_k, 0.0f);
     BackwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
                  prep.Queries(), prep.Keys(), out.typed_data(), lse.typed_data(),
-                 dout.typed_data(), b, h, dq->typed_data(), dk->typed_data(), dv->typed_data(),
-                 q_scale_grads, k_scale_grads);
+                 saved ? probs.typed_data() : nullptr, dout.typed_data(), b, h, dq->typed_data(),
+                 dk->typed_data(), dv->typed_data(), q_scale_grads, k_scale_grads);
   });
 }
 
@@ -588,12 +615,14 @@ auto AttentionCall() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionForward, Forward,
-                              AttentionCall()  // -> out, lse
+                              AttentionCall()  // -> out, lse, probs (saved or empty)
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionBackward, Backward,
-                              AttentionCall()  // out, lse, dout -> dq, dk, dv, dscales_q, dscales_k
+                              AttentionCall()  // out, lse, probs, dout -> dq, dk, dv, dscales_q, dscales_k
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -4,8 +4,10 @@ Compiled on first use (kernels/cpu_build.py); where it cannot be built 'auto' ke
 kernel, with a warning that says why.
 
 Same contract as the other kernels: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk) bool,
-scale 1/sqrt(D). The backward recomputes the probabilities from the row log-sum-exp, so the
-forward saves only its output and that (B, H, Lq) statistic, as a flash kernel does. With
+scale 1/sqrt(D). The forward saves the softmax probabilities for the backward where they take at
+most SAVED_PROBABILITIES_BYTES (the demo's 402 tokens: 21 MiB a layer), which spares the backward
+a fifth of its matmuls and its exp; beyond that the backward recomputes them from the row
+log-sum-exp, as a flash kernel does, and memory stays linear in the sequence. With
 `norm` and `rope` (see `attention`) it attends with q and k normalised as layers.rms_norm does and
 rotated as embeddings.apply_rope does, preparing each row as it packs it: fewer passes over q
 and k and their gradients than preparing them first.
@@ -13,6 +15,7 @@ and k and their gradients than preparing them first.
 from __future__ import annotations
 
 import functools
+import math
 import pathlib
 
 import jax
@@ -24,6 +27,10 @@ from jova_jax.kernels import cpu_build
 SOURCE = pathlib.Path(__file__).with_name("attention_cpu.cc")
 # Multiply-adds fused (the matmuls' inner loop is one FMA); exp without errno.
 FLAGS = (*cpu_build.BASE_FLAGS, "-ffp-contract=fast", "-fno-math-errno")
+# Probabilities (B, H, Lq, Lk rounded up to the kernel's 16 lanes) of one call, up to which the
+# forward saves them: a few layers' worth at the demo's lengths, a small share of a CPU host's memory.
+SAVED_PROBABILITIES_BYTES = 64 * 2**20
+_LANES = 16  # kLanes in attention_cpu.cc
 _TARGETS = {"jova_attention_forward": "JovaAttentionForward",
             "jova_attention_backward": "JovaAttentionBackward"}
 
@@ -96,19 +103,28 @@ def _operands(q, k, v, kv_valid, scales, segments, rope):
   return (q, k, v, kv_valid, segments[0], scales[0], segments[1], scales[1], *rope)
 
 
+def saved_probabilities_shape(q, k) -> tuple[int, ...]:
+  """The probabilities the forward saves for these q and k: (B, H, Lq, Lk_padded), or (0,) where
+  they would take more than SAVED_PROBABILITIES_BYTES and the backward recomputes them."""
+  batch, queries, heads, _ = q.shape
+  shape = (batch, heads, queries, -(-k.shape[1] // _LANES) * _LANES)
+  return shape if 4 * math.prod(shape) <= SAVED_PROBABILITIES_BYTES else (0,)
+
+
 def _forward(q, k, v, kv_valid, scales, segments, rope, eps):
   batch, queries, heads, _ = q.shape
-  out, lse = jax.ffi.ffi_call(
+  out, lse, probs = jax.ffi.ffi_call(
       "jova_attention_forward",
       (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-       jax.ShapeDtypeStruct((batch, heads, queries), jnp.float32)),
+       jax.ShapeDtypeStruct((batch, heads, queries), jnp.float32),
+       jax.ShapeDtypeStruct(saved_probabilities_shape(q, k), jnp.float32)),
       vmap_method="sequential")(*_operands(q, k, v, kv_valid, scales, segments, rope),
                                 eps=np.float32(eps))
-  return out, (q, k, v, kv_valid, scales, segments, rope, out, lse)
+  return out, (q, k, v, kv_valid, scales, segments, rope, out, lse, probs)
 
 
 def _backward(eps, residuals, dout):
-  q, k, v, kv_valid, scales, segments, rope, out, lse = residuals
+  q, k, v, kv_valid, scales, segments, rope, out, lse, probs = residuals
   batch, _, heads, _ = q.shape
   per_task = lambda table: jax.ShapeDtypeStruct((batch, heads, *table.shape), jnp.float32)
   dq, dk, dv, dscales_q, dscales_k = jax.ffi.ffi_call(
@@ -116,7 +132,7 @@ def _backward(eps, residuals, dout):
       (*(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
        per_task(scales[0]), per_task(scales[1])),
       vmap_method="sequential")(*_operands(q, k, v, kv_valid, scales, segments, rope), out, lse,
-                                dout.astype(jnp.float32), eps=np.float32(eps))
+                                probs, dout.astype(jnp.float32), eps=np.float32(eps))
   # Each (example, head) returned its own share of the scales' gradients. kv_valid and the
   # segments: no gradient; the RoPE tables: none wanted (positions, not parameters).
   dscales = (dscales_q.sum((0, 1)), dscales_k.sum((0, 1)))
