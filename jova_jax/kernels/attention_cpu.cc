@@ -271,73 +271,88 @@ struct Shape {
   int64_t ProbsAt(int64_t b, int64_t h, int64_t i) const { return LseAt(b, h, i) * keys_padded(); }
 };
 
-// One head of one example's keys (prepared by Prep where there is a norm or RoPE), copied into the
-// layouts the matmuls read, zero-padded to whole vectors: keys_t (D x Lk_padded) for QK^T (not in
-// a backward that reads saved probabilities); for the forward values (Lk_padded x D_padded) for
-// PV; for the backward values_t (D x Lk_padded) for dO V^T and keys (Lk_padded x D_padded) for
-// dS K.
+// One head of one example's attended keys (prepared by Prep where there is a norm or RoPE), copied
+// into the layouts the matmuls read, zero-padded to whole vectors of `lk` columns: keys_t (D x lk)
+// for QK^T (not in a backward that reads saved probabilities); for the forward values (lk x
+// D_padded) for PV; for the backward values_t (D x lk) for dO V^T and keys (lk x D_padded) for
+// dS K. The attended keys are the valid ones: an invalid key's probability is exactly 0 in a row
+// that has a valid key, so the padding of the text segments costs no work. An example without a
+// valid key attends to all of them with MASK_VALUE added, which comes out uniform, as the 'xla'
+// kernel's does.
 struct HeadKeys {
   std::vector<float> keys_t, values, values_t, keys;
-  std::vector<float> prepared;  // (Lk x D): the head's prepared keys, where there is a Prep
-  // (Lk_padded): 0 for a valid key, MASK_VALUE for an invalid one (a row with no valid key
-  // comes out uniform over its keys, as the 'xla' kernel's does), -inf for the padding.
-  std::vector<float> bias;
+  std::vector<float> prepared;  // (kept x D): the attended keys prepared, where there is a Prep
+  std::vector<int64_t> kept;    // the attended keys' indices, ascending
+  std::vector<float> bias;      // (lk): 0, or MASK_VALUE where no key is valid; -inf for padding
+  int64_t lk = 0;               // kept.size() rounded up to whole vectors
 
   void Pack(const Shape& s, const float* k, const float* v, const bool* valid,
             const Prep& prep, int64_t b, int64_t h, bool backward, bool logits = true) {
-    const int64_t lk = s.keys_padded(), stride = s.heads * s.dim;
+    const int64_t stride = s.heads * s.dim;
+    kept.clear();
+    for (int64_t j = 0; j < s.keys; ++j)
+      if (valid[b * s.keys + j]) kept.push_back(j);
+    const bool none_valid = kept.empty();
+    if (none_valid)
+      for (int64_t j = 0; j < s.keys; ++j) kept.push_back(j);
+    const int64_t n = static_cast<int64_t>(kept.size());
+    lk = RoundUp(n);
     bias.assign(lk, -std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < s.keys; ++j) bias[j] = valid[b * s.keys + j] ? 0.0f : kMaskValue;
-    // This head's keys: rows `key_stride` apart, prepared first where there is a Prep.
+    std::fill(bias.begin(), bias.begin() + n, none_valid ? kMaskValue : 0.0f);
+    // This head's keys: row i at head_keys + rows[i] * key_stride (rows null: i), prepared first
+    // where there is a Prep.
     const float* head_keys = k + s.At(b, 0, h, s.keys);
+    const int64_t* rows = kept.data();
     int64_t key_stride = stride;
     if (prep.active()) {
-      prepared.resize(s.keys * s.dim);
-      for (int64_t j = 0; j < s.keys; ++j) {
-        if (j + kAhead < s.keys) Prefetch(head_keys + (j + kAhead) * stride, s.dim);
-        prep.Apply(j, head_keys + j * stride, s.dim, 1.0f, &prepared[j * s.dim]);
+      prepared.resize(n * s.dim);
+      for (int64_t i = 0; i < n; ++i) {
+        if (i + kAhead < n) Prefetch(head_keys + kept[i + kAhead] * stride, s.dim);
+        prep.Apply(kept[i], head_keys + kept[i] * stride, s.dim, 1.0f, &prepared[i * s.dim]);
       }
-      head_keys = prepared.data(), key_stride = s.dim;
+      head_keys = prepared.data(), rows = nullptr, key_stride = s.dim;
     }
     const float* head_values = v + s.At(b, 0, h, s.keys);
-    if (logits) Transpose(s, head_keys, key_stride, keys_t);
+    if (logits) Transpose(s, head_keys, rows, key_stride, keys_t);
     if (backward) {
-      RowMajor(s, head_keys, key_stride, keys);
-      Transpose(s, head_values, stride, values_t);
+      RowMajor(s, head_keys, rows, key_stride, keys);
+      Transpose(s, head_values, kept.data(), stride, values_t);
     } else {
-      RowMajor(s, head_values, stride, values);
+      RowMajor(s, head_values, kept.data(), stride, values);
     }
   }
 
  private:
-  // Lk rows of D values, `stride` apart from `first`, into (Lk_padded x D_padded).
-  static void RowMajor(const Shape& s, const float* first, int64_t stride,
-                       std::vector<float>& out) {
-    const int64_t dp = s.dim_padded();
-    out.assign(s.keys_padded() * dp, 0.0f);
-    for (int64_t j = 0; j < s.keys; ++j) {
-      if (j + kAhead < s.keys) Prefetch(first + (j + kAhead) * stride, s.dim);
-      std::memcpy(&out[j * dp], first + j * stride, s.dim * sizeof(float));
+  // The attended rows of D values, row i at first + rows[i] * stride (rows null: i), into
+  // (lk x D_padded).
+  void RowMajor(const Shape& s, const float* first, const int64_t* rows, int64_t stride,
+                std::vector<float>& out) const {
+    const int64_t dp = s.dim_padded(), n = static_cast<int64_t>(kept.size());
+    out.assign(lk * dp, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) Prefetch(first + (rows ? rows[i + kAhead] : i + kAhead) * stride, s.dim);
+      std::memcpy(&out[i * dp], first + (rows ? rows[i] : i) * stride, s.dim * sizeof(float));
     }
   }
 
-  // The same rows transposed, into (D x Lk_padded).
-  static void Transpose(const Shape& s, const float* first, int64_t stride,
-                        std::vector<float>& out) {
-    const int64_t lk = s.keys_padded();
+  // The same rows transposed, into (D x lk).
+  void Transpose(const Shape& s, const float* first, const int64_t* rows, int64_t stride,
+                 std::vector<float>& out) const {
+    const int64_t n = static_cast<int64_t>(kept.size());
     out.assign(s.dim * lk, 0.0f);
     // kLanes rows at a time: read row by row (prefetched), then written out column by column
     // from the copy in L1, so that neither side strides through memory.
     thread_local std::vector<float> block;
     block.resize(kLanes * s.dim);
-    for (int64_t j0 = 0; j0 < s.keys; j0 += kLanes) {
-      const int64_t rows = std::min(kLanes, s.keys - j0);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (j0 + r + kAhead < s.keys) Prefetch(first + (j0 + r + kAhead) * stride, s.dim);
-        std::memcpy(&block[r * s.dim], first + (j0 + r) * stride, s.dim * sizeof(float));
+    const auto row = [&](int64_t i) { return first + (rows ? rows[i] : i) * stride; };
+    for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+      const int64_t count = std::min(kLanes, n - i0);
+      for (int64_t r = 0; r < count; ++r) {
+        if (i0 + r + kAhead < n) Prefetch(row(i0 + r + kAhead), s.dim);
+        std::memcpy(&block[r * s.dim], row(i0 + r), s.dim * sizeof(float));
       }
       for (int64_t d = 0; d < s.dim; ++d)
-        for (int64_t r = 0; r < rows; ++r) out[d * lk + j0 + r] = block[r * s.dim + d];
+        for (int64_t r = 0; r < count; ++r) out[d * lk + i0 + r] = block[r * s.dim + d];
     }
   }
 };
@@ -348,13 +363,14 @@ inline float Max(Vec x) {
   return max;
 }
 
-// Scaled, masked logits of `rows` queries (already scaled by 1/sqrt(D)) into probs
-// (rows x Lk_padded), then each row's exp(logit - offset); the padding columns come out 0.
+// Scaled, masked logits of `rows` queries (already scaled by 1/sqrt(D)) and the head's attended
+// keys into probs (rows x head.lk), then each row's exp(logit - offset); the padding columns
+// come out 0.
 // Forward (row_lse null): the offset is the row's maximum, and row_max and row_sum get each row's
 // maximum and sum. Backward: the offset is the row's log-sum-exp from the forward.
 void Probabilities(const Shape& s, const HeadKeys& head, const float* queries, int64_t rows,
                    float* probs, float* row_max, float* row_sum, const float* row_lse) {
-  const int64_t lk = s.keys_padded(), dp = s.dim_padded();
+  const int64_t lk = head.lk, dp = s.dim_padded();
   MatMul(queries, dp, 1, head.keys_t.data(), lk, rows, lk, s.dim, probs, lk, false);
   for (int64_t i = 0; i < rows; ++i) {
     float* row = probs + i * lk;
@@ -465,12 +481,13 @@ struct PrepTables {
 void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
                  const Prep& prep_q, const Prep& prep_k, int64_t b, int64_t h, float* out,
                  float* lse, float* saved) {
-  const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   // Per thread and reused from call to call: fresh buffers would fault in fresh pages each time.
   thread_local HeadKeys head;  // packed once for all the query blocks
   thread_local std::vector<float> queries, probs, acc, row_max, row_sum;
   head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/false);
+  // Saved rows keep all keys' width (ProbsAt); their first lk columns are the attended keys'.
+  const int64_t lk = head.lk, dp = s.dim_padded();
   queries.resize(kQueryBlock * dp), probs.resize(kQueryBlock * lk), acc.resize(kQueryBlock * dp);
   row_max.resize(kQueryBlock), row_sum.resize(kQueryBlock);
   for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
@@ -499,12 +516,14 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
                   const float* out, const float* lse, const float* saved, const float* dout,
                   int64_t b, int64_t h,
                   float* dq, float* dk, float* dv, float* q_scale_grads, float* k_scale_grads) {
-  const int64_t lk = s.keys_padded(), dp = s.dim_padded();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
   thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
   thread_local std::vector<float> key_grad, value_grad;  // summed over the query blocks
   head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/true, /*logits=*/!saved);
+  const int64_t lk = head.lk, dp = s.dim_padded();
+  // Rows of the probabilities: saved ones keep all keys' width, recomputed ones are lk wide.
+  const int64_t probs_stride = saved ? s.keys_padded() : lk;
   queries.resize(kQueryBlock * dp), out_grad.resize(kQueryBlock * dp);
   probs.resize(kQueryBlock * lk), grads.resize(kQueryBlock * lk);
   query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock);
@@ -526,12 +545,13 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
                     lse + s.LseAt(b, h, first));
     }
     // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta).
-    MatMul(block, 1, lk, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
+    MatMul(block, 1, probs_stride, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
     MatMul(out_grad.data(), dp, 1, head.values_t.data(), lk, rows, lk, s.dim, grads.data(), lk,
            false);
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < lk; j += kLanes)
-        Store(&grads[i * lk + j], Load(block + i * lk + j) * (Load(&grads[i * lk + j]) - delta[i]));
+        Store(&grads[i * lk + j],
+              Load(block + i * probs_stride + j) * (Load(&grads[i * lk + j]) - delta[i]));
     // dQ = scale * dS K; dK += dS^T (scale * Q); both for the prepared q and k until written.
     MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
     MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
@@ -542,15 +562,22 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
       prep_q.Backward(first + i, q + at, &query_grad[i * dp], s.dim, scale, dq + at, q_scale_grads);
     }
   }
-  for (int64_t j = 0; j < s.keys; ++j) {
+  // Keys that were not attended had probability 0 in every row: their gradients are 0.
+  for (int64_t j = 0, i = 0; j < s.keys; ++j) {
     const int64_t at = s.At(b, j, h, s.keys);
     if (j + kAhead < s.keys) {
       const int64_t ahead = s.At(b, j + kAhead, h, s.keys);
       Prefetch(k + ahead, s.dim);
       Prefetch(dk + ahead, s.dim, true), Prefetch(dv + ahead, s.dim, true);
     }
-    prep_k.Backward(j, k + at, &key_grad[j * dp], s.dim, 1.0f, dk + at, k_scale_grads);
-    std::memcpy(dv + at, &value_grad[j * dp], s.dim * sizeof(float));
+    if (i < static_cast<int64_t>(head.kept.size()) && head.kept[i] == j) {
+      prep_k.Backward(j, k + at, &key_grad[i * dp], s.dim, 1.0f, dk + at, k_scale_grads);
+      std::memcpy(dv + at, &value_grad[i * dp], s.dim * sizeof(float));
+      ++i;
+    } else {
+      std::memset(dk + at, 0, s.dim * sizeof(float));
+      std::memset(dv + at, 0, s.dim * sizeof(float));
+    }
   }
 }
 
