@@ -3,8 +3,9 @@
 // dispatches to them as the 'cpu' kernel). XLA CPU runs attention as separate dots, transposes
 // and softmax loops over B x H x L x L arrays in memory; here each (example, head) works on one
 // block of query rows at a time, whose logits stay in cache from QK^T through the softmax to PV.
-// The backward reads the probabilities where the forward saved them (`probs`, (B, H, Lq,
-// Lk_padded): a fifth of the backward's matmuls and its exp spared, docs/performance.md,
+// Only each example's valid keys are attended (HeadKeys). The backward reads the probabilities
+// where the forward saved them (`probs`, (B, H, Lq, Lk_padded), a row's first columns those of its
+// attended keys: a fifth of the backward's matmuls and its exp spared, docs/performance.md,
 // "Fourteenth round"), else recomputes them from the row log-sum-exp as a flash kernel does.
 //
 // Layout: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk), all row-major float32 / bool.
@@ -323,15 +324,19 @@ struct HeadKeys {
   }
 
  private:
-  // The attended rows of D values, row i at first + rows[i] * stride (rows null: i), into
-  // (lk x D_padded).
+  // Row i of the attended rows: at first + rows[i] * stride (rows null: i).
+  static const float* Row(const float* first, const int64_t* rows, int64_t i, int64_t stride) {
+    return first + (rows ? rows[i] : i) * stride;
+  }
+
+  // The attended rows of D values (Row), into (lk x D_padded).
   void RowMajor(const Shape& s, const float* first, const int64_t* rows, int64_t stride,
                 std::vector<float>& out) const {
     const int64_t dp = s.dim_padded(), n = static_cast<int64_t>(kept.size());
     out.assign(lk * dp, 0.0f);
     for (int64_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) Prefetch(first + (rows ? rows[i + kAhead] : i + kAhead) * stride, s.dim);
-      std::memcpy(&out[i * dp], first + (rows ? rows[i] : i) * stride, s.dim * sizeof(float));
+      if (i + kAhead < n) Prefetch(Row(first, rows, i + kAhead, stride), s.dim);
+      std::memcpy(&out[i * dp], Row(first, rows, i, stride), s.dim * sizeof(float));
     }
   }
 
@@ -344,12 +349,11 @@ struct HeadKeys {
     // from the copy in L1, so that neither side strides through memory.
     thread_local std::vector<float> block;
     block.resize(kLanes * s.dim);
-    const auto row = [&](int64_t i) { return first + (rows ? rows[i] : i) * stride; };
     for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
       const int64_t count = std::min(kLanes, n - i0);
       for (int64_t r = 0; r < count; ++r) {
-        if (i0 + r + kAhead < n) Prefetch(row(i0 + r + kAhead), s.dim);
-        std::memcpy(&block[r * s.dim], row(i0 + r), s.dim * sizeof(float));
+        if (i0 + r + kAhead < n) Prefetch(Row(first, rows, i0 + r + kAhead, stride), s.dim);
+        std::memcpy(&block[r * s.dim], Row(first, rows, i0 + r, stride), s.dim * sizeof(float));
       }
       for (int64_t d = 0; d < s.dim; ++d)
         for (int64_t r = 0; r < count; ++r) out[d * lk + i0 + r] = block[r * s.dim + d];
@@ -477,7 +481,7 @@ struct PrepTables {
 
 // Attention of head h of example b: its rows of out (B, Lq, H, D) and of lse (B, H, Lq), the
 // row log-sum-exp of the scaled, masked logits, and where `saved` is given, of the probabilities
-// (B, H, Lq, Lk_padded).
+// (B, H, Lq, Lk_padded; the first head.lk columns of a row, in the order of head.kept).
 void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
                  const Prep& prep_q, const Prep& prep_k, int64_t b, int64_t h, float* out,
                  float* lse, float* saved) {
@@ -514,8 +518,8 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
 void BackwardHead(const Shape& s, const float* q, const float* k, const float* v,
                   const bool* valid, const Prep& prep_q, const Prep& prep_k,
                   const float* out, const float* lse, const float* saved, const float* dout,
-                  int64_t b, int64_t h,
-                  float* dq, float* dk, float* dv, float* q_scale_grads, float* k_scale_grads) {
+                  int64_t b, int64_t h, float* dq, float* dk, float* dv, float* q_scale_grads,
+                  float* k_scale_grads) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
   thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
@@ -672,7 +676,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionForward, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionBackward, Backward,
-                              AttentionCall()  // out, lse, probs, dout -> dq, dk, dv, dscales_q, dscales_k
+                              // out, lse, probs, dout -> dq, dk, dv, dscales_q, dscales_k
+                              AttentionCall()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -104,8 +104,9 @@ def _operands(q, k, v, kv_valid, scales, segments, rope):
 
 
 def saved_probabilities_shape(q, k) -> tuple[int, ...]:
-  """The probabilities the forward saves for these q and k: (B, H, Lq, Lk_padded), or (0,) where
-  they would take more than SAVED_PROBABILITIES_BYTES and the backward recomputes them."""
+  """The buffer of probabilities the forward saves for these q and k (opaque to Python: the
+  kernel's layout): (B, H, Lq, Lk_padded), or (0,) where it would take more than
+  SAVED_PROBABILITIES_BYTES and the backward recomputes them."""
   batch, queries, heads, _ = q.shape
   shape = (batch, heads, queries, -(-k.shape[1] // _LANES) * _LANES)
   return shape if 4 * math.prod(shape) <= SAVED_PROBABILITIES_BYTES else (0,)
