@@ -28,6 +28,7 @@
 #include <immintrin.h>
 #endif
 
+#include "matmul_tiles.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,20 +36,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 16;
+using namespace jova::tiles;
+
 constexpr int64_t kQueryBlock = 64;  // rows whose logits (64 x Lk) stay in L2 between the matmuls
 constexpr float kMaskValue = -1e30f;
 
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t VecInt __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-inline Vec Splat(float x) { return Vec{} + x; }
 inline int64_t RoundUp(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // Rows of one head lie H * D floats apart in q, k, v and their gradients: too far apart for the
@@ -124,50 +116,6 @@ inline Vec Exp(Vec x) {
   p = p * (r * r) + r + 1.0f;
   const VecInt exponent = ((VecInt)shifted - (VecInt)shifter + 127) << 23;
   return (Vec)((VecInt)(p * (Vec)exponent) & ~underflow);
-}
-
-// C[m][0:16 * NV] (+)= sum_k A(m, k) * B[k][0:16 * NV] for R rows, all in registers.
-// A(m, k) = a[m * a_row + k * a_col] (either orientation), B row-major with row stride ldb.
-template <int R, int NV>
-inline void Tile(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
-                 int64_t depth, float* c, int64_t ldc, bool accumulate) {
-  Vec acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Load(c + r * ldc + v * kLanes) : Vec{};
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec column[NV];
-    for (int v = 0; v < NV; ++v) column[v] = Load(b + k * ldb + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const Vec scalar = Splat(a[r * a_row + k * a_col]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += scalar * column[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) Store(c + r * ldc + v * kLanes, acc[r][v]);
-}
-
-template <int R, int NV>
-void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
-          int64_t depth, float* c, int64_t ldc, bool accumulate) {
-  int64_t i = 0;
-  for (; i + R <= m; i += R)
-    Tile<R, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
-  for (; i + 4 <= m; i += 4)
-    Tile<4, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
-  for (; i < m; ++i)
-    Tile<1, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
-}
-
-// C (m x n) (+)= A (m x depth) B (depth x n); n a multiple of 16, B and C row-major.
-void MatMul(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
-            int64_t n, int64_t depth, float* c, int64_t ldc, bool accumulate) {
-  int64_t j = 0;
-  for (; j + 3 * kLanes <= n; j += 3 * kLanes)
-    Rows<8, 3>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate);
-  switch ((n - j) / kLanes) {
-    case 2: Rows<8, 2>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
-    case 1: Rows<8, 1>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate); break;
-  }
 }
 
 // RoPE of one sequence: channel pair (2i, 2i+1) of row j turns by the angle whose cosine and sine

@@ -43,12 +43,9 @@ def available() -> bool:
 
 
 def applies(dtype) -> bool:
-  """Whether 'auto' picks this kernel: on a CPU backend, in float32, in a one-device program (no
-  mesh or a mesh of one; several CPU devices are the test suite's fake devices, whose programs
-  keep the XLA kernels), when it could be built."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
-          and (mesh.empty or mesh.size == 1) and available())
+  """Whether 'auto' picks this kernel: in a one-device float32 CPU program
+  (cpu_build.one_cpu_device), when it could be built."""
+  return cpu_build.one_cpu_device(dtype) and available()
 
 
 def attention(q, k, v, kv_valid, rope=None, norm=None):

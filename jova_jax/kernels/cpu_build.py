@@ -14,10 +14,20 @@ import subprocess
 import tempfile
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 HERE = pathlib.Path(__file__).parent
 BASE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def one_cpu_device(dtype) -> bool:
+  """Whether the program being traced is where this folder's kernels apply: a CPU backend, float32
+  compute, one device (no mesh or a mesh of one). Several CPU devices are the test suite's fake
+  devices, whose programs keep XLA's ops: an FFI call has no partitioning rule."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
+          and (mesh.empty or mesh.size == 1))
 
 
 def cache_dir() -> pathlib.Path:

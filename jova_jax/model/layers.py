@@ -5,6 +5,7 @@ softmax statistics stay in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jova_jax.kernels import weight_grad_cpu
 from jova_jax.parallel.rules import gathered, weights_sharded
 
 
@@ -26,17 +28,46 @@ def contract(x, kernel: nnx.Param, n_in: int, dtype):
   as FSDP means: left to the partitioner, the text streams' products on a data x fsdp x tensor
   mesh came out with their batch rows permuted across devices (wrong values). The gather sits
   inside a checkpoint so the backward keeps the sharded kernel and gathers it again, instead of
-  saving every layer's gathered copy.
+  saving every layer's gathered copy. In a one-device float32 CPU program the weight gradient
+  is the C++ kernel's (kernels/weight_grad_cpu.py).
   """
   axes = kernel.get_metadata()["axes"]
-  dims = ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+  dims = _contraction(x.ndim, n_in)
 
   def product(x, w):
     return jax.lax.dot_general(x, gathered(w, axes), dims)
   x, w = x.astype(dtype), kernel[...].astype(dtype)
   if not weights_sharded():
+    if weight_grad_cpu.applies(dtype, math.prod(w.shape[n_in:])):
+      return _product_cpu_weight_gradient(x, w, n_in)
     return jax.lax.dot_general(x, w, dims)
   return jax.checkpoint(product)(x, w)
+
+
+def _contraction(ndim: int, n_in: int):
+  """dot_general's dimension numbers for x (ndim dims)'s last n_in with a kernel's first n_in."""
+  return ((tuple(range(ndim - n_in, ndim)), tuple(range(n_in))), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _product_cpu_weight_gradient(x, w, n_in: int):
+  return jax.lax.dot_general(x, w, _contraction(x.ndim, n_in))
+
+
+def _product_forward(x, w, n_in):
+  return _product_cpu_weight_gradient(x, w, n_in), (x, w)
+
+
+def _product_backward(n_in, residuals, dy):
+  x, w = residuals
+  n_out = w.ndim - n_in
+  # dx = dy . W^T over the outputs, as XLA's own backward; dW = x^T dy in the kernel.
+  dx = jax.lax.dot_general(dy, w, ((tuple(range(dy.ndim - n_out, dy.ndim)),
+                                    tuple(range(n_in, w.ndim))), ((), ())))
+  return dx.astype(x.dtype), weight_grad_cpu.weight_gradient(x, dy, n_in).astype(w.dtype)
+
+
+_product_cpu_weight_gradient.defvjp(_product_forward, _product_backward)
 
 
 class Dense(nnx.Module):

@@ -1,0 +1,90 @@
+// The weight gradient of a dense layer on CPU as an XLA FFI custom call: dW = X^T dY for X (K, M)
+// and dY (K, N), both row-major with the K = batch x tokens rows first, into dW (M, N) in the
+// kernel's own layout (weight_grad_cpu.py calls it from layers.Dense's backward). XLA CPU runs
+// this product either in Eigen after a transposed copy of X or dY (its library matmul takes no
+// transposed operand), or not at all in its faster library; the tiles of matmul_tiles.h read X
+// in either orientation, so here both are streamed row by row as they lie (docs/performance.md,
+// "Fifteenth round").
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "matmul_tiles.h"
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace jova::tiles;
+
+// One task: a block of dW, kRows x up to kColumns, over the depth in chunks of kDepth rows of X
+// and dY. Each chunk's slices are first copied together: X's (kDepth x kRows) and dY's as
+// kDepth x 48 panels, each read by every 8-row tile of the block in turn from L1. Read in place,
+// rows kN floats apart map to a few cache sets (N = 768: 4 of 64) and evict each other.
+constexpr int64_t kRows = 192;
+constexpr int64_t kPanel = 3 * kLanes;  // the widest tile, matmul_tiles.h's MatMul
+constexpr int64_t kColumns = 2 * kPanel;
+constexpr int64_t kDepth = 256;
+
+// Rows [k, k + depth) x columns [j, j + width) of a row-major array `stride` wide, into `to`
+// (depth x width).
+inline void CopyBlock(const float* from, int64_t stride, int64_t k, int64_t j, int64_t depth,
+                      int64_t width, float* to) {
+  for (int64_t r = 0; r < depth; ++r)
+    std::copy_n(from + (k + r) * stride + j, width, to + r * width);
+}
+
+// Rows [i, i + rows) x columns [j, j + columns) of dW = X^T dY.
+void Block(const float* x, const float* dy, int64_t depth, int64_t m, int64_t n, int64_t i,
+           int64_t j, int64_t rows, int64_t columns, float* dw) {
+  thread_local std::vector<float> x_block, dy_panels;
+  x_block.resize(kDepth * kRows), dy_panels.resize(kDepth * kColumns);
+  for (int64_t k = 0; k < depth; k += kDepth) {
+    const int64_t chunk = std::min(kDepth, depth - k);
+    CopyBlock(x, m, k, i, chunk, rows, x_block.data());
+    for (int64_t p = 0; p < columns; p += kPanel)
+      CopyBlock(dy, n, k, j + p, chunk, std::min(kPanel, columns - p), &dy_panels[p * chunk]);
+    for (int64_t p = 0; p < columns; p += kPanel) {
+      const int64_t width = std::min(kPanel, columns - p);
+      // X^T's row r is X's column r: A(r, k) = x_block[k * rows + r].
+      MatMul(x_block.data(), 1, rows, &dy_panels[p * chunk], width, rows, width, chunk,
+             dw + i * n + j + p, n, /*accumulate=*/k > 0);
+    }
+  }
+}
+
+ffi::Error WeightGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dw) {
+  const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || wd.size() != 2 || xd[0] != yd[0] || wd[0] != xd[1] ||
+      wd[1] != yd[1])
+    return ffi::Error::InvalidArgument(
+        "weight_grad_cpu: x must be (K, M), dy (K, N) and dw (M, N)");
+  const int64_t depth = xd[0], m = xd[1], n = yd[1];
+  if (n % kLanes)
+    return ffi::Error::InvalidArgument("weight_grad_cpu: dy's columns must be a multiple of 16");
+  const float* a = x.typed_data();
+  const float* b = dy.typed_data();
+  float* c = dw->typed_data();
+  if (depth == 0) {
+    std::fill(c, c + m * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t row_blocks = (m + kRows - 1) / kRows, column_blocks = (n + kColumns - 1) / kColumns;
+  jova::ParallelFor(pool, row_blocks * column_blocks, [&](int64_t task) {
+    const int64_t i = task / column_blocks * kRows, j = task % column_blocks * kColumns;
+    Block(a, b, depth, m, n, i, j, std::min(kRows, m - i), std::min(kColumns, n - j), c);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaWeightGradient, WeightGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (K, M)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy (K, N)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dw (M, N)
