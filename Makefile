@@ -46,7 +46,7 @@ $(DEV_VENV)/.installed: requirements.txt requirements-nodeps.txt requirements-de
 # Issue 16's side-by-side: our demo train step and the size-matched diffusers Wan step, rounds
 # alternating in one process (jova_jax/tools/wan_peer.py; ~10 min on 2 cores with torch.compile).
 bench-peer: $(DEV_VENV)/.installed
-	$(DEV_PY) -m jova_jax.tools.wan_peer --config=configs/demo.py --rounds=5
+	$(DEV_PY) -m jova_jax.tools.wan_peer --config=configs/demo.py --rounds=20
 
 $(LIBTPU)/.installed:
 	$(PY) -m pip install -q --target $(LIBTPU) "$(LIBTPU_PIN)"
