@@ -1,6 +1,6 @@
 """Our train step next to diffusers' WanTransformer3DModel sized to match, in one process:
 
-  python -m jova_jax.tools.wan_peer --config=configs/demo.py [--rounds=5] [--compile=yes|no]
+  python -m jova_jax.tools.wan_peer --config=configs/demo.py [--rounds=20] [--compile=yes|no]
   make bench-peer        # builds .venv-dev (requirements-dev.txt: torch, diffusers) and runs it
 
 The peer has our width, heads, MLP width, block count (dual + single), video patch, latent
@@ -309,7 +309,7 @@ def main():
   # Flags are defined here, not at import (the tests import this module).
   from ml_collections import config_flags
   config_flag = config_flags.DEFINE_config_file("config", None, "Config file.")
-  rounds = flags.DEFINE_integer("rounds", 5, "Timed rounds after the warm-up (medians).")
+  rounds = flags.DEFINE_integer("rounds", 20, "Timed rounds after the warm-up (medians).")
   compile_flag = flags.DEFINE_enum("compile", "yes", ["yes", "no"],
                                    "Also time the peer under torch.compile.")
 
