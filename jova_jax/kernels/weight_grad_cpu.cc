@@ -1,10 +1,9 @@
 // The weight gradient of a dense layer on CPU as an XLA FFI custom call: dW = X^T dY for X (K, M)
-// and dY (K, N), both row-major with the K = batch x tokens rows first, into dW (M, N) in the
-// kernel's own layout (weight_grad_cpu.py calls it from layers.Dense's backward). XLA CPU runs
-// this product either in Eigen after a transposed copy of X or dY (its library matmul takes no
-// transposed operand), or not at all in its faster library; the tiles of matmul_tiles.h read X
-// in either orientation, so here both are streamed row by row as they lie (docs/performance.md,
-// "Fifteenth round").
+// and dY (K, N), both row-major with the K = batch x tokens rows first, into dW (M, N), the
+// layer's (in, out) layout (weight_grad_cpu.py; layers.contract's backward). XLA CPU runs this
+// product after a transposed copy of X or dY, in Eigen or in its faster library (YNN), neither
+// of which takes a transposed operand; the tiles of matmul_tiles.h read X in either orientation,
+// so here X and dY are read as they lie (docs/performance.md, "Fifteenth round").
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -19,10 +18,10 @@ namespace {
 
 using namespace jova::tiles;
 
-// One task: a block of dW, kRows x up to kColumns, over the depth in chunks of kDepth rows of X
-// and dY. Each chunk's slices are first copied together: X's (kDepth x kRows) and dY's as
-// kDepth x 48 panels, each read by every 8-row tile of the block in turn from L1. Read in place,
-// rows kN floats apart map to a few cache sets (N = 768: 4 of 64) and evict each other.
+// One task: a block of dW of up to kRows x kColumns, over the depth in chunks of kDepth rows of
+// X and dY. Each chunk's slices are first copied together: X's (kDepth x kRows), and dY's as
+// kDepth x 48 panels, each read from L1 by every 8-row tile of the block in turn. Read in place,
+// rows N floats apart fall into a few cache sets (N = 768: 4 of L1's 64) and evict each other.
 constexpr int64_t kRows = 192;
 constexpr int64_t kPanel = 3 * kLanes;  // the widest tile, matmul_tiles.h's MatMul
 constexpr int64_t kColumns = 2 * kPanel;
