@@ -43,18 +43,6 @@ constexpr float kMaskValue = -1e30f;
 
 inline int64_t RoundUp(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Rows of one head lie H * D floats apart in q, k, v and their gradients: too far apart for the
-// hardware prefetcher, so each first read of a row waited on memory (a third of the packing's
-// time). The row loops ask for the row kAhead on while they work on this one.
-constexpr int64_t kAhead = 8;
-// for_write: the row is about to be written (its lines fetched for ownership).
-inline void Prefetch(const float* row, int64_t dim, bool for_write = false) {
-  for (int64_t d = 0; d < dim; d += kLanes) {
-    if (for_write) __builtin_prefetch(row + d, 1);
-    else __builtin_prefetch(row + d, 0);
-  }
-}
-
 // to[0:n] = scale * from[0:n], n a multiple of kLanes, for rows not read again soon: with AVX-512
 // and an aligned target by streaming stores, which write whole lines without first reading them
 // into the cache (the forward's saved probabilities: 0.92x its time per head).

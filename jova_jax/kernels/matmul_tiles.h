@@ -1,7 +1,8 @@
-// Register-tiled float32 matmuls on 16-lane vectors, shared by the CPU kernels in this folder:
-// the attention kernel's products (attention_cpu.cc) and the layers' weight gradients
-// (weight_grad_cpu.cc). One tile keeps R rows x NV vectors of C in registers over the whole depth;
-// A is read in either orientation through (a_row, a_col), so A^T B needs no transposed copy.
+// Register-tiled float32 matmuls on 16-lane vectors, and row prefetching, shared by the CPU
+// kernels in this folder: the attention kernel (attention_cpu.cc) and the layers' weight
+// gradients (weight_grad_cpu.cc). One tile keeps R rows x NV vectors of C in registers over the
+// whole depth; A is read in either orientation through (a_row, a_col), so A^T B needs no
+// transposed copy.
 #ifndef JOVA_JAX_KERNELS_MATMUL_TILES_H_
 #define JOVA_JAX_KERNELS_MATMUL_TILES_H_
 
@@ -22,6 +23,19 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 inline Vec Splat(float x) { return Vec{} + x; }
+
+// Rows that lie far apart (a head's rows in q, k, v: H * D floats; a block's rows of a layer's
+// activations: a row of features) defeat the hardware prefetcher, so each first read of a row
+// waits on memory (a third of the attention kernel's packing time). Row loops ask for the row
+// kAhead on while they work on this one.
+constexpr int64_t kAhead = 8;
+// for_write: the row is about to be written (its lines fetched for ownership).
+inline void Prefetch(const float* row, int64_t dim, bool for_write = false) {
+  for (int64_t d = 0; d < dim; d += kLanes) {
+    if (for_write) __builtin_prefetch(row + d, 1);
+    else __builtin_prefetch(row + d, 0);
+  }
+}
 
 // C[m][0:16 * NV] (+)= sum_k A(m, k) * B[k][0:16 * NV] for R rows, all in registers.
 // A(m, k) = a[m * a_row + k * a_col] (either orientation), B row-major with row stride ldb.
