@@ -1,7 +1,7 @@
 """A dense layer's weight gradient on CPU, dW = X^T dY, as a C++ XLA FFI kernel
-(weight_grad_cpu.cc), compiled on first use (kernels/cpu_build.py). layers.Dense's backward uses
-it where `applies`: XLA CPU makes a transposed copy of X or dY for this product and then runs it
-in Eigen, at ~75 GFLOP/s on a core where its library matmuls and this kernel reach ~95
+(weight_grad_cpu.cc), compiled on first use (kernels/cpu_build.py). layers.contract's backward
+uses it where `applies`: XLA CPU makes a transposed copy of X or dY for this product and then
+runs it in Eigen, at ~75 GFLOP/s on a core where its library matmuls and this kernel reach ~95
 (docs/performance.md, "Fifteenth round"). Where it cannot be built the product stays XLA's,
 with a warning that says why.
 """
@@ -42,11 +42,8 @@ def weight_gradient(x, dy, n_in: int):
   if not available():
     raise RuntimeError("the CPU weight-gradient kernel could not be built (see the warning above)")
   in_shape, out_shape = x.shape[x.ndim - n_in:], dy.shape[x.ndim - n_in:]
-  rows = math.prod(x.shape[:x.ndim - n_in])
-  call = jax.ffi.ffi_call(
-      "jova_weight_gradient",
-      jax.ShapeDtypeStruct((math.prod(in_shape), math.prod(out_shape)), jnp.float32),
-      vmap_method="sequential")
-  m, n = math.prod(in_shape), math.prod(out_shape)
+  rows, m, n = math.prod(x.shape[:x.ndim - n_in]), math.prod(in_shape), math.prod(out_shape)
+  call = jax.ffi.ffi_call("jova_weight_gradient", jax.ShapeDtypeStruct((m, n), jnp.float32),
+                          vmap_method="sequential")
   dw = call(x.reshape(rows, m).astype(jnp.float32), dy.reshape(rows, n).astype(jnp.float32))
   return dw.reshape(*in_shape, *out_shape)
