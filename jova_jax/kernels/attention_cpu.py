@@ -30,7 +30,6 @@ FLAGS = (*cpu_build.BASE_FLAGS, "-ffp-contract=fast", "-fno-math-errno")
 # Probabilities (B, H, Lq, Lk rounded up to the kernel's 16 lanes) of one call, up to which the
 # forward saves them: a few layers' worth at the demo's lengths, a small share of a CPU host's memory.
 SAVED_PROBABILITIES_BYTES = 64 * 2**20
-_LANES = 16  # kLanes in attention_cpu.cc
 _TARGETS = {"jova_attention_forward": "JovaAttentionForward",
             "jova_attention_backward": "JovaAttentionBackward"}
 
@@ -105,7 +104,7 @@ def saved_probabilities_shape(q, k) -> tuple[int, ...]:
   kernel's layout): (B, H, Lq, Lk_padded), or (0,) where it would take more than
   SAVED_PROBABILITIES_BYTES and the backward recomputes them."""
   batch, queries, heads, _ = q.shape
-  shape = (batch, heads, queries, -(-k.shape[1] // _LANES) * _LANES)
+  shape = (batch, heads, queries, -(-k.shape[1] // cpu_build.LANES) * cpu_build.LANES)
   return shape if 4 * math.prod(shape) <= SAVED_PROBABILITIES_BYTES else (0,)
 
 

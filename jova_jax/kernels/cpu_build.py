@@ -19,6 +19,7 @@ from absl import logging
 
 HERE = pathlib.Path(__file__).parent
 BASE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+LANES = 16  # kLanes in matmul_tiles.h: the floats of one vector the kernels' tiles work in
 
 
 def one_cpu_device(dtype) -> bool:

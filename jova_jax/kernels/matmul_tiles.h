@@ -58,8 +58,8 @@ inline void Tile(const float* a, int64_t a_row, int64_t a_col, const float* b, i
 }
 
 template <int R, int NV>
-inline void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
-          int64_t depth, float* c, int64_t ldc, bool accumulate) {
+inline void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                 int64_t m, int64_t depth, float* c, int64_t ldc, bool accumulate) {
   int64_t i = 0;
   for (; i + R <= m; i += R)
     Tile<R, NV>(a + i * a_row, a_row, a_col, b, ldb, depth, c + i * ldc, ldc, accumulate);
@@ -70,8 +70,8 @@ inline void Rows(const float* a, int64_t a_row, int64_t a_col, const float* b, i
 }
 
 // C (m x n) (+)= A (m x depth) B (depth x n); n a multiple of 16, B and C row-major.
-inline void MatMul(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb, int64_t m,
-            int64_t n, int64_t depth, float* c, int64_t ldc, bool accumulate) {
+inline void MatMul(const float* a, int64_t a_row, int64_t a_col, const float* b, int64_t ldb,
+                   int64_t m, int64_t n, int64_t depth, float* c, int64_t ldc, bool accumulate) {
   int64_t j = 0;
   for (; j + 3 * kLanes <= n; j += 3 * kLanes)
     Rows<8, 3>(a, a_row, a_col, b + j, ldb, m, depth, c + j, ldc, accumulate);

@@ -19,7 +19,6 @@ from jova_jax.kernels import cpu_build
 SOURCE = pathlib.Path(__file__).with_name("weight_grad_cpu.cc")
 FLAGS = (*cpu_build.BASE_FLAGS, "-ffp-contract=fast")
 _TARGETS = {"jova_weight_gradient": "JovaWeightGradient"}
-_LANES = 16  # kLanes in matmul_tiles.h: dY's columns come in whole vectors
 
 
 @functools.cache
@@ -33,7 +32,7 @@ def applies(dtype, out_features: int) -> bool:
   """Whether a layer with `out_features` outputs computing in `dtype` takes its weight gradient
   here: in a one-device float32 CPU program (cpu_build.one_cpu_device), with whole vectors of
   outputs, when the kernel could be built."""
-  return cpu_build.one_cpu_device(dtype) and out_features % _LANES == 0 and available()
+  return cpu_build.one_cpu_device(dtype) and out_features % cpu_build.LANES == 0 and available()
 
 
 def weight_gradient(x, dy, n_in: int):

@@ -61,10 +61,11 @@ def _product_forward(x, w, n_in):
 def _product_backward(n_in, residuals, dy):
   x, w = residuals
   n_out = w.ndim - n_in
-  # dx = dy . W^T over the outputs, as XLA's own backward; dW = x^T dy in the kernel.
+  # dx = dy . W^T over the outputs, as XLA's own backward; dW = x^T dy in the kernel (float32
+  # throughout: weight_grad_cpu.applies).
   dx = jax.lax.dot_general(dy, w, ((tuple(range(dy.ndim - n_out, dy.ndim)),
                                     tuple(range(n_in, w.ndim))), ((), ())))
-  return dx.astype(x.dtype), weight_grad_cpu.weight_gradient(x, dy, n_in).astype(w.dtype)
+  return dx, weight_grad_cpu.weight_gradient(x, dy, n_in)
 
 
 _product_cpu_weight_gradient.defvjp(_product_forward, _product_backward)
