@@ -126,6 +126,18 @@ def test_auto_picks_the_kernel_on_one_cpu_device_in_float32_only():
     assert attention_kernels.resolve_kernel("auto", jnp.float32) == "xla"
 
 
+def test_on_a_one_device_mesh_the_kernel_runs_without_shard_map_or_all_reduces():
+  """A shard_map over one device would add no-op all-reduces of dq, dk and dv to the backward."""
+  inputs = make_inputs(batch=2, length=37, heads=3, head_dim=8)
+  mesh = make_mesh((1, 1, 1, 1))
+  kernel = lambda *a: joint_attention(*a, kernel="cpu")  # noqa: E731
+  assert_matches_reference(kernel, inputs, mesh=mesh)
+  with jax.set_mesh(mesh):
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(kernel(*a) ** 2), argnums=(0, 1, 2)))
+    program = grads.lower(*inputs).compile().as_text()
+  assert "jova_attention" in program and "all-reduce" not in program
+
+
 def test_half_precision_is_refused_with_the_config_key():
   q, k, v, valid = make_inputs(batch=1, heads=1)
   with pytest.raises(ValueError, match="attention_kernel='cpu' needs model.compute_dtype float32"):

@@ -77,7 +77,8 @@ def joint_attention(q, k, v, kv_valid, *, qk_norm: QKNorm | None = None, rope=No
   Returns (B, L, H, D) in q.dtype; scale
   1/sqrt(D), softmax accumulated in float32. Call under jax.set_mesh(mesh) for the sharded
   strategies; without a mesh, or with a 'context' axis of size 1, every strategy runs the local
-  kernel (splash, cuDNN and 'cpu' in a shard_map over batch and heads whenever there is a mesh). The
+  kernel (splash, cuDNN and 'cpu' in a shard_map over batch and heads on a mesh of several
+  devices). The
   sharded strategies split L evenly over 'context' and pad each shard's part where they need
   padding, so a sequence laid out per shard (model/joint_layout.py) stays in place. The ring
   strategy folds each K/V block into its own online softmax: densely for kernel='xla', else in
@@ -110,8 +111,10 @@ def joint_attention(q, k, v, kv_valid, *, qk_norm: QKNorm | None = None, rope=No
   local = _padded_shard(q.shape[1] // split, split, kernel, chunk, ring=strategy == "ring")
 
   # Pallas, cuDNN and FFI calls have no partitioning rule: left to XLA, they would be fed whole gathered
-  # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global.
-  if strategy == "none" and (mesh.empty or kernel not in _OPAQUE_KERNELS):
+  # arrays on every device. Under a mesh they always run per shard; the XLA kernels may stay global,
+  # and so may every kernel on a mesh of one device (a shard_map there adds no-op all-reduces of
+  # the cotangents to the backward).
+  if strategy == "none" and (mesh.empty or mesh.size == 1 or kernel not in _OPAQUE_KERNELS):
     out = _with_padding(functools.partial(kernels.local_attention, kernel=kernel, chunk=chunk,
                                           qk_norm=qk_norm, rope=rope), local)(q, k, v, kv_valid)
   else:
