@@ -31,7 +31,10 @@ def get_config():
   c.model.update(hidden=192, heads=4, mlp_ratio=4.0, dual_blocks=2, single_blocks=2, scan_unroll=2)
   c.flow.update(prediction="x0", shift=3.0)
   c.data.update(dir="demo/dataset")
-  c.train.update(steps=1000, batch_size=8, lr=2e-3, warmup_steps=50, log_every=10)
+  # A bfloat16 first moment: a tenth less of the update's memory traffic (docs/performance.md,
+  # sixteenth round); the demo learns as with float32.
+  c.train.update(steps=1000, batch_size=8, lr=2e-3, warmup_steps=50, log_every=10,
+                 mu_dtype="bfloat16")
   c.eval.update(every_steps=250, batches=1, sample_every_steps=500, sample_prompts=2)
   c.checkpoint.update(every_steps=250, keep=2)
   c.sample.update(steps=20, video_guidance=1.0, audio_guidance=1.0)

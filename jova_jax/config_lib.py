@@ -208,6 +208,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "flow.prediction": ("velocity", "x0"),
     "data.source": ("tfds", "synthetic"),
     "train.schedule": ("cosine", "constant"),
+    "train.mu_dtype": ("params", *_DTYPE_NAMES),
     "parallel.context_strategy": ("none", "all_gather", "ulysses", "ring"),
     "parallel.attention_kernel": ("auto", "xla", "chunked", "cudnn", "splash", "cpu"),
     "sample.solver": ("euler", "unipc"),

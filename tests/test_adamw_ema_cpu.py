@@ -28,9 +28,12 @@ def test_the_kernels_global_norm_equals_a_float64_sum_and_optax():
   np.testing.assert_allclose(norm, optax.tree.norm(grads), rtol=1e-5)  # XLA's float32 sum
 
 
-def test_the_kernel_steps_as_xla_does_over_clipped_unclipped_and_skipped_steps():
+@pytest.mark.parametrize("mu_dtype", ["params", "bfloat16"])
+def test_the_kernel_steps_as_xla_does_over_clipped_unclipped_and_skipped_steps(mu_dtype):
+  """With a bfloat16 mu both round float32 values an ulp apart at most to nearest even: equal to
+  the bit but where the two straddle a rounding boundary (truncating would differ in half)."""
   c = load("tiny")
-  c.train.update(lr=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1)
+  c.train.update(lr=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1, mu_dtype=mu_dtype)
   params = _tree(jax.random.key(1), [7, 300, 70_001])
   tx = optim.make_optimizer(c)
 
@@ -47,13 +50,24 @@ def test_the_kernel_steps_as_xla_does_over_clipped_unclipped_and_skipped_steps()
       grads["layer0"]["bias"] = grads["layer0"]["bias"].at[0].set(jnp.nan)
     ok = jnp.bool_(i != 3)
     ref, ours = xla(*ref, grads, ok), kernel(*ours, grads, ok)
+    close = []
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):  # atol: an ulp of O(1) params
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  assert int(optim._only(ours[1], optax.ScaleByAdamState).count) == 4
+      assert a.dtype == b.dtype
+      a, b = np.float32(a), np.float32(b)
+      if mu_dtype == "params":
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+      else:  # a mu an ulp (2^-8..2^-7) apart moves its param by up to lr x that the next step
+        np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=1e-4)
+        close.append(np.isclose(a, b, rtol=1e-6, atol=1e-7).ravel())
+    if close:
+      assert np.mean(np.concatenate(close)) > 0.999
+  assert int(optim.adam_state(ours[1]).count) == 4
 
 
-def test_a_one_device_cpu_train_step_uses_the_kernel_and_equals_xlas():
+@pytest.mark.parametrize("mu_dtype", ["params", "bfloat16"])
+def test_a_one_device_cpu_train_step_uses_the_kernel_and_equals_xlas(mu_dtype):
   config = load("tiny")
+  config.train.mu_dtype = mu_dtype
   program = train_state.build_program(config, mesh_lib.make_mesh(config, jax.devices()[:1]))
   state = train_state.init_state(program)
   grads = jax.tree.map(lambda p: 1e-2 * jnp.cos(p), state["params"])
@@ -64,7 +78,9 @@ def test_a_one_device_cpu_train_step_uses_the_kernel_and_equals_xlas():
     (ours, m_ours), (ref, m_ref) = (updates[f](state, grads, jnp.float32(1)) for f in (None, False))
   np.testing.assert_allclose(m_ours["grad_norm"], m_ref["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert a.dtype == b.dtype  # a bfloat16 mu: an ulp apart where the two straddle a rounding
+    rtol = 2.0 ** -7 if a.dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=rtol, atol=1e-7)
 
 
 def test_a_sharded_or_non_float32_state_keeps_xlas_update():
@@ -74,8 +90,15 @@ def test_a_sharded_or_non_float32_state_keeps_xlas_update():
   assert not adamw_ema_cpu.applies(program.mesh, state["params"])
   one = mesh_lib.make_mesh(config, jax.devices()[:1])
   assert adamw_ema_cpu.applies(one, state["params"])
-  assert not adamw_ema_cpu.applies(one, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), state["params"]))
+  as_dtype = lambda tree, dtype: jax.tree.map(  # noqa: E731
+      lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)
+  assert not adamw_ema_cpu.applies(one, as_dtype(state["params"], jnp.bfloat16))
+  # A first moment may be bfloat16 (train.mu_dtype), all of it, or float32; nothing else.
+  assert adamw_ema_cpu.applies(one, state["params"], mu=as_dtype(state["params"], jnp.bfloat16))
+  assert not adamw_ema_cpu.applies(one, state["params"], mu=as_dtype(state["params"], jnp.float16))
+  mixed = as_dtype(state["params"], jnp.bfloat16)
+  mixed["null_text"] = as_dtype(mixed["null_text"], jnp.float32)
+  assert not adamw_ema_cpu.applies(one, state["params"], mu=mixed)
 
 
 def test_without_a_compiler_the_update_stays_xlas_and_says_why(tmp_path):

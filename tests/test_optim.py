@@ -99,12 +99,15 @@ def _optax_step(tx, params, opt_state, ema, grads, decay):
       lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
 
 
-@pytest.mark.parametrize("clip_norm", [0.0, 1.0])
+@pytest.mark.parametrize("clip_norm,mu_dtype", [(0.0, "params"), (1.0, "params"),
+                                                (1.0, "bfloat16")])
 @pytest.mark.parametrize("fused_cpu", [False, True], ids=["xla", "cpu_kernel"])
-def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm, fused_cpu):
+def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm, mu_dtype, fused_cpu):
   import optax
   c = load("tiny")
-  c.train.update(lr=1e-2, warmup_steps=2, clip_norm=clip_norm, weight_decay=0.1)
+  c.train.update(lr=1e-2, warmup_steps=2, clip_norm=clip_norm, weight_decay=0.1,
+                 mu_dtype=mu_dtype)
+
   k = jax.random.split(jax.random.key(0), 3)
   params = {"fc": {"kernel": jax.random.normal(k[0], (4, 5)),
                    "bias": jax.random.normal(k[1], (5,))},
@@ -120,17 +123,22 @@ def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm, fused_cpu):
     ours = fused(*ours, grads, jnp.float32(0.9))
     assert jax.tree.structure(ours) == jax.tree.structure(ref)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
-  assert int(optim._only(ours[1], optax.ScaleByAdamState).count) == 6
+      assert a.dtype == b.dtype
+      np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=1e-6, atol=1e-9)
+  adam = optim.adam_state(ours[1])
+  assert int(adam.count) == 6
+  assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {
+      jnp.dtype(jnp.float32 if mu_dtype == "params" else mu_dtype)}
 
 
+@pytest.mark.parametrize("mu_dtype", ["params", "bfloat16"])
 @pytest.mark.parametrize("fused_cpu", [False, True], ids=["xla", "cpu_kernel"])
-def test_a_skipped_update_leaves_every_value_bit_for_bit(fused_cpu):
+def test_a_skipped_update_leaves_every_value_bit_for_bit(fused_cpu, mu_dtype):
   """Non-finite gradients, also on the very first step (count 0: no bias correction to divide
   by), change neither params, moments, EMA nor the counts."""
   import optax
   c = load("tiny")
-  c.train.update(lr=1e-2, warmup_steps=0, clip_norm=1.0, weight_decay=0.1)
+  c.train.update(lr=1e-2, warmup_steps=0, clip_norm=1.0, weight_decay=0.1, mu_dtype=mu_dtype)
   params = {"fc": {"kernel": jnp.arange(6.0).reshape(2, 3) - 2.5, "bias": jnp.ones(3)}}
   tx = optim.make_optimizer(c)
   update = jax.jit(lambda p, s, e, g, ok: optim.adamw_ema_update(

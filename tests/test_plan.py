@@ -55,15 +55,19 @@ def test_remat_policies_and_unrolling_give_the_same_gradients():
 
 
 # ============================================================================ compiled memory
-_MESHES = {"fsdp1": dict(fsdp=1), "fsdp2": dict(fsdp=2), "fsdp4": dict(fsdp=4),
-           "fsdp8": dict(fsdp=8), "fsdp2_context2_tensor2": dict(fsdp=2, context=2, tensor=2)}
+# name -> (mesh axes, train settings)
+_MESHES = {"fsdp1": (dict(fsdp=1), {}), "fsdp2": (dict(fsdp=2), {}), "fsdp4": (dict(fsdp=4), {}),
+           "fsdp8": (dict(fsdp=8), {}),
+           "fsdp2_context2_tensor2": (dict(fsdp=2, context=2, tensor=2), {}),
+           "fsdp2_mu_bfloat16": (dict(fsdp=2), dict(mu_dtype="bfloat16"))}
 # Buffer sizes are fixed before code generation; skipping LLVM's optimisations halves the compile.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _config_on(axes):
+def _config_on(axes, train=None):
   config = load("tiny")
   config.mesh.update({**dict(data=1, fsdp=1, context=1, tensor=1, dcn_data=1), **axes})
+  config.train.update(train or {})
   return config
 
 
@@ -71,8 +75,8 @@ def _config_on(axes):
 def compiled_state_bytes():
   """mesh name -> (config, mesh shape, per-device bytes of the train-state arguments)."""
   out = {}
-  for name, axes in _MESHES.items():
-    config = _config_on(axes)
+  for name, (axes, train) in _MESHES.items():
+    config = _config_on(axes, train)
     n = int(np.prod(list(axes.values())))
     mesh = mesh_lib.make_mesh(config, devices=jax.devices()[:n])
     program = train_state.build_program(config, mesh)

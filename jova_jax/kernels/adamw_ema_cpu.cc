@@ -6,10 +6,14 @@
 //
 // The arithmetic is optim.adamw_ema_update's, term for term and in its order, built with
 // -ffp-contract=off so no multiply-add is fused: tests/test_adamw_ema_cpu.py holds the two
-// equal.
+// equal. The first moment is stored in float32 or bfloat16 (train.mu_dtype); a bfloat16 one is
+// computed as XLA computes optax's expression: b1 rounded to bfloat16 (optax multiplies mu by a
+// Python float, which takes mu's dtype), the rest in float32, and rounded to nearest even when
+// stored.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "parallel_for.h"
@@ -78,20 +82,53 @@ struct Coefficients {
       step_size, ema_weight;
 };
 
-void UpdateRange(const float* __restrict g, float* __restrict p, float* __restrict mu,
+// bfloat16 is the top half of a float32's bits.
+struct Bfloat16 {
+  uint16_t bits;
+};
+
+inline float Widen(float x) { return x; }
+inline float Widen(Bfloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline void Store(float x, float& to) { to = x; }
+// Round to nearest, ties to even; a NaN stays a (quiet) NaN.
+inline void Store(float x, Bfloat16& to) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  to.bits = static_cast<uint16_t>(nan ? (bits >> 16) | 0x40u : rounded);
+}
+
+// x rounded to the precision of Moment.
+template <typename Moment>
+inline float Rounded(float x) {
+  Moment stored;
+  Store(x, stored);
+  return Widen(stored);
+}
+
+template <typename Moment>
+void UpdateRange(const float* __restrict g, float* __restrict p, Moment* __restrict mu,
                  float* __restrict nu, float* __restrict ema, int64_t begin, int64_t end,
                  const Coefficients c, const float weight_decay) {
   const bool applied = c.apply != 0.0f;
   const float ema_new = 1.0f - c.ema_weight;
+  const float b1 = Rounded<Moment>(c.b1);
   for (int64_t i = begin; i < end; ++i) {
     float gi = g[i] * c.clip;
     gi = applied ? gi : 0.0f;  // a skipped step's gradient may hold NaN
-    const float m = c.new_weight1 * gi + c.b1 * mu[i];
+    const float m = c.new_weight1 * gi + b1 * Widen(mu[i]);
     const float v = c.new_weight2 * (gi * gi) + c.b2 * nu[i];
     float update = (m / c.correct1) / (std::sqrt(v / c.correct2) + c.eps);
     update = update + weight_decay * p[i];
     const float new_p = p[i] + c.step_size * update;
-    mu[i] = m;
+    Store(m, mu[i]);
     nu[i] = v;
     p[i] = new_p;
     ema[i] = c.ema_weight * ema[i] + ema_new * new_p;
@@ -101,6 +138,7 @@ void UpdateRange(const float* __restrict g, float* __restrict p, float* __restri
 // args: the coefficients, then the n leaves of each of g, p, mu, nu and the EMA; results: p,
 // mu, nu and the EMA, each aliased to its argument (so XLA hands over the argument's values in
 // the result's buffer and the update runs in place). decays[i]: weight decay applies to leaf i.
+// Every leaf is float32 but mu's, which are all float32 or all bfloat16.
 ffi::Error AdamwEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coefficients,
                     ffi::RemainingArgs args, ffi::RemainingRets results,
                     ffi::Span<const int64_t> decays) {
@@ -112,14 +150,21 @@ ffi::Error AdamwEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coefficients,
   std::vector<const float*> grads;
   std::vector<int64_t> sizes;
   if (auto error = Leaves(args, n, grads, sizes); error.failure()) return error;
-  std::vector<float*> state[4];  // p, mu, nu, EMA: the results' buffers
+  std::vector<void*> state[4];  // p, mu, nu, EMA: the results' buffers
+  const ffi::DataType mu_type =
+      n == 0 ? ffi::DataType::F32 : (*results.get<ffi::AnyBuffer>(n))->element_type();
   for (size_t kind = 0; kind < 4; ++kind)
     for (size_t i = 0; i < n; ++i) {
       auto buffer = results.get<ffi::AnyBuffer>(kind * n + i);
       if (!buffer.has_value()) return buffer.error();
       if ((*buffer)->element_count() != static_cast<size_t>(sizes[i]))
         return ffi::Error::InvalidArgument("adamw_ema_cpu: a state leaf's size differs from its gradient's");
-      state[kind].push_back(static_cast<float*>((*buffer)->untyped_data()));
+      const ffi::DataType expected = kind == 1 ? mu_type : ffi::DataType::F32;
+      if ((*buffer)->element_type() != expected ||
+          (expected != ffi::DataType::F32 && expected != ffi::DataType::BF16))
+        return ffi::Error::InvalidArgument(
+            "adamw_ema_cpu: params, nu and the EMA must be float32, mu all float32 or all bfloat16");
+      state[kind].push_back((*buffer)->untyped_data());
     }
   Coefficients c;
   std::copy_n(coefficients.typed_data(), sizeof(Coefficients) / sizeof(float),
@@ -128,8 +173,16 @@ ffi::Error AdamwEma(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> coefficients,
   jova::ParallelFor(pool, chunks.size(), [&](int64_t index) {
     const Chunk& chunk = chunks[index];
     const int64_t leaf = chunk.leaf;
-    UpdateRange(grads[leaf], state[0][leaf], state[1][leaf], state[2][leaf], state[3][leaf],
-                chunk.begin, chunk.end, c, decays[leaf] ? c.weight_decay : 0.0f);
+    float* p = static_cast<float*>(state[0][leaf]);
+    float* nu = static_cast<float*>(state[2][leaf]);
+    float* ema = static_cast<float*>(state[3][leaf]);
+    const float weight_decay = decays[leaf] ? c.weight_decay : 0.0f;
+    if (mu_type == ffi::DataType::BF16)
+      UpdateRange(grads[leaf], p, static_cast<Bfloat16*>(state[1][leaf]), nu, ema, chunk.begin,
+                  chunk.end, c, weight_decay);
+    else
+      UpdateRange(grads[leaf], p, static_cast<float*>(state[1][leaf]), nu, ema, chunk.begin,
+                  chunk.end, c, weight_decay);
   });
   return ffi::Error::Success();
 }

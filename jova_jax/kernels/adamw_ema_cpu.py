@@ -32,12 +32,16 @@ def available() -> bool:
   return cpu_build.load(SOURCE, FLAGS, _TARGETS, what="fused CPU update", fallback="XLA's update")
 
 
-def applies(mesh, *trees) -> bool:
+def applies(mesh, *trees, mu=()) -> bool:
   """Whether the train step over `mesh` with these (abstract) state trees uses the kernel: one CPU
-  device and float32 params, moments and EMA (the counts are integers)."""
+  device, float32 params, second moments and EMA (the counts are integers), and first moments
+  `mu` all float32 or all bfloat16 (train.mu_dtype)."""
   floats = [x.dtype for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.floating)]
+  mu_dtypes = {x.dtype for x in jax.tree.leaves(mu)}
   return (mesh.size == 1 and mesh.devices.flat[0].platform == "cpu"
-          and all(dtype == jnp.float32 for dtype in floats) and available())
+          and all(dtype == jnp.float32 for dtype in floats)
+          and len(mu_dtypes) <= 1 and mu_dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+          and available())
 
 
 def _require() -> None:

@@ -126,9 +126,12 @@ def train_step_fns(config, breakdown: bool):
 # The breakdown's row for XLA's update, timed beside the fused CPU kernel the step uses.
 XLA_UPDATE = "  XLA's update"
 
-# An AdamW+EMA update reads the gradient twice (its global norm comes first) and reads and
-# writes params, mu, nu and the EMA once: at least 10 passes over the params' bytes.
-UPDATE_MIN_PASSES = 10
+def update_min_bytes(state_rows: dict) -> int:
+  """The least memory traffic of an AdamW+EMA update, from plan.state_bytes' rows: it reads the
+  gradient twice (its global norm comes first) and reads and writes params, mu, nu and the EMA
+  once (10 passes over float32 params' bytes; 9 with a bfloat16 mu)."""
+  return 2 * state_rows["gradients"] + 2 * (state_rows["params"] + state_rows["optimizer (mu+nu)"]
+                                            + state_rows["ema"])
 
 
 def _params_copy(program, params_bytes: int):
@@ -150,9 +153,8 @@ def _params_copy(program, params_bytes: int):
 def bench_train(config, opts: Options = Options()) -> None:
   fns, program, step = train_step_fns(config, opts.breakdown)
   if opts.breakdown:
-    params_bytes = plan.state_bytes(config, program.abstract.model, dict(program.mesh.shape))[
-        "params"]
-    fns["params copy"] = _params_copy(program, params_bytes)
+    state_rows = plan.state_bytes(config, program.abstract.model, dict(program.mesh.shape))
+    fns["params copy"] = _params_copy(program, state_rows["params"])
   mem = step.memory_analysis()
   if opts.profile:
     jax.profiler.start_trace(opts.profile)
@@ -166,7 +168,7 @@ def bench_train(config, opts: Options = Options()) -> None:
   if opts.breakdown:
     with tempfile.TemporaryDirectory() as trace_dir:
       profile = step_trace.profile_step(step, fns["step"], opts.steps, trace_dir)
-    _print_breakdown(program.spec, seconds, profile, params_bytes)
+    _print_breakdown(program.spec, seconds, profile, state_rows)
   if mem is not None:
     print(f"memory per device: params+state (arguments) {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
           f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, outputs "
@@ -207,7 +209,7 @@ def _step_parts(config, program, batch) -> dict:
 
 
 def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, profile: step_trace.StepProfile,
-                     params_bytes: int) -> None:
+                     state_rows: dict) -> None:
   """Two views of one step. Alone: forward, forward+backward and the update tail timed as
   programs of their own, backward = (forward+backward) - forward, with GFLOP/s. In step: the
   compiled step's own profile (tools/step_trace), each part the wall time its ops run, as a
@@ -216,7 +218,9 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, profile: step_trac
   forward_flops = summary.forward_flops(spec.model, spec.batch_size)
   fwd, grad, step = seconds["forward"], seconds["forward+backward"], seconds["step"]
   update = seconds["optimizer+EMA"]
-  floor = UPDATE_MIN_PASSES / 2 * seconds["params copy"]
+  params_bytes = state_rows["params"]
+  passes = update_min_bytes(state_rows) / params_bytes
+  floor = passes / 2 * seconds["params copy"]
   in_step = profile.seconds
   traced_step = in_step["step"]
   rows = [("forward", fwd, forward_flops, in_step[step_trace.FORWARD]),
@@ -248,7 +252,7 @@ def _print_breakdown(spec: config_lib.RunSpec, seconds: dict, profile: step_trac
     print(f"  {kind:<23} {kind_seconds * 1e3:8.1f} ms {100 * kind_seconds / op_time:5.1f}%")
   print(f"backward / forward = {(grad - fwd) / fwd:.2f} alone, "
         f"{in_step[step_trace.BACKWARD] / in_step[step_trace.FORWARD]:.2f} in step")
-  print(f"update floor: {UPDATE_MIN_PASSES} passes over the params' "
+  print(f"update floor: {passes:g} passes over the params' "
         f"{params_bytes / 2**20:.1f} MiB per device at the rate of a copy timed alongside "
         f"({2 * params_bytes / seconds['params copy'] / 1e9:.1f} GB/s); optimizer+EMA = "
         f"{update / floor:.2f}x its floor alone, {in_step[step_trace.UPDATE] / floor:.2f}x in step")

@@ -90,8 +90,8 @@ def param_counts(model: sharded.AbstractModel, mesh_shape: dict, select=None) ->
 
 
 def state_bytes(config, model: sharded.AbstractModel, mesh_shape: dict) -> dict[str, int]:
-  """Per-device bytes of the train state: the trainable params, their AdamW mu + nu and EMA
-  (all float32 like the params), plus the gradients that exist during the update (and their
+  """Per-device bytes of the train state: the trainable params, their AdamW mu (train.mu_dtype)
+  + nu and EMA (in the params' dtype), plus the gradients that exist during the update (and their
   running sum over micro-batches when train.grad_accum > 1); frozen params (train.trainable,
   LoRA's base) in train.frozen_dtype, without any of those."""
   trainable = finetune.is_trainable(config)
@@ -100,7 +100,9 @@ def state_bytes(config, model: sharded.AbstractModel, mesh_shape: dict) -> dict[
   p = per_device * _DTYPE_BYTES[config.model.param_dtype]
   ema = p if float(config.train.ema_decay) > 0 else 0
   rows = {"frozen params": frozen * _DTYPE_BYTES[config.train.frozen_dtype]} if frozen else {}
-  rows.update({"params": p, "optimizer (mu+nu)": 2 * p, "ema": ema, "gradients": p})
+  mu_dtype = config.train.get("mu_dtype", "params")
+  mu = per_device * _DTYPE_BYTES[config.model.param_dtype if mu_dtype == "params" else mu_dtype]
+  rows.update({"params": p, "optimizer (mu+nu)": mu + p, "ema": ema, "gradients": p})
   if int(config.train.grad_accum) > 1:
     rows["gradient accumulator"] = p
   return rows

@@ -52,8 +52,21 @@ def make_optimizer(config) -> optax.GradientTransformation:
   if t.clip_norm and t.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(t.clip_norm))
   chain.append(optax.adamw(learning_rate(config), b1=t.b1, b2=t.b2, eps=t.eps,
-                           weight_decay=t.weight_decay, mask=decay_mask))
+                           weight_decay=t.weight_decay, mask=decay_mask,
+                           mu_dtype=mu_dtype(config)))
   return optax.chain(*chain)
+
+
+def mu_dtype(config):
+  """The dtype AdamW's first moment is stored in: train.mu_dtype, or None (optax's default: the
+  params' dtype) for 'params'. Computed in the params' precision either way, then rounded."""
+  name = config.train.get("mu_dtype", "params")
+  return None if name == "params" else jnp.dtype(name)
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+  """The AdamW moments and count in make_optimizer's state."""
+  return _only(opt_state, optax.ScaleByAdamState)
 
 
 def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, ema_decay,
@@ -67,7 +80,7 @@ def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, em
   A cond made XLA copy the state into and out of the branch; selects copied every donated
   buffer (docs/performance.md, "Fourth round")."""
   t = config.train
-  adam = _only(opt_state, optax.ScaleByAdamState)
+  adam = adam_state(opt_state)
   schedule = _only(opt_state, optax.ScaleByScheduleState)
 
   def counted(count):  # optax's counts advance only over applied steps
@@ -80,17 +93,19 @@ def adamw_ema_update(config, opt_state, params, ema, grads, grad_norm, apply, em
     params, mu, nu, ema = adamw_ema_cpu.update(c, grads, params, adam.mu, adam.nu, ema, decays)
   else:
     def leaf(g, p, mu, nu, e, decays):
-      dtype = mu.dtype
+      # In the params' precision (nu's dtype is theirs), b1 in mu's (optax's Python float takes
+      # it); a bfloat16 mu is rounded back only after the update has used it, as optax does.
+      dtype = nu.dtype
       g = jnp.where(apply, g * c["clip"].astype(g.dtype), 0)
-      mu = c["new_weight1"].astype(dtype) * g + c["b1"].astype(dtype) * mu
+      m = c["new_weight1"].astype(dtype) * g + (c["b1"].astype(mu.dtype) * mu).astype(dtype)
       nu = c["new_weight2"].astype(dtype) * (g * g) + c["b2"].astype(dtype) * nu
-      update = (mu / c["correct1"].astype(dtype)) / (jnp.sqrt(nu / c["correct2"].astype(dtype))
-                                                     + t.eps)
+      update = (m / c["correct1"].astype(dtype)) / (jnp.sqrt(nu / c["correct2"].astype(dtype))
+                                                    + t.eps)
       if decays:
         update = update + t.weight_decay * p
       p = (p + c["step_size"].astype(update.dtype) * update).astype(p.dtype)
       e = (c["ema_weight"] * e + (1.0 - c["ema_weight"]) * p).astype(e.dtype)
-      return p, mu, nu, e
+      return p, m.astype(mu.dtype), nu, e
 
     treedef = jax.tree.structure(params)
     per_leaf = [leaf(*args) for args in zip(*(treedef.flatten_up_to(x) for x in (

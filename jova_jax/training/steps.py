@@ -37,9 +37,10 @@ def accumulated_grads(loss_fn, params, batch, key, accum: int):
 
 def uses_fused_cpu_update(program: Program) -> bool:
   """Whether the train step's update runs as kernels/adamw_ema_cpu (a one-device CPU program
-  with float32 params, moments and EMA)."""
+  with float32 params, second moments and EMA, first moments float32 or bfloat16)."""
   state = program.abstract_state
-  return adamw_ema_cpu.applies(program.mesh, state["params"], state["opt_state"], state["ema"])
+  adam = optim.adam_state(state["opt_state"])
+  return adamw_ema_cpu.applies(program.mesh, state["params"], adam.nu, state["ema"], mu=adam.mu)
 
 
 # The update's ops carry this in their op_name, so a profile of the step can tell them apart
