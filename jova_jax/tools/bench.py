@@ -126,6 +126,7 @@ def train_step_fns(config, breakdown: bool):
 # The breakdown's row for XLA's update, timed beside the fused CPU kernel the step uses.
 XLA_UPDATE = "  XLA's update"
 
+
 def update_min_bytes(state_rows: dict) -> int:
   """The least memory traffic of an AdamW+EMA update, from plan.state_bytes' rows: it reads the
   gradient twice (its global norm comes first) and reads and writes params, mu, nu and the EMA

@@ -26,7 +26,7 @@ from jova_jax import config_lib
 from jova_jax.model import attention, summary
 from jova_jax.model import sharded
 from jova_jax.parallel import mesh as mesh_lib, remat, rules
-from jova_jax.training import finetune, state as train_state
+from jova_jax.training import finetune, optim, state as train_state
 
 GIB = 2**30
 
@@ -100,8 +100,8 @@ def state_bytes(config, model: sharded.AbstractModel, mesh_shape: dict) -> dict[
   p = per_device * _DTYPE_BYTES[config.model.param_dtype]
   ema = p if float(config.train.ema_decay) > 0 else 0
   rows = {"frozen params": frozen * _DTYPE_BYTES[config.train.frozen_dtype]} if frozen else {}
-  mu_dtype = config.train.get("mu_dtype", "params")
-  mu = per_device * _DTYPE_BYTES[config.model.param_dtype if mu_dtype == "params" else mu_dtype]
+  mu_dtype = optim.mu_dtype(config)  # None: the params'
+  mu = per_device * mu_dtype.itemsize if mu_dtype else p
   rows.update({"params": p, "optimizer (mu+nu)": mu + p, "ema": ema, "gradients": p})
   if int(config.train.grad_accum) > 1:
     rows["gradient accumulator"] = p
