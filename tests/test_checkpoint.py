@@ -105,6 +105,37 @@ def test_restore_onto_another_mesh(tmp_path):
   assert kernel.addressable_shards[0].data.shape == (4, 16)  # 8/2 rows, 32/2 columns
 
 
+def test_a_run_resumed_with_another_mu_dtype_restores_its_moments_cast(tmp_path):
+  """train.mu_dtype changed between runs: float32 first moments come back rounded to bfloat16,
+  and bfloat16 ones widened exactly; every other leaf as saved."""
+  mesh = _mesh(fsdp=8)
+  state = _train_state(mesh, 3)
+  adam = state["opt_state"][0]
+  state["opt_state"] = (adam._replace(mu=jax.tree.map(lambda p: p / 3, state["params"])),
+                        *state["opt_state"][1:])
+  with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=2,
+                               async_save=False) as ckpt:
+    ckpt.save(3, state, data_state=None, config=load("tiny"))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    abstract = _abstract(mesh)
+    target = abstract["opt_state"][0]
+    abstract["opt_state"] = (target._replace(mu=jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), target.mu)),
+        *abstract["opt_state"][1:])
+    with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=2) as ckpt:
+      restored, _, _ = ckpt.restore(abstract)
+    _assert_state_equal(restored, 3)
+    for got, saved in zip(jax.tree.leaves(restored["opt_state"][0].mu),
+                          jax.tree.leaves(state["opt_state"][0].mu)):
+      assert got.dtype == dtype
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(saved.astype(dtype)))
+    if dtype == jnp.bfloat16:  # then saved again and restored as float32: widened exactly
+      with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=2,
+                                   async_save=False) as ckpt:
+        ckpt.save(4, restored, data_state=None, config=load("tiny"))
+      state = restored
+
+
 def assert_sharding(array, sharding):
   assert array.sharding == sharding, (array.sharding, sharding)
 
