@@ -105,9 +105,9 @@ def test_restore_onto_another_mesh(tmp_path):
   assert kernel.addressable_shards[0].data.shape == (4, 16)  # 8/2 rows, 32/2 columns
 
 
-def test_a_run_resumed_with_another_mu_dtype_restores_its_moments_cast(tmp_path):
+def test_a_run_resumed_with_another_mu_dtype_restores_its_moments_cast(tmp_path, caplog):
   """train.mu_dtype changed between runs: float32 first moments come back rounded to bfloat16,
-  and bfloat16 ones widened exactly; every other leaf as saved."""
+  and bfloat16 ones widened exactly, with a warning; every other leaf as saved."""
   mesh = _mesh(fsdp=8)
   state = _train_state(mesh, 3)
   adam = state["opt_state"][0]
@@ -122,8 +122,12 @@ def test_a_run_resumed_with_another_mu_dtype_restores_its_moments_cast(tmp_path)
     abstract["opt_state"] = (target._replace(mu=jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), target.mu)),
         *abstract["opt_state"][1:])
+    caplog.clear()
     with checkpoint.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=2) as ckpt:
       restored, _, _ = ckpt.restore(abstract)
+    saved_dtype = {jnp.bfloat16: "float32", jnp.float32: "bfloat16"}[dtype]
+    assert (f"4 arrays restored in another dtype than saved (4 {saved_dtype} -> "
+            f"{jnp.dtype(dtype)}), e.g. opt_state/0/mu/") in caplog.text
     _assert_state_equal(restored, 3)
     for got, saved in zip(jax.tree.leaves(restored["opt_state"][0].mu),
                           jax.tree.leaves(state["opt_state"][0].mu)):

@@ -13,6 +13,7 @@ commit_success.txt marker), so a save cut short by preemption is never listed or
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 
@@ -100,6 +101,16 @@ def key_path(path) -> str:
 def _shapes_by_key(tree) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {key_path(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
+
+
+def _dtype_changes(saved_tree, target) -> dict[str, tuple[str, str]]:
+  """{key: (saved dtype, target dtype)} of the leaves a restore casts (e.g. after a change of
+  train.mu_dtype or model.param_dtype)."""
+  saved = {key_path(p): str(leaf.dtype) for p, leaf in jax.tree_util.tree_flatten_with_path(
+      saved_tree)[0] if getattr(leaf, "dtype", None) is not None}
+  return {key_path(p): (saved[key_path(p)], str(leaf.dtype))
+          for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+          if key_path(p) in saved and saved[key_path(p)] != str(leaf.dtype)}
 
 
 def _is_nnx_state(x) -> bool:
@@ -263,6 +274,12 @@ class Checkpointer:
                                                 _DATA: ocp.args.JsonRestore(),
                                                 _CONFIG: ocp.args.JsonRestore()})
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
+    cast = _dtype_changes(saved.tree, target)
+    if cast:
+      counts = collections.Counter(cast.values())
+      logging.warning("checkpoint %s: %d arrays restored in another dtype than saved (%s), e.g. %s",
+                      self.directory / str(step), len(cast),
+                      ", ".join(f"{n} {a} -> {b}" for (a, b), n in counts.items()), next(iter(cast)))
     return _from_pure(abstract_state, restored[_STATE]), restored[_DATA], restored[_CONFIG]
 
   def restore_latest(self, abstract_state, *, strict: bool = False):
