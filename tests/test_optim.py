@@ -107,7 +107,6 @@ def test_fused_update_equals_optax_adamw_then_the_ema(clip_norm, mu_dtype, fused
   c = load("tiny")
   c.train.update(lr=1e-2, warmup_steps=2, clip_norm=clip_norm, weight_decay=0.1,
                  mu_dtype=mu_dtype)
-
   k = jax.random.split(jax.random.key(0), 3)
   params = {"fc": {"kernel": jax.random.normal(k[0], (4, 5)),
                    "bias": jax.random.normal(k[1], (5,))},

@@ -103,14 +103,21 @@ def _shapes_by_key(tree) -> dict[str, tuple]:
   return {key_path(p): tuple(getattr(leaf, "shape", ())) for p, leaf in leaves}
 
 
-def _dtype_changes(saved_tree, target) -> dict[str, tuple[str, str]]:
-  """{key: (saved dtype, target dtype)} of the leaves a restore casts (e.g. after a change of
-  train.mu_dtype or model.param_dtype)."""
-  saved = {key_path(p): str(leaf.dtype) for p, leaf in jax.tree_util.tree_flatten_with_path(
-      saved_tree)[0] if getattr(leaf, "dtype", None) is not None}
-  return {key_path(p): (saved[key_path(p)], str(leaf.dtype))
-          for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
-          if key_path(p) in saved and saved[key_path(p)] != str(leaf.dtype)}
+def _dtypes_by_key(tree) -> dict[str, str]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {key_path(p): str(leaf.dtype) for p, leaf in leaves if hasattr(leaf, "dtype")}
+
+
+def _warn_of_casts(saved: dict, wanted: dict, where) -> None:
+  """One warning for the arrays a restore casts (key -> dtype, saved and wanted): a run resumed
+  after a change of train.mu_dtype or model.param_dtype."""
+  cast = {key: (saved[key], dtype) for key, dtype in wanted.items()
+          if saved.get(key, dtype) != dtype}
+  if cast:
+    counts = collections.Counter(cast.values())
+    logging.warning("checkpoint %s: %d arrays restored in another dtype than saved (%s), e.g. %s",
+                    where, len(cast), ", ".join(f"{n} {a} -> {b}" for (a, b), n in counts.items()),
+                    next(iter(cast)))
 
 
 def _is_nnx_state(x) -> bool:
@@ -274,12 +281,7 @@ class Checkpointer:
                                                 _DATA: ocp.args.JsonRestore(),
                                                 _CONFIG: ocp.args.JsonRestore()})
     logging.info("checkpoint: restored step %d from %s", step, self.directory)
-    cast = _dtype_changes(saved.tree, target)
-    if cast:
-      counts = collections.Counter(cast.values())
-      logging.warning("checkpoint %s: %d arrays restored in another dtype than saved (%s), e.g. %s",
-                      self.directory / str(step), len(cast),
-                      ", ".join(f"{n} {a} -> {b}" for (a, b), n in counts.items()), next(iter(cast)))
+    _warn_of_casts(_dtypes_by_key(saved.tree), _dtypes_by_key(target), self.directory / str(step))
     return _from_pure(abstract_state, restored[_STATE]), restored[_DATA], restored[_CONFIG]
 
   def restore_latest(self, abstract_state, *, strict: bool = False):
