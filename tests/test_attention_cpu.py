@@ -28,10 +28,10 @@ def probabilities(request, monkeypatch):
 
 
 def test_probabilities_are_saved_up_to_the_limit(monkeypatch):
-  q, k, _, _ = make_inputs(batch=2, length=37, heads=3, head_dim=8)
-  assert attention_cpu.saved_probabilities_shape(q[:, :13], k) == (2, 3, 13, 48)
+  # 2 examples, 3 heads, 13 queries, 37 keys (rounded up to 48).
+  assert attention_cpu.saved_probabilities_shape(2, 3, 13, 37) == (2, 3, 13, 48)
   monkeypatch.setattr(attention_cpu, "SAVED_PROBABILITIES_BYTES", 4 * 2 * 3 * 13 * 48 - 1)
-  assert attention_cpu.saved_probabilities_shape(q[:, :13], k) == (0,)
+  assert attention_cpu.saved_probabilities_shape(2, 3, 13, 37) == (0,)
 
 
 @pytest.mark.parametrize("length,head_dim", [(150, 48), (37, 8), (70, 20)])
@@ -81,6 +81,55 @@ def test_norm_and_rope_inside_the_kernel_match_applying_them_first(queries, with
   for index, (w, g) in enumerate(zip(want[1], got[1])):  # q, k, v, then the scales
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * float(jnp.max(jnp.abs(w))),
                                err_msg=f"gradient {index}")
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_segments_given_apart_match_the_reference_on_the_joined_sequence(with_norm, probabilities):
+  """segment_attention reads each segment's QKV projection and adds its bias itself: equal to the
+  dense reference on the joined, biased q, k, v, with the gradients of every segment's projection,
+  bias and norm scales. Segments of 5, 37 and 28 rows: a segment shorter than a vector, one
+  that straddles a 64-row query block, the keys' partial last vector."""
+  rng = np.random.default_rng(7)
+  lengths, batch, heads, dim = (5, 37, 28), 2, 3, 20
+  qkv = tuple(jnp.asarray(rng.standard_normal((batch, n, 3, heads, dim)) * 2, jnp.float32)
+              for n in lengths)
+  bias = tuple(jnp.asarray(rng.standard_normal((3, heads, dim)), jnp.float32) for _ in lengths)
+  _, _, _, valid = make_inputs(batch=batch, length=sum(lengths), heads=heads, head_dim=dim)
+  angles = rope_angles_for(jnp.zeros((1, sum(lengths), 1, dim)), seed=4)
+  segment = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths), jnp.int32)
+  qk_norm = qk_norm_for(jnp.zeros((1, sum(lengths), 1, dim)), segments=len(lengths))
+  qk_norm = qk_norm._replace(segment=segment)
+  scales = (qk_norm.q_scales, qk_norm.k_scales) if with_norm else ()
+
+  def by_kernel(qkv, bias, *scales):
+    norm = (segment, scales[0], segment, scales[1], qk_norm.eps) if with_norm else None
+    return jnp.concatenate(attention_cpu.segment_attention(qkv, bias, valid, rope=angles, norm=norm),
+                           axis=1)
+
+  def by_reference(qkv, bias, *scales):
+    joined = jnp.concatenate([x + b for x, b in zip(qkv, bias)], axis=1)
+    norm = qk_norm._replace(q_scales=scales[0], k_scales=scales[1]) if with_norm else None
+    return prepared_reference(norm, angles)(joined[:, :, 0], joined[:, :, 1], joined[:, :, 2], valid)
+
+  def value_and_grads(attend):
+    def loss(*args):
+      out = attend(*args)
+      return jnp.sum(jnp.sin(out) * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(2 + len(scales)))))(qkv, bias, *scales)
+
+  want, got = value_and_grads(by_reference), value_and_grads(by_kernel)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for index, (w, g) in enumerate(zip(jax.tree.leaves(want[1]), jax.tree.leaves(got[1]))):
+    assert g.shape == w.shape, index
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5 * float(jnp.max(jnp.abs(w))),
+                               err_msg=f"gradient {index}")
+
+
+def test_segments_of_mismatched_shapes_are_refused():
+  qkv = (jnp.zeros((1, 4, 3, 2, 8)), jnp.zeros((1, 6, 3, 2, 6)))
+  bias = (jnp.zeros((3, 2, 8)), jnp.zeros((3, 2, 6)))
+  with pytest.raises(ValueError, match=r"one B, H, D.*found \(1, 6, 3, 2, 6\)"):
+    attention_cpu.segment_attention(qkv, bias, jnp.ones((1, 10), bool))
 
 
 def test_norm_tables_of_the_wrong_shape_are_refused():

@@ -8,7 +8,11 @@
 // attended keys: a fifth of the backward's matmuls and its exp spared, docs/performance.md,
 // "Fourteenth round"), else recomputes them from the row log-sum-exp as a flash kernel does.
 //
-// Layout: q (B, Lq, H, D), k and v (B, Lk, H, D), kv_valid (B, Lk), all row-major float32 / bool.
+// Two pairs of calls. The joint calls take the sequence as q (B, Lq, H, D), k and v (B, Lk, H, D);
+// the segment calls as the blocks project it, each segment (stream) its own QKV projection
+// (B, L_seg, 3, H, D) before its bias (3, H, D), which is added as the rows are read, and
+// return each segment's output and dqkv where the blocks read them (Rows): no joined q, k, v or
+// split output around the kernel. kv_valid (B, Lk); all row-major float32 / bool.
 // Scale 1/sqrt(D); an invalid key's logit gets MASK_VALUE added, as the 'xla' kernel's bias does.
 // Optional per-row RMS norms and RoPE (empty tables: none): each row of q and k is normalised,
 // scaled and rotated as it is packed, and its gradient taken back through both as it is
@@ -171,25 +175,38 @@ struct Norm {
   }
 };
 
-// What a row of q or k goes through before attention: its norm, then its rotation.
+// What a row of q or k goes through before attention: its bias (a segment given as its
+// projection before the bias), its norm, then its rotation.
 struct Prep {
   Norm norm;
   Rotation rope;
 
   bool active() const { return norm.segment || rope.cos; }
-  // out = scale * the prepared row j.
-  void Apply(int64_t j, const float* x, int64_t dim, float scale, float* out) const {
-    if (norm.segment) {  // normalised into out, then rotated there in place
+  // out = scale * the prepared row j, from x (+ bias, where given).
+  void Apply(int64_t j, const float* x, const float* bias, int64_t dim, float scale,
+             float* out) const {
+    if (bias) {  // biased into out, then normalised and rotated there in place
+      for (int64_t d = 0; d < dim; ++d) out[d] = x[d] + bias[d];
+      x = out;
+    }
+    if (norm.segment) {
       norm.Apply(j, x, dim, out);
       x = out;
     }
     rope.Apply(j, x, dim, scale, out);
   }
-  // out = the gradient of row j's input x, from `grad` times `scale`, the gradient of its
-  // prepared row; the norm's scales' gradient is added to scale_grads.
-  void Backward(int64_t j, const float* x, const float* grad, int64_t dim, float scale,
-                float* out, float* scale_grads) const {
+  // out = the gradient of row j's input x (+ bias), from `grad` times `scale`, the gradient of
+  // its prepared row; the norm's scales' gradient is added to scale_grads.
+  void Backward(int64_t j, const float* x, const float* bias, const float* grad, int64_t dim,
+                float scale, float* out, float* scale_grads) const {
     rope.Transpose(j, grad, dim, scale, out);
+    if (!norm.segment) return;
+    thread_local std::vector<float> biased;
+    if (bias) {
+      biased.resize(dim);
+      for (int64_t d = 0; d < dim; ++d) biased[d] = x[d] + bias[d];
+      x = biased.data();
+    }
     norm.Backward(j, x, dim, out, scale_grads);
   }
 };
@@ -198,88 +215,135 @@ struct Shape {
   int64_t batch, queries, keys, heads, dim;
   int64_t dim_padded() const { return RoundUp(dim); }
   int64_t keys_padded() const { return RoundUp(keys); }
-  // Offset of row i of head h of example b in a (B, L, H, D) array with L = length.
-  int64_t At(int64_t b, int64_t i, int64_t h, int64_t length) const {
-    return ((b * length + i) * heads + h) * dim;
-  }
   // Offset of query row i of head h of example b in lse (B, H, Lq).
   int64_t LseAt(int64_t b, int64_t h, int64_t i) const { return (b * heads + h) * queries + i; }
   // Offset of that row in saved probabilities (B, H, Lq, Lk_padded).
   int64_t ProbsAt(int64_t b, int64_t h, int64_t i) const { return LseAt(b, h, i) * keys_padded(); }
 };
 
-// One head of one example's attended keys (prepared by Prep where there is a norm or RoPE), copied
-// into the layouts the matmuls read, zero-padded to whole vectors of `lk` columns: keys_t (D x lk)
-// for QK^T (not in a backward that reads saved probabilities); for the forward values (lk x
-// D_padded) for PV; for the backward values_t (D x lk) for dO V^T and keys (lk x D_padded) for
-// dS K. The attended keys are the valid ones: an invalid key's probability is exactly 0 in a row
-// that has a valid key, so the padding of the text segments costs no work. An example without a
-// valid key attends to all of them with MASK_VALUE added, which comes out uniform, as the 'xla'
+// Where the rows of one of q, k, v, out or their gradients lie: the sequence is one or more
+// segments, each its own row-major array (B, L_seg, slots, H, D) of which this tensor is slot
+// `slot` (a segment's q, k and v: the slots of its QKV projection; joint arrays and outputs: one
+// slot), with an optional bias (slots, H, D) that its rows take on reading. Reading and writing
+// each segment's arrays where they lie spares the step joining the segments into one sequence
+// and splitting the results again (docs/performance.md, "Seventeenth round").
+class Rows {
+ public:
+  struct Segment {
+    float* data;
+    int64_t length;
+    const float* bias;  // null: none
+  };
+
+  Rows(std::vector<Segment> segments, int64_t slot, int64_t slots, int64_t heads, int64_t dim)
+      : segments_(std::move(segments)), row_(slots * heads * dim), offset_(slot * heads * dim),
+        dim_(dim) {
+    for (int32_t seg = 0; seg < static_cast<int32_t>(segments_.size()); ++seg) {
+      if (segments_[seg].bias) biased_ = true;
+      for (int32_t i = 0; i < segments_[seg].length; ++i) {
+        segment_of_.push_back(seg);
+        row_in_.push_back(i);
+      }
+    }
+  }
+  // One (B, L, H, D) array.
+  static Rows Joint(const float* data, int64_t length, int64_t heads, int64_t dim) {
+    return Rows({{const_cast<float*>(data), length, nullptr}}, 0, 1, heads, dim);
+  }
+
+  // Row i of head h of example b.
+  float* At(int64_t b, int64_t i, int64_t h) const {
+    const Segment& seg = segments_[segment_of_[i]];
+    return seg.data + (b * seg.length + row_in_[i]) * row_ + offset_ + h * dim_;
+  }
+  // Its bias, or null.
+  const float* Bias(int64_t i, int64_t h) const {
+    const Segment& seg = segments_[segment_of_[i]];
+    return seg.bias ? seg.bias + offset_ + h * dim_ : nullptr;
+  }
+  bool biased() const { return biased_; }
+
+ private:
+  std::vector<Segment> segments_;
+  std::vector<int32_t> segment_of_, row_in_;  // per row of the sequence
+  int64_t row_, offset_, dim_;
+  bool biased_ = false;
+};
+
+// One head of one example's attended keys (prepared by Prep where there is a bias, norm or RoPE),
+// copied into the layouts the matmuls read, zero-padded to whole vectors of `lk` columns: keys_t
+// (D x lk) for QK^T (not in a backward that reads saved probabilities); for the forward values
+// (lk x D_padded) for PV; for the backward values_t (D x lk) for dO V^T and keys (lk x D_padded)
+// for dS K. The attended keys are the valid ones: an invalid key's probability is exactly 0 in a
+// row that has a valid key, so the padding of the text segments costs no work. An example without
+// a valid key attends to all of them with MASK_VALUE added, which comes out uniform, as the 'xla'
 // kernel's does.
 struct HeadKeys {
   std::vector<float> keys_t, values, values_t, keys;
-  std::vector<float> prepared;  // (kept x D): the attended keys prepared, where there is a Prep
-  std::vector<int64_t> kept;    // the attended keys' indices, ascending
-  std::vector<float> bias;      // (lk): 0, or MASK_VALUE where no key is valid; -inf for padding
-  int64_t lk = 0;               // kept.size() rounded up to whole vectors
+  std::vector<int64_t> kept;  // the attended keys' indices, ascending
+  std::vector<float> bias;    // (lk): 0, or MASK_VALUE where no key is valid; -inf for padding
+  int64_t lk = 0;             // kept.size() rounded up to whole vectors
 
-  void Pack(const Shape& s, const float* k, const float* v, const bool* valid,
-            const Prep& prep, int64_t b, int64_t h, bool backward, bool logits = true) {
-    const int64_t stride = s.heads * s.dim;
+  void Pack(const Shape& s, const Rows& k, const Rows& v, const bool* valid, const Prep& prep,
+            int64_t b, int64_t h, bool backward, bool logits = true) {
     kept.clear();
     for (int64_t j = 0; j < s.keys; ++j)
       if (valid[b * s.keys + j]) kept.push_back(j);
     const bool none_valid = kept.empty();
     if (none_valid)
       for (int64_t j = 0; j < s.keys; ++j) kept.push_back(j);
-    const int64_t n = static_cast<int64_t>(kept.size());
-    lk = RoundUp(n);
+    lk = RoundUp(static_cast<int64_t>(kept.size()));
     bias.assign(lk, -std::numeric_limits<float>::infinity());
-    std::fill(bias.begin(), bias.begin() + n, none_valid ? kMaskValue : 0.0f);
-    // This head's keys: row i at head_keys + rows[i] * key_stride (rows null: i), prepared first
-    // where there is a Prep.
-    const float* head_keys = k + s.At(b, 0, h, s.keys);
-    const int64_t* rows = kept.data();
-    int64_t key_stride = stride;
-    if (prep.active()) {
-      prepared.resize(n * s.dim);
-      for (int64_t i = 0; i < n; ++i) {
-        if (i + kAhead < n) Prefetch(head_keys + kept[i + kAhead] * stride, s.dim);
-        prep.Apply(kept[i], head_keys + kept[i] * stride, s.dim, 1.0f, &prepared[i * s.dim]);
-      }
-      head_keys = prepared.data(), rows = nullptr, key_stride = s.dim;
-    }
-    const float* head_values = v + s.At(b, 0, h, s.keys);
-    if (logits) Transpose(s, head_keys, rows, key_stride, keys_t);
+    std::fill(bias.begin(), bias.begin() + kept.size(), none_valid ? kMaskValue : 0.0f);
+    Attended(s, k, prep, b, h, prepared_keys_, key_rows_);
+    Attended(s, v, Prep{}, b, h, prepared_values_, value_rows_);
+    if (logits) Transpose(s, key_rows_, keys_t);
     if (backward) {
-      RowMajor(s, head_keys, rows, key_stride, keys);
-      Transpose(s, head_values, kept.data(), stride, values_t);
+      RowMajor(s, key_rows_, keys);
+      Transpose(s, value_rows_, values_t);
     } else {
-      RowMajor(s, head_values, kept.data(), stride, values);
+      RowMajor(s, value_rows_, values);
     }
   }
 
  private:
-  // Row i of the attended rows: at first + rows[i] * stride (rows null: i).
-  static const float* Row(const float* first, const int64_t* rows, int64_t i, int64_t stride) {
-    return first + (rows ? rows[i] : i) * stride;
+  std::vector<float> prepared_keys_, prepared_values_;  // (kept x D), where prepared
+  std::vector<const float*> key_rows_, value_rows_;    // the attended rows, wherever they lie
+
+  // rows = the attended rows of x: where they lie, or where there is a bias or a Prep,
+  // prepared into `prepared` first.
+  void Attended(const Shape& s, const Rows& x, const Prep& prep, int64_t b, int64_t h,
+                std::vector<float>& prepared, std::vector<const float*>& rows) const {
+    const int64_t n = static_cast<int64_t>(kept.size());
+    rows.resize(n);
+    if (!prep.active() && !x.biased()) {
+      for (int64_t i = 0; i < n; ++i) rows[i] = x.At(b, kept[i], h);
+      return;
+    }
+    prepared.resize(n * s.dim);
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) Prefetch(x.At(b, kept[i + kAhead], h), s.dim);
+      prep.Apply(kept[i], x.At(b, kept[i], h), x.Bias(kept[i], h), s.dim, 1.0f,
+                 &prepared[i * s.dim]);
+      rows[i] = &prepared[i * s.dim];
+    }
   }
 
-  // The attended rows of D values (Row), into (lk x D_padded).
-  void RowMajor(const Shape& s, const float* first, const int64_t* rows, int64_t stride,
+  // The rows of D values, into (lk x D_padded).
+  void RowMajor(const Shape& s, const std::vector<const float*>& rows,
                 std::vector<float>& out) const {
-    const int64_t dp = s.dim_padded(), n = static_cast<int64_t>(kept.size());
+    const int64_t dp = s.dim_padded(), n = static_cast<int64_t>(rows.size());
     out.assign(lk * dp, 0.0f);
     for (int64_t i = 0; i < n; ++i) {
-      if (i + kAhead < n) Prefetch(Row(first, rows, i + kAhead, stride), s.dim);
-      std::memcpy(&out[i * dp], Row(first, rows, i, stride), s.dim * sizeof(float));
+      if (i + kAhead < n) Prefetch(rows[i + kAhead], s.dim);
+      std::memcpy(&out[i * dp], rows[i], s.dim * sizeof(float));
     }
   }
 
   // The same rows transposed, into (D x lk).
-  void Transpose(const Shape& s, const float* first, const int64_t* rows, int64_t stride,
+  void Transpose(const Shape& s, const std::vector<const float*>& rows,
                  std::vector<float>& out) const {
-    const int64_t n = static_cast<int64_t>(kept.size());
+    const int64_t n = static_cast<int64_t>(rows.size());
     out.assign(s.dim * lk, 0.0f);
     // kLanes rows at a time: read row by row (prefetched), then written out column by column
     // from the copy in L1, so that neither side strides through memory.
@@ -288,8 +352,8 @@ struct HeadKeys {
     for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
       const int64_t count = std::min(kLanes, n - i0);
       for (int64_t r = 0; r < count; ++r) {
-        if (i0 + r + kAhead < n) Prefetch(Row(first, rows, i0 + r + kAhead, stride), s.dim);
-        std::memcpy(&block[r * s.dim], Row(first, rows, i0 + r, stride), s.dim * sizeof(float));
+        if (i0 + r + kAhead < n) Prefetch(rows[i0 + r + kAhead], s.dim);
+        std::memcpy(&block[r * s.dim], rows[i0 + r], s.dim * sizeof(float));
       }
       for (int64_t d = 0; d < s.dim; ++d)
         for (int64_t r = 0; r < count; ++r) out[d * lk + i0 + r] = block[r * s.dim + d];
@@ -334,21 +398,24 @@ void Probabilities(const Shape& s, const HeadKeys& head, const float* queries, i
   }
 }
 
-// Rows [first, first + rows) of one head's queries, prepared and scaled, into (rows x D_padded).
-void PackRows(const Shape& s, const float* x, const Prep& prep, int64_t b, int64_t h,
+// Rows [first, first + rows) of one head's queries (or their output gradients: no Prep), prepared
+// and scaled, into (rows x D_padded).
+void PackRows(const Shape& s, const Rows& x, const Prep& prep, int64_t b, int64_t h,
               int64_t first, int64_t rows, float scale, float* out) {
   const int64_t dp = s.dim_padded();
   std::memset(out, 0, rows * dp * sizeof(float));
   for (int64_t i = 0; i < rows; ++i) {
-    if (first + i + kAhead < s.queries)
-      Prefetch(x + s.At(b, first + i + kAhead, h, s.queries), s.dim);
-    prep.Apply(first + i, x + s.At(b, first + i, h, s.queries), s.dim, scale, out + i * dp);
+    if (first + i + kAhead < s.queries) Prefetch(x.At(b, first + i + kAhead, h), s.dim);
+    prep.Apply(first + i, x.At(b, first + i, h), x.Bias(first + i, h), s.dim, scale,
+               out + i * dp);
   }
 }
 
-Shape ShapeOf(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  return Shape{qd[0], qd[1], kd[1], qd[2], qd[3]};
+// Whether buffer's dimensions are `want`.
+template <typename Buffer>
+bool Dims(const Buffer& buffer, std::vector<int64_t> want) {
+  const auto d = buffer.dimensions();
+  return std::vector<int64_t>(d.begin(), d.end()) == want;
 }
 
 ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
@@ -365,6 +432,66 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
+// The segments' QKV projections (B, L_seg, 3, H, D) and biases (3, H, D): a segment call's first
+// 2 x `count` remaining arguments. Sets the call's shape (Lq = Lk = the segments' total length,
+// which kv_valid (B, L) must have).
+ffi::Error SegmentInputs(const ffi::RemainingArgs& args, int64_t count,
+                         const ffi::Buffer<ffi::PRED>& valid, std::vector<Rows::Segment>& segments,
+                         Shape& s) {
+  if (count < 1 || static_cast<int64_t>(args.size()) < 2 * count)
+    return ffi::Error::InvalidArgument("attention_cpu: segment calls take S >= 1 qkv arrays, then S biases");
+  segments.clear();
+  int64_t length = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    auto qkv = args.get<ffi::Buffer<ffi::F32>>(i);
+    auto bias = args.get<ffi::Buffer<ffi::F32>>(count + i);
+    if (qkv.has_error()) return qkv.error();
+    if (bias.has_error()) return bias.error();
+    const auto d = qkv->dimensions();
+    if (d.size() != 5 || d[2] != 3 || !Dims(*bias, {3, d[3], d[4]}))
+      return ffi::Error::InvalidArgument(
+          "attention_cpu: a segment's qkv must be (B, L, 3, H, D) and its bias (3, H, D)");
+    if (i == 0) s = Shape{d[0], 0, 0, d[3], d[4]};
+    if (d[0] != s.batch || d[3] != s.heads || d[4] != s.dim)
+      return ffi::Error::InvalidArgument("attention_cpu: the segments differ in B, H or D");
+    segments.push_back({qkv->typed_data(), d[1], bias->typed_data()});
+    length += d[1];
+  }
+  s.queries = s.keys = length;
+  if (!Dims(valid, {s.batch, length}))
+    return ffi::Error::InvalidArgument("attention_cpu: kv_valid must be (B, the segments' total L)");
+  return ffi::Error::Success();
+}
+
+// Buffers `first` to `first + segments.size()` of `list` (remaining arguments or results), one per
+// segment, each (B, L_seg, H, D) (slots 1) or (B, L_seg, 3, H, D) (slots 3), as segments.
+template <typename List, typename Get>
+ffi::Error SegmentArrays(const List& list, int64_t first, const std::vector<Rows::Segment>& like,
+                         const Shape& s, int64_t slots, Get get, std::vector<Rows::Segment>& out) {
+  out.clear();
+  for (int64_t i = 0; i < static_cast<int64_t>(like.size()); ++i) {
+    auto buffer = get(list, first + i);
+    if (buffer.has_error()) return buffer.error();
+    std::vector<int64_t> want{s.batch, like[i].length, s.heads, s.dim};
+    if (slots > 1) want.insert(want.begin() + 2, slots);
+    if (!Dims(*buffer, want))
+      return ffi::Error::InvalidArgument(
+          "attention_cpu: a segment's output or gradient differs from its qkv in B, L, H or D");
+    out.push_back({buffer->typed_data(), like[i].length, nullptr});
+  }
+  return ffi::Error::Success();
+}
+
+ffi::ErrorOr<ffi::Buffer<ffi::F32>> Argument(const ffi::RemainingArgs& args, int64_t i) {
+  return args.get<ffi::Buffer<ffi::F32>>(i);
+}
+
+ffi::ErrorOr<ffi::Buffer<ffi::F32>> Result(const ffi::RemainingRets& rets, int64_t i) {
+  auto result = rets.get<ffi::Buffer<ffi::F32>>(i);
+  if (result.has_error()) return ffi::Unexpected<ffi::Error>(result.error());
+  return **result;
+}
+
 // The norm and RoPE tables of q and k, each pair all empty or all there (shapes above).
 struct PrepTables {
   ffi::Buffer<ffi::S32> segment_q, segment_k;
@@ -372,17 +499,13 @@ struct PrepTables {
   float eps;
 
   ffi::Error Check(const Shape& s) const {
-    const auto shaped = [](auto& t, std::vector<int64_t> want) {
-      const auto d = t.dimensions();
-      return std::vector<int64_t>(d.begin(), d.end()) == want;
-    };
     if (segment_q.element_count() + segment_k.element_count() > 0) {
       const auto in_range = [](const ffi::Buffer<ffi::S32>& segment, int64_t rows) {
         for (int64_t j = 0; j < segment.element_count(); ++j)
           if (segment.typed_data()[j] < 0 || segment.typed_data()[j] >= rows) return false;
         return true;
       };
-      if (!shaped(segment_q, {s.queries}) || !shaped(segment_k, {s.keys}) ||
+      if (!Dims(segment_q, {s.queries}) || !Dims(segment_k, {s.keys}) ||
           scales_q.dimensions().size() != 2 || scales_q.dimensions()[1] != s.dim ||
           scales_k.dimensions().size() != 2 || scales_k.dimensions()[1] != s.dim ||
           !in_range(segment_q, scales_q.dimensions()[0]) ||
@@ -392,9 +515,9 @@ struct PrepTables {
     }
     if (cos_q.element_count() + sin_q.element_count() + cos_k.element_count() +
             sin_k.element_count() > 0 &&
-        (s.dim % 2 || !shaped(cos_q, {s.queries, s.dim / 2}) ||
-         !shaped(sin_q, {s.queries, s.dim / 2}) || !shaped(cos_k, {s.keys, s.dim / 2}) ||
-         !shaped(sin_k, {s.keys, s.dim / 2})))
+        (s.dim % 2 || !Dims(cos_q, {s.queries, s.dim / 2}) ||
+         !Dims(sin_q, {s.queries, s.dim / 2}) || !Dims(cos_k, {s.keys, s.dim / 2}) ||
+         !Dims(sin_k, {s.keys, s.dim / 2})))
       return ffi::Error::InvalidArgument(
           "attention_cpu: RoPE tables must be empty or (Lq, D/2) and (Lk, D/2), D even");
     return ffi::Error::Success();
@@ -415,11 +538,11 @@ struct PrepTables {
   }
 };
 
-// Attention of head h of example b: its rows of out (B, Lq, H, D) and of lse (B, H, Lq), the
-// row log-sum-exp of the scaled, masked logits, and where `saved` is given, of the probabilities
-// (B, H, Lq, Lk_padded; the first head.lk columns of a row, in the order of head.kept).
-void ForwardHead(const Shape& s, const float* q, const float* k, const float* v, const bool* valid,
-                 const Prep& prep_q, const Prep& prep_k, int64_t b, int64_t h, float* out,
+// Attention of head h of example b: its rows of out and of lse (B, H, Lq), the row log-sum-exp
+// of the scaled, masked logits, and where `saved` is given, of the probabilities (B, H, Lq,
+// Lk_padded; the first head.lk columns of a row, in the order of head.kept).
+void ForwardHead(const Shape& s, const Rows& q, const Rows& k, const Rows& v, const bool* valid,
+                 const Prep& prep_q, const Prep& prep_k, int64_t b, int64_t h, const Rows& out,
                  float* lse, float* saved) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   // Per thread and reused from call to call: fresh buffers would fault in fresh pages each time.
@@ -439,9 +562,8 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
     for (int64_t i = 0; i < rows; ++i) {
       if (saved)  // normalised: what is saved is the probabilities
         StreamScaled(&probs[i * lk], 1.0f / row_sum[i], saved + s.ProbsAt(b, h, first + i), lk);
-      if (i + kAhead < rows)
-        Prefetch(out + s.At(b, first + i + kAhead, h, s.queries), s.dim, true);
-      float* row = out + s.At(b, first + i, h, s.queries);
+      if (i + kAhead < rows) Prefetch(out.At(b, first + i + kAhead, h), s.dim, true);
+      float* row = out.At(b, first + i, h);
       for (int64_t d = 0; d < s.dim; ++d) row[d] = acc[i * dp + d] / row_sum[i];
       lse[s.LseAt(b, h, first + i)] = row_max[i] + std::log(row_sum[i]);
     }
@@ -451,11 +573,10 @@ void ForwardHead(const Shape& s, const float* q, const float* k, const float* v,
 
 // dq, dk, dv of head h of example b, from ForwardHead's inputs, its out, lse and saved
 // probabilities (null: recomputed from lse), and dout.
-void BackwardHead(const Shape& s, const float* q, const float* k, const float* v,
-                  const bool* valid, const Prep& prep_q, const Prep& prep_k,
-                  const float* out, const float* lse, const float* saved, const float* dout,
-                  int64_t b, int64_t h, float* dq, float* dk, float* dv, float* q_scale_grads,
-                  float* k_scale_grads) {
+void BackwardHead(const Shape& s, const Rows& q, const Rows& k, const Rows& v, const bool* valid,
+                  const Prep& prep_q, const Prep& prep_k, const Rows& out, const float* lse,
+                  const float* saved, const Rows& dout, int64_t b, int64_t h, const Rows& dq,
+                  const Rows& dk, const Rows& dv, float* q_scale_grads, float* k_scale_grads) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
   thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
@@ -474,8 +595,8 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
     PackRows(s, dout, Prep{}, b, h, first, rows, 1.0f, out_grad.data());
     // delta = rowsum(dO * O): the softmax Jacobian's correction term.
     for (int64_t i = 0; i < rows; ++i) {
-      if (i + kAhead < rows) Prefetch(out + s.At(b, first + i + kAhead, h, s.queries), s.dim);
-      delta[i] = Dot(out + s.At(b, first + i, h, s.queries), &out_grad[i * dp], s.dim);
+      if (i + kAhead < rows) Prefetch(out.At(b, first + i + kAhead, h), s.dim);
+      delta[i] = Dot(out.At(b, first + i, h), &out_grad[i * dp], s.dim);
     }
     const float* block = probs.data();
     if (saved) {
@@ -496,47 +617,54 @@ void BackwardHead(const Shape& s, const float* q, const float* k, const float* v
     MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
     MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t at = s.At(b, first + i, h, s.queries);
-      if (i + kAhead < rows)
-        Prefetch(dq + s.At(b, first + i + kAhead, h, s.queries), s.dim, true);
-      prep_q.Backward(first + i, q + at, &query_grad[i * dp], s.dim, scale, dq + at, q_scale_grads);
+      const int64_t j = first + i;
+      if (i + kAhead < rows) Prefetch(dq.At(b, j + kAhead, h), s.dim, true);
+      prep_q.Backward(j, q.At(b, j, h), q.Bias(j, h), &query_grad[i * dp], s.dim, scale,
+                      dq.At(b, j, h), q_scale_grads);
     }
   }
   // Keys that were not attended had probability 0 in every row: their gradients are 0.
   for (int64_t j = 0, i = 0; j < s.keys; ++j) {
-    const int64_t at = s.At(b, j, h, s.keys);
     if (j + kAhead < s.keys) {
-      const int64_t ahead = s.At(b, j + kAhead, h, s.keys);
-      Prefetch(k + ahead, s.dim);
-      Prefetch(dk + ahead, s.dim, true), Prefetch(dv + ahead, s.dim, true);
+      Prefetch(k.At(b, j + kAhead, h), s.dim);
+      Prefetch(dk.At(b, j + kAhead, h), s.dim, true), Prefetch(dv.At(b, j + kAhead, h), s.dim, true);
     }
+    float* key_row = dk.At(b, j, h);
+    float* value_row = dv.At(b, j, h);
     if (i < static_cast<int64_t>(head.kept.size()) && head.kept[i] == j) {
-      prep_k.Backward(j, k + at, &key_grad[i * dp], s.dim, 1.0f, dk + at, k_scale_grads);
-      std::memcpy(dv + at, &value_grad[i * dp], s.dim * sizeof(float));
+      prep_k.Backward(j, k.At(b, j, h), k.Bias(j, h), &key_grad[i * dp], s.dim, 1.0f, key_row,
+                      k_scale_grads);
+      std::memcpy(value_row, &value_grad[i * dp], s.dim * sizeof(float));
       ++i;
     } else {
-      std::memset(dk + at, 0, s.dim * sizeof(float));
-      std::memset(dv + at, 0, s.dim * sizeof(float));
+      std::memset(key_row, 0, s.dim * sizeof(float));
+      std::memset(value_row, 0, s.dim * sizeof(float));
     }
   }
 }
 
-// Checks the shapes (saved probabilities: none, or (B, H, Lq, Lk_padded)), then runs
-// work(shape, b, h) for every (example, head) over the pool.
+// Checks the norm and RoPE tables and the saved probabilities (none, or (B, H, Lq, Lk_padded))
+// against the shape, then runs work(b, h) for every (example, head) over the pool.
 template <typename Work>
-ffi::Error ForEachHead(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
-                       const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                       const ffi::Buffer<ffi::PRED>& valid, const PrepTables& prep,
+ffi::Error ForEachHead(ffi::ThreadPool& pool, const Shape& s, const PrepTables& prep,
                        int64_t saved_probs, Work work) {
-  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
-  const Shape s = ShapeOf(q, k);
   if (auto error = prep.Check(s); error.failure()) return error;
   if (saved_probs && saved_probs != s.batch * s.heads * s.queries * s.keys_padded())
     return ffi::Error::InvalidArgument(
         "attention_cpu: saved probabilities must be empty or (B, H, Lq, Lk rounded up to 16)");
   jova::ParallelFor(pool, s.batch * s.heads,
-                    [&](int64_t task) { work(s, task / s.heads, task % s.heads); });
+                    [&](int64_t task) { work(task / s.heads, task % s.heads); });
   return ffi::Error::Success();
+}
+
+// The (S, D) slices of a task's scale gradients (B, H, S, D), zeroed: its own, so that no two
+// tasks add to one.
+float* TaskScaleGrads(ffi::ResultBuffer<ffi::F32>& grads, int64_t segments, const Shape& s,
+                      int64_t b, int64_t h) {
+  const int64_t rows = segments * s.dim;
+  float* task = grads->typed_data() + (b * s.heads + h) * rows;
+  std::fill(task, task + rows, 0.0f);
+  return task;
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -547,12 +675,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k, float eps,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse,
                    ffi::ResultBuffer<ffi::F32> probs) {
+  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
+  const auto qd = q.dimensions();
+  const Shape s{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3]};
   const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
+  const Rows q_rows = Rows::Joint(q.typed_data(), s.queries, s.heads, s.dim);
+  const Rows k_rows = Rows::Joint(k.typed_data(), s.keys, s.heads, s.dim);
+  const Rows v_rows = Rows::Joint(v.typed_data(), s.keys, s.heads, s.dim);
+  const Rows out_rows = Rows::Joint(out->typed_data(), s.queries, s.heads, s.dim);
   const int64_t saved = probs->element_count();
-  return ForEachHead(pool, q, k, v, valid, prep, saved, [&](const Shape& s, int64_t b, int64_t h) {
-    ForwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                prep.Queries(), prep.Keys(), b, h, out->typed_data(), lse->typed_data(),
-                saved ? probs->typed_data() : nullptr);
+  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
+    ForwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(), b, h,
+                out_rows, lse->typed_data(), saved ? probs->typed_data() : nullptr);
   });
 }
 
@@ -567,26 +701,94 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                     ffi::ResultBuffer<ffi::F32> dscales_q, ffi::ResultBuffer<ffi::F32> dscales_k) {
+  if (auto error = CheckShapes(q, k, v, valid); error.failure()) return error;
+  const auto qd = q.dimensions();
+  const Shape s{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3]};
   const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
-  const int64_t rows_q = prep.QuerySegments() * q.dimensions()[3];
-  const int64_t rows_k = prep.KeySegments() * q.dimensions()[3];
+  const auto joint = [&](const float* data, int64_t length) {
+    return Rows::Joint(data, length, s.heads, s.dim);
+  };
+  const Rows q_rows = joint(q.typed_data(), s.queries), k_rows = joint(k.typed_data(), s.keys),
+             v_rows = joint(v.typed_data(), s.keys), out_rows = joint(out.typed_data(), s.queries),
+             dout_rows = joint(dout.typed_data(), s.queries),
+             dq_rows = joint(dq->typed_data(), s.queries), dk_rows = joint(dk->typed_data(), s.keys),
+             dv_rows = joint(dv->typed_data(), s.keys);
   const int64_t saved = probs.element_count();
-  return ForEachHead(pool, q, k, v, valid, prep, saved, [&](const Shape& s, int64_t b, int64_t h) {
-    // This task's (S, D) slices of the scale gradients: its own, so no two tasks add to one.
-    float* q_scale_grads = dscales_q->typed_data() + (b * s.heads + h) * rows_q;
-    float* k_scale_grads = dscales_k->typed_data() + (b * s.heads + h) * rows_k;
-    std::fill(q_scale_grads, q_scale_grads + rows_q, 0.0f);
-    std::fill(k_scale_grads, k_scale_grads + rows_k, 0.0f);
-    BackwardHead(s, q.typed_data(), k.typed_data(), v.typed_data(), valid.typed_data(),
-                 prep.Queries(), prep.Keys(), out.typed_data(), lse.typed_data(),
-                 saved ? probs.typed_data() : nullptr, dout.typed_data(), b, h, dq->typed_data(),
-                 dk->typed_data(), dv->typed_data(), q_scale_grads, k_scale_grads);
+  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
+    BackwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(),
+                 out_rows, lse.typed_data(), saved ? probs.typed_data() : nullptr, dout_rows, b, h,
+                 dq_rows, dk_rows, dv_rows, TaskScaleGrads(dscales_q, prep.QuerySegments(), s, b, h),
+                 TaskScaleGrads(dscales_k, prep.KeySegments(), s, b, h));
+  });
+}
+
+// The same attention over a sequence given as segments: each segment's QKV projection (B, L_seg,
+// 3, H, D) before its bias (3, H, D), which the kernel adds as it reads; each segment's output
+// (B, L_seg, H, D); in the backward each segment's dqkv (B, L_seg, 3, H, D). kv_valid and the norm
+// and RoPE tables are the joint sequence's, the segments in order.
+ffi::Error SegmentForward(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> valid,
+                          ffi::Buffer<ffi::S32> segment_q, ffi::Buffer<ffi::F32> scales_q,
+                          ffi::Buffer<ffi::S32> segment_k, ffi::Buffer<ffi::F32> scales_k,
+                          ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
+                          ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k,
+                          ffi::RemainingArgs args, float eps, ffi::ResultBuffer<ffi::F32> lse,
+                          ffi::ResultBuffer<ffi::F32> probs, ffi::RemainingRets rets) {
+  const int64_t count = static_cast<int64_t>(rets.size());  // one output per segment
+  Shape s;
+  std::vector<Rows::Segment> qkv, out;
+  if (auto error = SegmentInputs(args, count, valid, qkv, s); error.failure()) return error;
+  if (auto error = SegmentArrays(rets, 0, qkv, s, 1, Result, out); error.failure()) return error;
+  const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
+  const Rows q_rows(qkv, 0, 3, s.heads, s.dim), k_rows(qkv, 1, 3, s.heads, s.dim),
+             v_rows(qkv, 2, 3, s.heads, s.dim), out_rows(out, 0, 1, s.heads, s.dim);
+  const int64_t saved = probs->element_count();
+  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
+    ForwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(), b, h,
+                out_rows, lse->typed_data(), saved ? probs->typed_data() : nullptr);
+  });
+}
+
+ffi::Error SegmentBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> valid,
+                           ffi::Buffer<ffi::S32> segment_q, ffi::Buffer<ffi::F32> scales_q,
+                           ffi::Buffer<ffi::S32> segment_k, ffi::Buffer<ffi::F32> scales_k,
+                           ffi::Buffer<ffi::F32> cos_q, ffi::Buffer<ffi::F32> sin_q,
+                           ffi::Buffer<ffi::F32> cos_k, ffi::Buffer<ffi::F32> sin_k,
+                           ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> probs,
+                           ffi::RemainingArgs args, float eps,
+                           ffi::ResultBuffer<ffi::F32> dscales_q,
+                           ffi::ResultBuffer<ffi::F32> dscales_k, ffi::RemainingRets rets) {
+  // Arguments: the segments' qkv, biases, outputs and output gradients; results: their dqkv.
+  const int64_t count = static_cast<int64_t>(rets.size());
+  if (static_cast<int64_t>(args.size()) != 4 * count)
+    return ffi::Error::InvalidArgument(
+        "attention_cpu: a segment backward takes 4 arguments per segment (qkv, bias, out, dout)");
+  Shape s;
+  std::vector<Rows::Segment> qkv, out, dout, dqkv;
+  if (auto error = SegmentInputs(args, count, valid, qkv, s); error.failure()) return error;
+  if (auto error = SegmentArrays(args, 2 * count, qkv, s, 1, Argument, out); error.failure())
+    return error;
+  if (auto error = SegmentArrays(args, 3 * count, qkv, s, 1, Argument, dout); error.failure())
+    return error;
+  if (auto error = SegmentArrays(rets, 0, qkv, s, 3, Result, dqkv); error.failure()) return error;
+  const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
+  const auto slot = [&](const std::vector<Rows::Segment>& segments, int64_t slot, int64_t slots) {
+    return Rows(segments, slot, slots, s.heads, s.dim);
+  };
+  const Rows q_rows = slot(qkv, 0, 3), k_rows = slot(qkv, 1, 3), v_rows = slot(qkv, 2, 3),
+             out_rows = slot(out, 0, 1), dout_rows = slot(dout, 0, 1),
+             dq_rows = slot(dqkv, 0, 3), dk_rows = slot(dqkv, 1, 3), dv_rows = slot(dqkv, 2, 3);
+  const int64_t saved = probs.element_count();
+  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
+    BackwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(),
+                 out_rows, lse.typed_data(), saved ? probs.typed_data() : nullptr, dout_rows, b, h,
+                 dq_rows, dk_rows, dv_rows, TaskScaleGrads(dscales_q, prep.QuerySegments(), s, b, h),
+                 TaskScaleGrads(dscales_k, prep.KeySegments(), s, b, h));
   });
 }
 
 }  // namespace
 
-// Both calls start with the pool, q, k, v, kv_valid, the norm and RoPE tables and eps.
+// The joint calls start with the pool, q, k, v, kv_valid, the norm and RoPE tables and eps.
 auto AttentionCall() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -623,3 +825,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The segment calls start with the pool, kv_valid and the norm and RoPE tables.
+auto SegmentCall() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::PRED>>()  // kv_valid
+      .Arg<ffi::Buffer<ffi::S32>>()   // segment_q
+      .Arg<ffi::Buffer<ffi::F32>>()   // scales_q
+      .Arg<ffi::Buffer<ffi::S32>>()   // segment_k
+      .Arg<ffi::Buffer<ffi::F32>>()   // scales_k
+      .Arg<ffi::Buffer<ffi::F32>>()   // cos_q
+      .Arg<ffi::Buffer<ffi::F32>>()   // sin_q
+      .Arg<ffi::Buffer<ffi::F32>>()   // cos_k
+      .Arg<ffi::Buffer<ffi::F32>>();  // sin_k
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaSegmentAttentionForward, SegmentForward,
+                              SegmentCall()  // then each segment's qkv, then each one's bias
+                                  .RemainingArgs()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // probs (saved or empty)
+                                  .RemainingRets());             // each segment's out
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaSegmentAttentionBackward, SegmentBackward,
+                              SegmentCall()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // probs
+                                  .RemainingArgs()  // each segment's qkv, bias, out, dout
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscales_q
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscales_k
+                                  .RemainingRets());             // each segment's dqkv

@@ -65,6 +65,15 @@ def context_size() -> int:
   return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT, 1)
 
 
+def segments_apart(dtype, kernel: str) -> bool:
+  """Whether the blocks hand attention each segment's QKV projection where it lies
+  (attention_cpu.segment_attention) rather than the joined q, k, v: where joint_attention would
+  run the 'cpu' kernel over the whole sequence, on one device. Elsewhere the sequence may be
+  split, sharded or padded, which takes it joined."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return kernels.resolve_kernel(kernel, dtype) == "cpu" and (mesh.empty or mesh.size == 1)
+
+
 def joint_attention(q, k, v, kv_valid, *, qk_norm: QKNorm | None = None, rope=None, strategy="none",
                     kernel="auto", chunk=512):
   """Bidirectional softmax attention over the joint sequence.

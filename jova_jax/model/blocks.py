@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jova_jax.kernels import attention_cpu
 from jova_jax.model import attention, joint_layout
 from jova_jax.model.layers import Dense, RMSNorm, layer_norm, modulate
 from jova_jax.parallel.rules import constrain
@@ -65,11 +66,9 @@ class Stream(nnx.Module):
     m = self.modulation(jax.nn.silu(c)).astype(jnp.float32)
     return [m[:, i] for i in range(6)]
 
-  def project_qkv(self, x, mods):
-    """q, k, v before the QK norms, which joint_attention applies (JointBlock)."""
-    y = modulate(layer_norm(x, self.cfg.eps), mods[0], mods[1])
-    qkv = self.qkv(y)
-    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  def qkv_input(self, x, mods):
+    """What the QKV projection reads: x layer-normed and modulated."""
+    return modulate(layer_norm(x, self.cfg.eps), mods[0], mods[1])
 
   def finish(self, x, attn_out, mods):
     x = x + (mods[2][:, None, :] * self.out(attn_out)).astype(x.dtype)
@@ -102,21 +101,28 @@ class JointBlock(nnx.Module):
   def __call__(self, xs: dict, cond: dict, angles, kv_valid):
     """xs: segment -> (B, L_seg, hidden); cond: tower -> (B, hidden); angles (L, D/2) and kv_valid
     (B, L) in the joint_layout order of the segments."""
-    mods, qs, ks, vs = {}, [], [], []
-    for seg in SEGMENTS:
-      stream = self.stream(seg)
-      mods[seg] = stream.mods(cond[TOWER_OF[seg]])
-      q, k, v = stream.project_qkv(xs[seg], mods[seg])
-      qs.append(q), ks.append(k), vs.append(v)
+    mods = {seg: self.stream(seg).mods(cond[TOWER_OF[seg]]) for seg in SEGMENTS}
+    inputs = [self.stream(seg).qkv_input(xs[seg], mods[seg]) for seg in SEGMENTS]
     lengths = [xs[seg].shape[1] for seg in SEGMENTS]
     shards = joint_layout.context_shards(lengths[-1])
-    q, k, v = (joint_layout.join(x, shards) for x in (qs, ks, vs))
-    out = attention.joint_attention(q, k, v, kv_valid, qk_norm=self.qk_norm(lengths, shards),
-                                    rope=angles,
-                                    strategy=self.cfg.context_strategy,
-                                    kernel=self.cfg.attention_kernel, chunk=self.cfg.attention_chunk)
+    qk_norm = self.qk_norm(lengths, shards)
+    if attention.segments_apart(self.cfg.dtype, self.cfg.attention_kernel):
+      # The kernel reads each segment's projection and adds its bias where they lie.
+      projections = [self.stream(seg).qkv for seg in SEGMENTS]
+      outs = attention_cpu.segment_attention(
+          [p.unbiased(y) for p, y in zip(projections, inputs)], [p.bias[...] for p in projections],
+          kv_valid, rope=angles,
+          norm=(qk_norm.segment, qk_norm.q_scales, qk_norm.segment, qk_norm.k_scales, qk_norm.eps))
+    else:
+      qkvs = [self.stream(seg).qkv(y) for seg, y in zip(SEGMENTS, inputs)]
+      q, k, v = (joint_layout.join([qkv[:, :, i] for qkv in qkvs], shards) for i in range(3))
+      out = attention.joint_attention(q, k, v, kv_valid, qk_norm=qk_norm, rope=angles,
+                                      strategy=self.cfg.context_strategy,
+                                      kernel=self.cfg.attention_kernel,
+                                      chunk=self.cfg.attention_chunk)
+      outs = joint_layout.split(out, lengths, shards)
     new = {}
-    for seg, seg_out in zip(SEGMENTS, joint_layout.split(out, lengths, shards)):
+    for seg, seg_out in zip(SEGMENTS, outs):
       y = self.stream(seg).finish(xs[seg], seg_out, mods[seg])
       new[seg] = constrain(y, _ACT.get(seg, _ACT_OTHER))
     return new

@@ -99,6 +99,13 @@ class Dense(nnx.Module):
       y = y + self.lora(x, n_in)
     return y
 
+  def unbiased(self, x):
+    """x @ W (+ the LoRA update): the output before its bias, for a consumer that adds the bias
+    as it reads (attention_cpu.segment_attention)."""
+    n_in = len(self.in_shape)
+    y = contract(x, self.kernel, n_in, self.dtype)
+    return y if self.lora is None else y + self.lora(x, n_in)
+
 
 def rms_norm(x, scale, eps: float):
   """x / rms(x) over the last dim, times `scale` (broadcast against x), in float32."""
