@@ -247,8 +247,8 @@ class Rows {
     }
   }
   // One (B, L, H, D) array.
-  static Rows Joint(const float* data, int64_t length, int64_t heads, int64_t dim) {
-    return Rows({{const_cast<float*>(data), length, nullptr}}, 0, 1, heads, dim);
+  static Rows Joint(float* data, int64_t length, int64_t heads, int64_t dim) {
+    return Rows({{data, length, nullptr}}, 0, 1, heads, dim);
   }
 
   // Row i of head h of example b.
@@ -705,7 +705,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const auto qd = q.dimensions();
   const Shape s{qd[0], qd[1], k.dimensions()[1], qd[2], qd[3]};
   const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
-  const auto joint = [&](const float* data, int64_t length) {
+  const auto joint = [&](float* data, int64_t length) {
     return Rows::Joint(data, length, s.heads, s.dim);
   };
   const Rows q_rows = joint(q.typed_data(), s.queries), k_rows = joint(k.typed_data(), s.keys),
