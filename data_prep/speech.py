@@ -33,6 +33,7 @@ class Synthesizer:
                                             ctypes.c_int]
     self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
     self._lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    self._lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
     self._lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint,
                                        ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
                                        ctypes.c_void_p, ctypes.c_void_p]
@@ -61,6 +62,10 @@ class Synthesizer:
         raise ValueError(f"espeak-ng has no voice {voice!r}")
       self._lib.espeak_SetParameter(PARAM_RATE, int(rate), 0)
       self._lib.espeak_SetParameter(PARAM_PITCH, int(pitch), 0)
+      # The female variants (+f2, +f3, ...) add breath noise from espeak-ng's random generator,
+      # which each process starts from the clock: seeded here, a run's utterances come out the
+      # same in every run, and so does the demo corpus.
+      self._lib.espeak_ng_SetRandSeed(0)
       self._chunks = []
       encoded = text.encode("utf-8") + b"\0"
       status = self._lib.espeak_Synth(encoded, len(encoded), 0, POS_CHARACTER, 0,
