@@ -788,22 +788,28 @@ ffi::Error SegmentBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> valid,
 
 }  // namespace
 
-// The joint calls start with the pool, q, k, v, kv_valid, the norm and RoPE tables and eps.
+// Every call's norm and RoPE tables, after its sequence.
+template <typename Binding>
+auto WithTables(Binding binding) {
+  return std::move(binding)
+      .template Arg<ffi::Buffer<ffi::S32>>()   // segment_q
+      .template Arg<ffi::Buffer<ffi::F32>>()   // scales_q
+      .template Arg<ffi::Buffer<ffi::S32>>()   // segment_k
+      .template Arg<ffi::Buffer<ffi::F32>>()   // scales_k
+      .template Arg<ffi::Buffer<ffi::F32>>()   // cos_q
+      .template Arg<ffi::Buffer<ffi::F32>>()   // sin_q
+      .template Arg<ffi::Buffer<ffi::F32>>()   // cos_k
+      .template Arg<ffi::Buffer<ffi::F32>>();  // sin_k
+}
+
+// The joint calls start with the pool, q, k, v, kv_valid, the tables and eps.
 auto AttentionCall() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()   // q
-      .Arg<ffi::Buffer<ffi::F32>>()   // k
-      .Arg<ffi::Buffer<ffi::F32>>()   // v
-      .Arg<ffi::Buffer<ffi::PRED>>()  // kv_valid
-      .Arg<ffi::Buffer<ffi::S32>>()   // segment_q
-      .Arg<ffi::Buffer<ffi::F32>>()   // scales_q
-      .Arg<ffi::Buffer<ffi::S32>>()   // segment_k
-      .Arg<ffi::Buffer<ffi::F32>>()   // scales_k
-      .Arg<ffi::Buffer<ffi::F32>>()   // cos_q
-      .Arg<ffi::Buffer<ffi::F32>>()   // sin_q
-      .Arg<ffi::Buffer<ffi::F32>>()   // cos_k
-      .Arg<ffi::Buffer<ffi::F32>>()   // sin_k
+  return WithTables(ffi::Ffi::Bind()
+                        .Ctx<ffi::ThreadPool>()
+                        .Arg<ffi::Buffer<ffi::F32>>()    // q
+                        .Arg<ffi::Buffer<ffi::F32>>()    // k
+                        .Arg<ffi::Buffer<ffi::F32>>()    // v
+                        .Arg<ffi::Buffer<ffi::PRED>>())  // kv_valid
       .Attr<float>("eps");
 }
 
@@ -826,19 +832,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaAttentionBackward, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The segment calls start with the pool, kv_valid and the norm and RoPE tables.
+// The segment calls start with the pool, kv_valid and the tables.
 auto SegmentCall() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::PRED>>()  // kv_valid
-      .Arg<ffi::Buffer<ffi::S32>>()   // segment_q
-      .Arg<ffi::Buffer<ffi::F32>>()   // scales_q
-      .Arg<ffi::Buffer<ffi::S32>>()   // segment_k
-      .Arg<ffi::Buffer<ffi::F32>>()   // scales_k
-      .Arg<ffi::Buffer<ffi::F32>>()   // cos_q
-      .Arg<ffi::Buffer<ffi::F32>>()   // sin_q
-      .Arg<ffi::Buffer<ffi::F32>>()   // cos_k
-      .Arg<ffi::Buffer<ffi::F32>>();  // sin_k
+  return WithTables(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::PRED>>());
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JovaSegmentAttentionForward, SegmentForward,
