@@ -87,14 +87,16 @@ def test_norm_and_rope_inside_the_kernel_match_applying_them_first(queries, with
 def test_segments_given_apart_match_the_reference_on_the_joined_sequence(with_norm, probabilities):
   """segment_attention reads each segment's QKV projection and adds its bias itself: equal to the
   dense reference on the joined, biased q, k, v, with the gradients of every segment's projection,
-  bias and norm scales. Segments of 5, 37 and 28 rows: a segment shorter than a vector, one
-  that straddles a 64-row query block, the keys' partial last vector."""
+  bias and norm scales, where a padding row (its key masked) comes out 0: self-attention, whose
+  padding rows the kernel skips. Segments of 5, 37 and 28 rows: a segment shorter than a vector,
+  one that straddles a 64-row query block, the keys' partial last vector."""
   rng = np.random.default_rng(7)
   lengths, batch, heads, dim = (5, 37, 28), 2, 3, 20
   qkv = tuple(jnp.asarray(rng.standard_normal((batch, n, 3, heads, dim)) * 2, jnp.float32)
               for n in lengths)
   bias = tuple(jnp.asarray(rng.standard_normal((3, heads, dim)), jnp.float32) for _ in lengths)
   _, _, _, valid = make_inputs(batch=batch, length=sum(lengths), heads=heads, head_dim=dim)
+  assert not valid.all(axis=1).any()  # every example has padding rows to skip
   angles = rope_angles_for(jnp.zeros((1, sum(lengths), 1, dim)), seed=4)
   segment = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths), jnp.int32)
   qk_norm = qk_norm_for(jnp.zeros((1, sum(lengths), 1, dim)), segments=len(lengths))
@@ -109,7 +111,8 @@ def test_segments_given_apart_match_the_reference_on_the_joined_sequence(with_no
   def by_reference(qkv, bias, *scales):
     joined = jnp.concatenate([x + b for x, b in zip(qkv, bias)], axis=1)
     norm = qk_norm._replace(q_scales=scales[0], k_scales=scales[1]) if with_norm else None
-    return prepared_reference(norm, angles)(joined[:, :, 0], joined[:, :, 1], joined[:, :, 2], valid)
+    out = prepared_reference(norm, angles)(joined[:, :, 0], joined[:, :, 1], joined[:, :, 2], valid)
+    return jnp.where(valid[:, :, None, None], out, 0.0)
 
   def value_and_grads(attend):
     def loss(*args):

@@ -12,7 +12,9 @@
 // the segment calls as the blocks project it, each segment (stream) its own QKV projection
 // (B, L_seg, 3, H, D) before its bias (3, H, D), which is added as the rows are read, and
 // return each segment's output and dqkv where the blocks read them (Rows): no joined q, k, v or
-// split output around the kernel. kv_valid (B, Lk); all row-major float32 / bool.
+// split output around the kernel. Being self-attention, the segment calls skip the padding rows
+// (a query whose key is masked; HeadKeys::queries): their output and dq are 0, which is exact
+// where nothing reads them, as in the blocks. kv_valid (B, Lk); all row-major float32 / bool.
 // Scale 1/sqrt(D); an invalid key's logit gets MASK_VALUE added, as the 'xla' kernel's bias does.
 // Optional per-row RMS norms and RoPE (empty tables: none): each row of q and k is normalised,
 // scaled and rotated as it is packed, and its gradient taken back through both as it is
@@ -213,6 +215,9 @@ struct Prep {
 
 struct Shape {
   int64_t batch, queries, keys, heads, dim;
+  // Query row i is key row i (the segment calls' self-attention): a row whose key is masked is
+  // padding, whose output no valid row reads, and it is not computed (HeadKeys::queries).
+  bool self_attention = false;
   int64_t dim_padded() const { return RoundUp(dim); }
   int64_t keys_padded() const { return RoundUp(keys); }
   // Offset of query row i of head h of example b in lse (B, H, Lq).
@@ -281,6 +286,10 @@ class Rows {
 struct HeadKeys {
   std::vector<float> keys_t, values, values_t, keys;
   std::vector<int64_t> kept;  // the attended keys' indices, ascending
+  // The query rows computed, ascending: in self-attention the attended keys' rows (the padding
+  // rows' output is 0, their gradients 0), else all of them. A row's saved probabilities lie at
+  // its position in this list.
+  std::vector<int64_t> queries;
   std::vector<float> bias;    // (lk): 0, or MASK_VALUE where no key is valid; -inf for padding
   int64_t lk = 0;             // kept.size() rounded up to whole vectors
 
@@ -295,6 +304,12 @@ struct HeadKeys {
     lk = RoundUp(static_cast<int64_t>(kept.size()));
     bias.assign(lk, -std::numeric_limits<float>::infinity());
     std::fill(bias.begin(), bias.begin() + kept.size(), none_valid ? kMaskValue : 0.0f);
+    if (s.self_attention) {
+      queries = kept;
+    } else {
+      queries.resize(s.queries);
+      for (int64_t i = 0; i < s.queries; ++i) queries[i] = i;
+    }
     Attended(s, k, prep, b, h, prepared_keys_, key_rows_);
     Attended(s, v, Prep{}, b, h, prepared_values_, value_rows_);
     if (logits) Transpose(s, key_rows_, keys_t);
@@ -398,16 +413,29 @@ void Probabilities(const Shape& s, const HeadKeys& head, const float* queries, i
   }
 }
 
-// Rows [first, first + rows) of one head's queries (or their output gradients: no Prep), prepared
+// Rows index[0 .. rows) of one head's queries (or their output gradients: no Prep), prepared
 // and scaled, into (rows x D_padded).
 void PackRows(const Shape& s, const Rows& x, const Prep& prep, int64_t b, int64_t h,
-              int64_t first, int64_t rows, float scale, float* out) {
+              const int64_t* index, int64_t rows, float scale, float* out) {
   const int64_t dp = s.dim_padded();
   std::memset(out, 0, rows * dp * sizeof(float));
   for (int64_t i = 0; i < rows; ++i) {
-    if (first + i + kAhead < s.queries) Prefetch(x.At(b, first + i + kAhead, h), s.dim);
-    prep.Apply(first + i, x.At(b, first + i, h), x.Bias(first + i, h), s.dim, scale,
-               out + i * dp);
+    if (i + kAhead < rows) Prefetch(x.At(b, index[i + kAhead], h), s.dim);
+    prep.Apply(index[i], x.At(b, index[i], h), x.Bias(index[i], h), s.dim, scale, out + i * dp);
+  }
+}
+
+// Zeroes the rows of x (out in the forward, dq in the backward) of head h of example b that the
+// head does not compute, padding rows in self-attention, and their entries of `lse` where given.
+void ZeroSkippedRows(const Shape& s, const HeadKeys& head, const Rows& x, int64_t b, int64_t h,
+                     float* lse = nullptr) {
+  for (int64_t j = 0, i = 0; j < s.queries; ++j) {
+    if (i < static_cast<int64_t>(head.queries.size()) && head.queries[i] == j) {
+      ++i;
+      continue;
+    }
+    std::memset(x.At(b, j, h), 0, s.dim * sizeof(float));
+    if (lse) lse[s.LseAt(b, h, j)] = 0.0f;
   }
 }
 
@@ -458,6 +486,7 @@ ffi::Error SegmentInputs(const ffi::RemainingArgs& args, int64_t count,
     length += d[1];
   }
   s.queries = s.keys = length;
+  s.self_attention = true;
   if (!Dims(valid, {s.batch, length}))
     return ffi::Error::InvalidArgument("attention_cpu: kv_valid must be (B, the segments' total L)");
   return ffi::Error::Success();
@@ -553,21 +582,24 @@ void ForwardHead(const Shape& s, const Rows& q, const Rows& k, const Rows& v, co
   const int64_t lk = head.lk, dp = s.dim_padded();
   queries.resize(kQueryBlock * dp), probs.resize(kQueryBlock * lk), acc.resize(kQueryBlock * dp);
   row_max.resize(kQueryBlock), row_sum.resize(kQueryBlock);
-  for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
-    const int64_t rows = std::min(kQueryBlock, s.queries - first);
-    PackRows(s, q, prep_q, b, h, first, rows, scale, queries.data());
+  const int64_t computed = static_cast<int64_t>(head.queries.size());
+  for (int64_t first = 0; first < computed; first += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, computed - first);
+    const int64_t* index = &head.queries[first];
+    PackRows(s, q, prep_q, b, h, index, rows, scale, queries.data());
     Probabilities(s, head, queries.data(), rows, probs.data(), row_max.data(), row_sum.data(),
                   nullptr);
     MatMul(probs.data(), lk, 1, head.values.data(), dp, rows, dp, lk, acc.data(), dp, false);
     for (int64_t i = 0; i < rows; ++i) {
       if (saved)  // normalised: what is saved is the probabilities
         StreamScaled(&probs[i * lk], 1.0f / row_sum[i], saved + s.ProbsAt(b, h, first + i), lk);
-      if (i + kAhead < rows) Prefetch(out.At(b, first + i + kAhead, h), s.dim, true);
-      float* row = out.At(b, first + i, h);
+      if (i + kAhead < rows) Prefetch(out.At(b, index[i + kAhead], h), s.dim, true);
+      float* row = out.At(b, index[i], h);
       for (int64_t d = 0; d < s.dim; ++d) row[d] = acc[i * dp + d] / row_sum[i];
-      lse[s.LseAt(b, h, first + i)] = row_max[i] + std::log(row_sum[i]);
+      lse[s.LseAt(b, h, index[i])] = row_max[i] + std::log(row_sum[i]);
     }
   }
+  if (computed < s.queries) ZeroSkippedRows(s, head, out, b, h, lse);
   if (saved) StreamFence();
 }
 
@@ -579,7 +611,7 @@ void BackwardHead(const Shape& s, const Rows& q, const Rows& k, const Rows& v, c
                   const Rows& dk, const Rows& dv, float* q_scale_grads, float* k_scale_grads) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   thread_local HeadKeys head;  // per thread and reused, as in ForwardHead
-  thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta;
+  thread_local std::vector<float> queries, out_grad, probs, grads, query_grad, delta, block_lse;
   thread_local std::vector<float> key_grad, value_grad;  // summed over the query blocks
   head.Pack(s, k, v, valid, prep_k, b, h, /*backward=*/true, /*logits=*/!saved);
   const int64_t lk = head.lk, dp = s.dim_padded();
@@ -587,23 +619,26 @@ void BackwardHead(const Shape& s, const Rows& q, const Rows& k, const Rows& v, c
   const int64_t probs_stride = saved ? s.keys_padded() : lk;
   queries.resize(kQueryBlock * dp), out_grad.resize(kQueryBlock * dp);
   probs.resize(kQueryBlock * lk), grads.resize(kQueryBlock * lk);
-  query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock);
+  query_grad.resize(kQueryBlock * dp), delta.resize(kQueryBlock), block_lse.resize(kQueryBlock);
   key_grad.assign(lk * dp, 0.0f), value_grad.assign(lk * dp, 0.0f);
-  for (int64_t first = 0; first < s.queries; first += kQueryBlock) {
-    const int64_t rows = std::min(kQueryBlock, s.queries - first);
-    PackRows(s, q, prep_q, b, h, first, rows, scale, queries.data());
-    PackRows(s, dout, Prep{}, b, h, first, rows, 1.0f, out_grad.data());
+  const int64_t computed = static_cast<int64_t>(head.queries.size());
+  for (int64_t first = 0; first < computed; first += kQueryBlock) {
+    const int64_t rows = std::min(kQueryBlock, computed - first);
+    const int64_t* index = &head.queries[first];
+    PackRows(s, q, prep_q, b, h, index, rows, scale, queries.data());
+    PackRows(s, dout, Prep{}, b, h, index, rows, 1.0f, out_grad.data());
     // delta = rowsum(dO * O): the softmax Jacobian's correction term.
     for (int64_t i = 0; i < rows; ++i) {
-      if (i + kAhead < rows) Prefetch(out.At(b, first + i + kAhead, h), s.dim);
-      delta[i] = Dot(out.At(b, first + i, h), &out_grad[i * dp], s.dim);
+      if (i + kAhead < rows) Prefetch(out.At(b, index[i + kAhead], h), s.dim);
+      delta[i] = Dot(out.At(b, index[i], h), &out_grad[i * dp], s.dim);
     }
     const float* block = probs.data();
     if (saved) {
       block = saved + s.ProbsAt(b, h, first);
     } else {
+      for (int64_t i = 0; i < rows; ++i) block_lse[i] = lse[s.LseAt(b, h, index[i])];
       Probabilities(s, head, queries.data(), rows, probs.data(), nullptr, nullptr,
-                    lse + s.LseAt(b, h, first));
+                    block_lse.data());
     }
     // dV += P^T dO; dP = dO V^T; dS = P * (dP - delta).
     MatMul(block, 1, probs_stride, out_grad.data(), dp, lk, dp, rows, value_grad.data(), dp, true);
@@ -617,12 +652,13 @@ void BackwardHead(const Shape& s, const Rows& q, const Rows& k, const Rows& v, c
     MatMul(grads.data(), lk, 1, head.keys.data(), dp, rows, dp, lk, query_grad.data(), dp, false);
     MatMul(grads.data(), 1, lk, queries.data(), dp, lk, dp, rows, key_grad.data(), dp, true);
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t j = first + i;
-      if (i + kAhead < rows) Prefetch(dq.At(b, j + kAhead, h), s.dim, true);
+      const int64_t j = index[i];
+      if (i + kAhead < rows) Prefetch(dq.At(b, index[i + kAhead], h), s.dim, true);
       prep_q.Backward(j, q.At(b, j, h), q.Bias(j, h), &query_grad[i * dp], s.dim, scale,
                       dq.At(b, j, h), q_scale_grads);
     }
   }
+  if (computed < s.queries) ZeroSkippedRows(s, head, dq, b, h);
   // Keys that were not attended had probability 0 in every row: their gradients are 0.
   for (int64_t j = 0, i = 0; j < s.keys; ++j) {
     if (j + kAhead < s.keys) {

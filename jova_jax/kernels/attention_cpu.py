@@ -12,7 +12,8 @@ log-sum-exp, as a flash kernel does, and memory stays linear in the sequence. Wi
 rotated as embeddings.apply_rope does, preparing each row as it packs it: fewer passes over q
 and k and their gradients than preparing them first. `segment_attention` takes the sequence as
 the blocks project it, each segment's QKV projection apart and before its bias, and returns each
-segment's output apart: the blocks' path on one device (attention.segments_apart).
+segment's output apart, skipping the padding rows: the blocks' path on one device
+(attention.segments_apart).
 """
 from __future__ import annotations
 
@@ -67,7 +68,10 @@ def segment_attention(qkv, bias, kv_valid, rope=None, norm=None):
   the kernel adds as it reads each row. The joint sequence is the segments in order: kv_valid
   (B, L) with L the sum of the L_s, `rope` None or its (L, D/2) angles, `norm` as in `attention`
   with Lq = Lk = L. Returns each segment's output (B, L_s, H, D). The kernel reads and writes
-  every segment where it lies: no joined q, k, v or split output, forward or backward."""
+  every segment where it lies: no joined q, k, v or split output, forward or backward.
+  Self-attention: a row whose key is masked is padding, which no valid row reads; its output is 0
+  and it is not computed (the demo's text padding: ~8% of the rows). Where an example has no
+  valid key at all, every row attends to every key, as in `attention`."""
   qkv, bias = tuple(qkv), tuple(bias)
   _check_usable(qkv[0].dtype)
   length, dim = sum(x.shape[1] for x in qkv), qkv[0].shape[-1]

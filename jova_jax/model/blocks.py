@@ -120,6 +120,9 @@ class JointBlock(nnx.Module):
                                       strategy=self.cfg.context_strategy,
                                       kernel=self.cfg.attention_kernel,
                                       chunk=self.cfg.attention_chunk)
+      # Padding rows come out 0, as from the segment kernel, which skips them: no valid row reads
+      # them (their keys are masked), so the loss and gradients are the same either way.
+      out = jnp.where(kv_valid[:, :, None, None], out, jnp.zeros((), out.dtype))
       outs = joint_layout.split(out, lengths, shards)
     new = {}
     for seg, seg_out in zip(SEGMENTS, outs):
