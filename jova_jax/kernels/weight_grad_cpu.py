@@ -35,14 +35,20 @@ def applies(dtype, out_features: int) -> bool:
   return cpu_build.one_cpu_device(dtype) and out_features % cpu_build.LANES == 0 and available()
 
 
-def weight_gradient(x, dy, n_in: int):
+def weight_gradient(x, dy, n_in: int, rows_valid=None):
   """The gradient of W in y = x . W, x's last n_in dims contracted with W's first: x (..., *in),
-  dy (..., *out) with the same leading dims. Returns (*in, *out) in float32."""
+  dy (..., *out) with the same leading dims. `rows_valid` (those leading dims, bool): sum over
+  the rows it marks only (None: all). Returns (*in, *out) in float32."""
   if not available():
     raise RuntimeError("the CPU weight-gradient kernel could not be built (see the warning above)")
   in_shape, out_shape = x.shape[x.ndim - n_in:], dy.shape[x.ndim - n_in:]
   rows, m, n = math.prod(x.shape[:x.ndim - n_in]), math.prod(in_shape), math.prod(out_shape)
+  if rows_valid is not None and math.prod(jnp.shape(rows_valid)) != rows:
+    raise ValueError(f"weight_grad_cpu: rows_valid must mark x's {rows} rows, found shape "
+                     f"{jnp.shape(rows_valid)}")
+  valid = (jnp.zeros((0,), bool) if rows_valid is None
+           else jnp.asarray(rows_valid, bool).reshape(rows))
   call = jax.ffi.ffi_call("jova_weight_gradient", jax.ShapeDtypeStruct((m, n), jnp.float32),
                           vmap_method="sequential")
-  dw = call(x.reshape(rows, m).astype(jnp.float32), dy.reshape(rows, n).astype(jnp.float32))
+  dw = call(x.reshape(rows, m).astype(jnp.float32), dy.reshape(rows, n).astype(jnp.float32), valid)
   return dw.reshape(*in_shape, *out_shape)

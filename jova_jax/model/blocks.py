@@ -24,6 +24,8 @@ from jova_jax.parallel.rules import constrain
 SEGMENTS = ("audio", "text_a", "text_v", "video")
 # Which tower's sigma modulates a segment; in a single-stream block also whose weights it uses.
 TOWER_OF = {"audio": "audio", "text_a": "audio", "text_v": "video", "video": "video"}
+# Segments whose rows may be padding (a prompt shorter than the text length).
+TEXT_SEGMENTS = ("text_a", "text_v")
 # Activation sharding: video tokens over `context`, the rest replicated over it.
 _ACT = {"video": ("act_batch", "act_video_length", "act_embed")}
 _ACT_OTHER = ("act_batch", "act_length", "act_embed")
@@ -70,10 +72,11 @@ class Stream(nnx.Module):
     """What the QKV projection reads: x layer-normed and modulated."""
     return modulate(layer_norm(x, self.cfg.eps), mods[0], mods[1])
 
-  def finish(self, x, attn_out, mods):
-    x = x + (mods[2][:, None, :] * self.out(attn_out)).astype(x.dtype)
+  def finish(self, x, attn_out, mods, rows_valid=None):
+    """rows_valid: None, or (B, L) marking the rows that are read (Dense)."""
+    x = x + (mods[2][:, None, :] * self.out(attn_out, rows_valid)).astype(x.dtype)
     y = modulate(layer_norm(x, self.cfg.eps), mods[3], mods[4])
-    y = self.fc2(jax.nn.gelu(self.fc1(y), approximate=True))
+    y = self.fc2(jax.nn.gelu(self.fc1(y, rows_valid), approximate=True), rows_valid)
     return x + (mods[5][:, None, :] * y).astype(x.dtype)
 
 
@@ -105,27 +108,29 @@ class JointBlock(nnx.Module):
     inputs = [self.stream(seg).qkv_input(xs[seg], mods[seg]) for seg in SEGMENTS]
     lengths = [xs[seg].shape[1] for seg in SEGMENTS]
     shards = joint_layout.context_shards(lengths[-1])
+    # The text streams' layers skip their padding rows where they can (layers.contract): a padding
+    # token's key is masked, so no valid row reads what they hold.
+    segment_valid = dict(zip(SEGMENTS, joint_layout.split(kv_valid, lengths, shards)))
+    rows_valid = {seg: segment_valid[seg] if seg in TEXT_SEGMENTS else None for seg in SEGMENTS}
     qk_norm = self.qk_norm(lengths, shards)
     if attention.segments_apart(self.cfg.dtype, self.cfg.attention_kernel):
       # The kernel reads each segment's projection and adds its bias where they lie.
       projections = [self.stream(seg).qkv for seg in SEGMENTS]
       outs = attention_cpu.segment_attention(
-          [p.unbiased(y) for p, y in zip(projections, inputs)], [p.bias[...] for p in projections],
+          [p.unbiased(y, rows_valid[seg]) for seg, p, y in zip(SEGMENTS, projections, inputs)],
+          [p.bias[...] for p in projections],
           kv_valid, rope=angles,
           norm=(qk_norm.segment, qk_norm.q_scales, qk_norm.segment, qk_norm.k_scales, qk_norm.eps))
     else:
-      qkvs = [self.stream(seg).qkv(y) for seg, y in zip(SEGMENTS, inputs)]
+      qkvs = [self.stream(seg).qkv(y, rows_valid[seg]) for seg, y in zip(SEGMENTS, inputs)]
       q, k, v = (joint_layout.join([qkv[:, :, i] for qkv in qkvs], shards) for i in range(3))
       out = attention.joint_attention(q, k, v, kv_valid, qk_norm=qk_norm, rope=angles,
                                       strategy=self.cfg.context_strategy,
                                       kernel=self.cfg.attention_kernel,
                                       chunk=self.cfg.attention_chunk)
-      # Padding rows come out 0, as from the segment kernel, which skips them: no valid row reads
-      # them (their keys are masked), so the loss and gradients are the same either way.
-      out = jnp.where(kv_valid[:, :, None, None], out, jnp.zeros((), out.dtype))
       outs = joint_layout.split(out, lengths, shards)
     new = {}
     for seg, seg_out in zip(SEGMENTS, outs):
-      y = self.stream(seg).finish(xs[seg], seg_out, mods[seg])
+      y = self.stream(seg).finish(xs[seg], seg_out, mods[seg], rows_valid[seg])
       new[seg] = constrain(y, _ACT.get(seg, _ACT_OTHER))
     return new

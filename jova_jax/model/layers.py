@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jova_jax.kernels import weight_grad_cpu
+from jova_jax.kernels import dense_rows_cpu, weight_grad_cpu
 from jova_jax.parallel.rules import gathered, weights_sharded
 
 
@@ -21,7 +21,7 @@ def _fan_in_init(key, shape, fan_in, scale=1.0):
   return jax.random.normal(key, shape, jnp.float32) * (scale / math.sqrt(fan_in))
 
 
-def contract(x, kernel: nnx.Param, n_in: int, dtype):
+def contract(x, kernel: nnx.Param, n_in: int, dtype, rows_valid=None):
   """x's last n_in dims contracted with the kernel's first n_in, both cast to dtype.
 
   On a mesh the kernel is all-gathered over its FSDP axes for the product (rules.gathered),
@@ -29,7 +29,9 @@ def contract(x, kernel: nnx.Param, n_in: int, dtype):
   mesh came out with their batch rows permuted across devices (wrong values). The gather sits
   inside a checkpoint so the backward keeps the sharded kernel and gathers it again, instead of
   saving every layer's gathered copy. In a one-device float32 CPU program the weight gradient
-  is the C++ kernel's (kernels/weight_grad_cpu.py).
+  is the C++ kernel's (kernels/weight_grad_cpu.py), and where `rows_valid` (bool, x's leading
+  dims) marks the rows that are read, the products skip the others, which come out 0
+  (kernels/dense_rows_cpu.py); elsewhere every row is computed.
   """
   axes = kernel.get_metadata()["axes"]
   dims = _contraction(x.ndim, n_in)
@@ -38,6 +40,9 @@ def contract(x, kernel: nnx.Param, n_in: int, dtype):
     return jax.lax.dot_general(x, gathered(w, axes), dims)
   x, w = x.astype(dtype), kernel[...].astype(dtype)
   if not weights_sharded():
+    if rows_valid is not None and dense_rows_cpu.applies(dtype, math.prod(w.shape[:n_in]),
+                                                         math.prod(w.shape[n_in:])):
+      return dense_rows_cpu.product(x, w, rows_valid, n_in)
     if weight_grad_cpu.applies(dtype, math.prod(w.shape[n_in:])):
       return _product_cpu_weight_gradient(x, w, n_in)
     return jax.lax.dot_general(x, w, dims)
@@ -90,20 +95,21 @@ class Dense(nnx.Module):
     self.dtype = dtype
     self.lora = None  # a LoRA adapter, attached after construction (model/lora.py)
 
-  def __call__(self, x):
+  def __call__(self, x, rows_valid=None):
+    """rows_valid: None, or bool over x's leading dims marking the rows that are read (contract)."""
     n_in = len(self.in_shape)
-    y = contract(x, self.kernel, n_in, self.dtype)
+    y = contract(x, self.kernel, n_in, self.dtype, rows_valid)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:
       y = y + self.lora(x, n_in)
     return y
 
-  def unbiased(self, x):
+  def unbiased(self, x, rows_valid=None):
     """x @ W (+ the LoRA update): the output before its bias, for a consumer that adds the bias
     as it reads (attention_cpu.segment_attention)."""
     n_in = len(self.in_shape)
-    y = contract(x, self.kernel, n_in, self.dtype)
+    y = contract(x, self.kernel, n_in, self.dtype, rows_valid)
     return y if self.lora is None else y + self.lora(x, n_in)
 
 
