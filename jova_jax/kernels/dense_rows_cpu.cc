@@ -39,7 +39,9 @@ ffi::Error RowsProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
     else std::memset(out + i * n, 0, n * sizeof(float));
   }
   const int64_t rows = static_cast<int64_t>(index.size());
-  std::vector<float> gathered(rows * m), product(rows * n);
+  // The caller's, reused from call to call (fresh ones would fault in fresh pages each time).
+  thread_local std::vector<float> gathered, product;
+  gathered.resize(rows * m), product.resize(rows * n);
   for (int64_t r = 0; r < rows; ++r)
     std::memcpy(&gathered[r * m], a.typed_data() + index[r] * m, m * sizeof(float));
   const int64_t panels = (n + kPanel - 1) / kPanel;
