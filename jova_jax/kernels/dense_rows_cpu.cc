@@ -39,21 +39,24 @@ ffi::Error RowsProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
     else std::memset(out + i * n, 0, n * sizeof(float));
   }
   const int64_t rows = static_cast<int64_t>(index.size());
-  // The caller's, reused from call to call (fresh ones would fault in fresh pages each time).
-  thread_local std::vector<float> gathered, product;
-  gathered.resize(rows * m), product.resize(rows * n);
+  // The caller's, reused from call to call (fresh ones would fault in fresh pages each time);
+  // the tasks reach them through these pointers, not by name, which is each thread's own.
+  thread_local std::vector<float> gathered_rows, products;
+  gathered_rows.resize(rows * m), products.resize(rows * n);
+  float* gathered = gathered_rows.data();
+  float* product = products.data();
   for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(&gathered[r * m], a.typed_data() + index[r] * m, m * sizeof(float));
+    std::memcpy(gathered + r * m, a.typed_data() + index[r] * m, m * sizeof(float));
   const int64_t panels = (n + kPanel - 1) / kPanel;
   // A task: a block of rows times a panel of columns, read from B in place (a panel of B is a
   // few hundred KiB at most, which L2 holds).
   jova::ParallelFor(pool, (rows + kRowBlock - 1) / kRowBlock * panels, [&](int64_t task) {
     const int64_t first = task / panels * kRowBlock, count = std::min(kRowBlock, rows - first);
     const int64_t column = task % panels * kPanel, width = std::min(kPanel, n - column);
-    MatMul(&gathered[first * m], m, 1, b.typed_data() + column, n, count, width, m,
-           &product[first * n + column], n, /*accumulate=*/false);
+    MatMul(gathered + first * m, m, 1, b.typed_data() + column, n, count, width, m,
+           product + first * n + column, n, /*accumulate=*/false);
     for (int64_t r = first; r < first + count; ++r)
-      std::memcpy(out + index[r] * n + column, &product[r * n + column], width * sizeof(float));
+      std::memcpy(out + index[r] * n + column, product + r * n + column, width * sizeof(float));
   });
   return ffi::Error::Success();
 }
