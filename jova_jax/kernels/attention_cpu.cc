@@ -703,6 +703,36 @@ float* TaskScaleGrads(ffi::ResultBuffer<ffi::F32>& grads, int64_t segments, cons
   return task;
 }
 
+// Both pairs' forward, once their rows are laid out: out and lse for every (example, head), and
+// the probabilities where `probs` has room for them.
+ffi::Error ForwardAll(ffi::ThreadPool& pool, const Shape& s, const PrepTables& prep,
+                      const bool* valid, const Rows& q, const Rows& k, const Rows& v,
+                      const Rows& out, ffi::ResultBuffer<ffi::F32>& lse,
+                      ffi::ResultBuffer<ffi::F32>& probs) {
+  const int64_t saved = probs->element_count();
+  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
+    ForwardHead(s, q, k, v, valid, prep.Queries(), prep.Keys(), b, h, out, lse->typed_data(),
+                saved ? probs->typed_data() : nullptr);
+  });
+}
+
+// Both pairs' backward, likewise: dq, dk, dv and each (example, head)'s share of the scales'
+// gradients.
+ffi::Error BackwardAll(ffi::ThreadPool& pool, const Shape& s, const PrepTables& prep,
+                       const bool* valid, const Rows& q, const Rows& k, const Rows& v,
+                       const Rows& out, const Rows& dout, const ffi::Buffer<ffi::F32>& lse,
+                       const ffi::Buffer<ffi::F32>& probs, const Rows& dq, const Rows& dk,
+                       const Rows& dv, ffi::ResultBuffer<ffi::F32>& dscales_q,
+                       ffi::ResultBuffer<ffi::F32>& dscales_k) {
+  const int64_t saved = probs.element_count();
+  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
+    BackwardHead(s, q, k, v, valid, prep.Queries(), prep.Keys(), out, lse.typed_data(),
+                 saved ? probs.typed_data() : nullptr, dout, b, h, dq, dk, dv,
+                 TaskScaleGrads(dscales_q, prep.QuerySegments(), s, b, h),
+                 TaskScaleGrads(dscales_k, prep.KeySegments(), s, b, h));
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
                    ffi::Buffer<ffi::S32> segment_q, ffi::Buffer<ffi::F32> scales_q,
@@ -719,11 +749,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const Rows k_rows = Rows::Joint(k.typed_data(), s.keys, s.heads, s.dim);
   const Rows v_rows = Rows::Joint(v.typed_data(), s.keys, s.heads, s.dim);
   const Rows out_rows = Rows::Joint(out->typed_data(), s.queries, s.heads, s.dim);
-  const int64_t saved = probs->element_count();
-  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
-    ForwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(), b, h,
-                out_rows, lse->typed_data(), saved ? probs->typed_data() : nullptr);
-  });
+  return ForwardAll(pool, s, prep, valid.typed_data(), q_rows, k_rows, v_rows, out_rows, lse, probs);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -749,13 +775,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
              dout_rows = joint(dout.typed_data(), s.queries),
              dq_rows = joint(dq->typed_data(), s.queries), dk_rows = joint(dk->typed_data(), s.keys),
              dv_rows = joint(dv->typed_data(), s.keys);
-  const int64_t saved = probs.element_count();
-  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
-    BackwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(),
-                 out_rows, lse.typed_data(), saved ? probs.typed_data() : nullptr, dout_rows, b, h,
-                 dq_rows, dk_rows, dv_rows, TaskScaleGrads(dscales_q, prep.QuerySegments(), s, b, h),
-                 TaskScaleGrads(dscales_k, prep.KeySegments(), s, b, h));
-  });
+  return BackwardAll(pool, s, prep, valid.typed_data(), q_rows, k_rows, v_rows, out_rows,
+                     dout_rows, lse, probs, dq_rows, dk_rows, dv_rows, dscales_q, dscales_k);
 }
 
 // The same attention over a sequence given as segments: each segment's QKV projection (B, L_seg,
@@ -777,11 +798,7 @@ ffi::Error SegmentForward(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> valid,
   const PrepTables prep{segment_q, segment_k, scales_q, scales_k, cos_q, sin_q, cos_k, sin_k, eps};
   const Rows q_rows(qkv, 0, 3, s.heads, s.dim), k_rows(qkv, 1, 3, s.heads, s.dim),
              v_rows(qkv, 2, 3, s.heads, s.dim), out_rows(out, 0, 1, s.heads, s.dim);
-  const int64_t saved = probs->element_count();
-  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
-    ForwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(), b, h,
-                out_rows, lse->typed_data(), saved ? probs->typed_data() : nullptr);
-  });
+  return ForwardAll(pool, s, prep, valid.typed_data(), q_rows, k_rows, v_rows, out_rows, lse, probs);
 }
 
 ffi::Error SegmentBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> valid,
@@ -813,13 +830,8 @@ ffi::Error SegmentBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> valid,
   const Rows q_rows = slot(qkv, 0, 3), k_rows = slot(qkv, 1, 3), v_rows = slot(qkv, 2, 3),
              out_rows = slot(out, 0, 1), dout_rows = slot(dout, 0, 1),
              dq_rows = slot(dqkv, 0, 3), dk_rows = slot(dqkv, 1, 3), dv_rows = slot(dqkv, 2, 3);
-  const int64_t saved = probs.element_count();
-  return ForEachHead(pool, s, prep, saved, [&](int64_t b, int64_t h) {
-    BackwardHead(s, q_rows, k_rows, v_rows, valid.typed_data(), prep.Queries(), prep.Keys(),
-                 out_rows, lse.typed_data(), saved ? probs.typed_data() : nullptr, dout_rows, b, h,
-                 dq_rows, dk_rows, dv_rows, TaskScaleGrads(dscales_q, prep.QuerySegments(), s, b, h),
-                 TaskScaleGrads(dscales_k, prep.KeySegments(), s, b, h));
-  });
+  return BackwardAll(pool, s, prep, valid.typed_data(), q_rows, k_rows, v_rows, out_rows,
+                     dout_rows, lse, probs, dq_rows, dk_rows, dv_rows, dscales_q, dscales_k);
 }
 
 }  // namespace

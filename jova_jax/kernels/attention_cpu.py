@@ -185,8 +185,6 @@ def _backward(eps, residuals, dout):
 _attention.defvjp(_forward, _backward)
 
 
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _segment_attention(qkv, bias, kv_valid, scales, segments, rope, eps):
   return _segment_forward(qkv, bias, kv_valid, scales, segments, rope, eps)[0]
