@@ -2,7 +2,8 @@
 // the rows of A (K, M) that `valid` (K,) marks, 0 in the others; B (M, N) and C (K, N), all
 // row-major float32 (dense_rows_cpu.py: the forward y = x W and the backward dx = dy W^T of the
 // text streams' layers, whose padding rows nothing reads). XLA's dot computes every row; a
-// prompt shorter than the text length leaves padding rows, half the demo's text rows.
+// prompt shorter than the text length leaves padding rows (about half the text rows of the
+// bench's synthetic prompts).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
